@@ -1,0 +1,1 @@
+"""PaCoRe: parallel coordinated reasoning on the step3vl engine."""
