@@ -1,0 +1,185 @@
+"""Checkpoint directory → model. Reads safetensors through mmap, one tensor at a time, straight into the
+target dtype and device on a module built on the meta device, so peak RAM stays near the model's own size.
+
+Both key spellings are accepted: the official flat names (`vision_model.*`, `vit_large_projector.*`,
+`model.*`, `lm_head.*`) and the remote-code module tree (`model.vision_model.*`, `model.language_model.*`,
+`model.vit_large_projector.*`).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from step3vl.config import Step3VLConfig
+from step3vl.model.vlm import Step3VLForCausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_REMOTE_CODE_PREFIXES = (
+    ("model.language_model.", "model."),
+    ("model.vision_model.", "vision_model."),
+    ("model.vit_large_projector.", "vit_large_projector."),
+)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be loaded; the message names the file and, where it applies, the key."""
+
+
+def canonical_key(name: str) -> str:
+    for remote, official in _REMOTE_CODE_PREFIXES:
+        if name.startswith(remote):
+            return official + name[len(remote):]
+    return name
+
+
+@dataclass(slots=True)
+class TensorEntry:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
+def read_safetensors_header(path: Path) -> list[TensorEntry]:
+    """Parse and validate a safetensors header; every error names the file (and the key)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated file ({size} bytes, no safetensors header)")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: corrupt or truncated header (header says {n} bytes, file has {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not an object)")
+    entries = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: key {key!r} has a malformed header entry ({e})") from e
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: key {key!r} has unsupported dtype {dtype}")
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - begin != numel * _DTYPES[dtype].itemsize or begin < 0:
+            raise CheckpointError(f"{path}: key {key!r} byte range {begin}..{end} does not match {dtype}{list(shape)}")
+        if 8 + n + end > size:
+            raise CheckpointError(f"{path}: truncated file: key {key!r} needs bytes up to {8 + n + end}, "
+                                  f"file has {size}")
+        entries.append(TensorEntry(key, dtype, shape, 8 + n + begin, 8 + n + end))
+    return entries
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a checkpoint directory")
+    index = root / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: invalid index file ({e})") from e
+        files = [root / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{index}: shard {f.name} is missing from {root}")
+        return files
+    if (root / SINGLE_FILE).is_file():
+        return [root / SINGLE_FILE]
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{root}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors files")
+    return files
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, requires_grad: bool) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=requires_grad)
+    else:
+        module._buffers[leaf] = value
+
+
+def _load_file(model: nn.Module, path: Path, expected: dict[str, torch.Tensor], seen: dict[str, Path],
+               skip: set[str], dtype: torch.dtype, device: torch.device, requires_grad: bool) -> list[str]:
+    unexpected = []
+    entries = read_safetensors_header(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for e in entries:
+            name = canonical_key(e.key)
+            if name in skip:
+                continue
+            if name not in expected:
+                unexpected.append(f"{path.name}: {e.key}")
+                continue
+            if name in seen:
+                raise CheckpointError(f"{path}: key {e.key!r} duplicates one already loaded from {seen[name].name}")
+            want = expected[name]
+            if e.shape != tuple(want.shape):
+                raise CheckpointError(f"{path}: key {e.key!r} has shape {list(e.shape)}, the model expects "
+                                      f"{list(want.shape)}")
+            if e.dtype not in _FLOAT_DTYPES:
+                raise CheckpointError(f"{path}: key {e.key!r} has dtype {e.dtype}, expected a float tensor")
+            numel = (e.end - e.begin) // _DTYPES[e.dtype].itemsize
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # read-only mmap: we copy right away, nothing writes it
+                src = torch.frombuffer(mm, dtype=_DTYPES[e.dtype], count=numel, offset=e.begin)
+            value = src.view(e.shape).to(device=device, dtype=dtype, copy=True)
+            del src
+            _set_tensor(model, name, value, requires_grad)
+            seen[name] = path
+            # Drop the file pages we just copied from our resident set: peak RSS ≈ model + one tensor.
+            page = mmap.PAGESIZE
+            start = e.begin // page * page
+            if e.end > start:
+                mm.madvise(mmap.MADV_DONTNEED, start, e.end - start)
+    return unexpected
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+               requires_grad: bool = False) -> Step3VLForCausalLM:
+    """Load a checkpoint directory (config.json + safetensors, single file or sharded) into a model."""
+    cfg = Step3VLConfig.from_pretrained(path)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Step3VLForCausalLM(cfg)
+    expected = dict(model.named_parameters())
+    skip = {"lm_head.weight"} if cfg.text.tie_word_embeddings else set()
+    seen: dict[str, Path] = {}
+    unexpected: list[str] = []
+    for file in checkpoint_files(path):
+        unexpected += _load_file(model, file, expected, seen, skip, dtype, device, requires_grad)
+    missing = sorted(set(expected) - set(seen))
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} missing key(s), e.g. {missing[:5]}")
+    if unexpected:
+        raise CheckpointError(f"{path}: {len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}")
+    if cfg.text.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.device(device):
+        model.reset_buffers()
+    return model.eval()

@@ -1,0 +1,38 @@
+"""The attention interface between the model and whoever runs it.
+
+The decoder never owns a KV cache: each forward receives an `AttentionBackend`, which sees every layer's
+new q/k/v and returns the attention output. Tests and training pass `DenseAttention` (packed variable-length
+sequences, causal, no cache); the engine passes a paged backend that writes k/v into its block pool and
+attends over the cached context.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionBackend(Protocol):
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] for the T new tokens of this forward → output [T, Hq, D]."""
+        ...
+
+
+class DenseAttention:
+    """Causal attention within each packed sequence; `seq_lens` splits the T tokens into sequences."""
+
+    def __init__(self, seq_lens: Sequence[int]):
+        self.seq_lens = [int(n) for n in seq_lens]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        if sum(self.seq_lens) != q.shape[0]:
+            raise ValueError(f"DenseAttention: seq_lens sum to {sum(self.seq_lens)} but q has {q.shape[0]} tokens")
+        outs = []
+        for qs, ks, vs in zip(q.split(self.seq_lens), k.split(self.seq_lens), v.split(self.seq_lens)):
+            o = F.scaled_dot_product_attention(
+                qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                is_causal=True, scale=scale, enable_gqa=True)
+            outs.append(o.transpose(0, 1))
+        return torch.cat(outs)

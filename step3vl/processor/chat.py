@@ -1,0 +1,89 @@
+"""Chat template rendering (jinja2) for OpenAI-style messages with image parts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from step3vl.processor.tokens import IMAGE_PLACEHOLDER
+
+# ChatML, used when the checkpoint ships no chat_template. Image parts render as the placeholder
+# that the processor expands to the full image token layout.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- elif message['content'] is not none -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- elif part['type'] == 'image' or part['type'] == 'image_url' -%}{{- '" + IMAGE_PLACEHOLDER + "' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def split_images(messages: list[dict]) -> tuple[list[dict], list[Any]]:
+    """Take the image payloads out of the messages, in order.
+
+    Returns copies of the messages whose image parts are reduced to `{"type": "image"}` (what chat
+    templates test for) and the list of image sources (anything `load_image` accepts; an `image_url`
+    url may be a local path, file:// or data: URL).
+    """
+    if not isinstance(messages, list):
+        raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
+    out, images = [], []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or "role" not in msg:
+            raise ValueError(f"message {i} must be a dict with a 'role', got {msg!r:.200}")
+        content = msg.get("content")
+        if isinstance(content, list):
+            content = [_split_part(i, j, part, images) for j, part in enumerate(content)]
+        elif content is not None and not isinstance(content, str):
+            raise ValueError(f"message {i}: content must be a string or a list of parts, got {type(content).__name__}")
+        out.append({**msg, "content": content})
+    return out, images
+
+
+def _split_part(i: int, j: int, part: Any, images: list) -> dict:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"message {i} part {j}: a text part needs a string 'text'")
+        return part
+    if kind == "image":
+        if part.get("image") is None:
+            raise ValueError(f"message {i} part {j}: an image part needs an 'image' value")
+        images.append(part["image"])
+        return {"type": "image"}
+    if kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str) or not url:
+            raise ValueError(f"message {i} part {j}: an image_url part needs image_url.url")
+        images.append(url)
+        return {"type": "image"}
+    raise ValueError(f"message {i} part {j}: unsupported content part {part!r:.200}")
+
+
+def render_chat(
+    messages: list[dict], template: str | None = None, add_generation_prompt: bool = True, **kwargs: Any
+) -> str:
+    """Render already-split messages with `template` (ChatML when None)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _raise
+    try:
+        compiled = env.from_string(template or CHATML_TEMPLATE)
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat template failed: {e}") from None
+
+
+def _raise(message: str) -> None:
+    raise jinja2.TemplateError(message)

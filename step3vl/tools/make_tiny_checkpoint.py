@@ -1,0 +1,117 @@
+"""Write a randomly initialised STEP3-VL checkpoint in the official on-disk format.
+
+    python -m step3vl.tools.make_tiny_checkpoint DIR --preset tiny|small [--seed 0] [--shards 2]
+
+`tiny` (a few hundred thousand parameters) is for tests; `small` (a ~50M-parameter decoder) for benchmarks.
+The directory gets config.json, sharded safetensors with the official key names and an index, and tokenizer
+files (a small byte-level BPE with the image special tokens, `</think>` and a ChatML chat template).
+The weights are random: outputs are gibberish by construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+from step3vl.config import Step3VLConfig
+from step3vl.model.vlm import Step3VLForCausalLM
+from step3vl.tools.tiny_tokenizer import write_tiny_tokenizer
+
+PRESETS = {
+    "tiny": dict(
+        tokenizer_vocab=512,
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=4096),
+        vision=dict(width=32, layers=2, heads=2, mlp_ratio=2.0),
+    ),
+    "small": dict(
+        tokenizer_vocab=8192,
+        text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
+                  num_key_value_heads=4, head_dim=64, max_position_embeddings=8192),
+        vision=dict(width=64, layers=2, heads=4, mlp_ratio=2.0),
+    ),
+}
+
+
+def build_config(preset: str, vocab_size: int, image_token_id: int, eos_ids: list[int]) -> dict:
+    p = PRESETS[preset]
+    text = dict(model_type="qwen3", vocab_size=vocab_size, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                hidden_act="silu", tie_word_embeddings=False, eos_token_id=eos_ids, torch_dtype="bfloat16",
+                **p["text"])
+    vision = dict(num_channels=3, image_size=728, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                  ues_cls_token=False, use_ln_pre=True, use_ln_post=False, use_abs_posemb=True, use_rope2d=True,
+                  ls_init_value=0.1, rope_theta=10000.0, **p["vision"])
+    return dict(model_type="step_robotics", architectures=["StepVLForConditionalGeneration"],
+                vision_config=vision, text_config=text, understand_projector_stride=2, projector_bias=False,
+                image_token_id=image_token_id, torch_dtype="bfloat16")
+
+
+def random_state_dict(cfg: Step3VLConfig, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = Step3VLForCausalLM(cfg)
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.endswith("gamma"):
+            value = torch.full_like(t, 0.1)
+        elif t.dim() == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight"):
+            value = 1.0 + 0.1 * torch.randn_like(t)
+        elif t.dim() == 1:
+            value = 0.02 * torch.randn_like(t)
+        else:
+            value = torch.randn_like(t) * 0.02
+        state[name] = value.to(torch.bfloat16).contiguous()
+    return state
+
+
+def write_shards(state: dict[str, torch.Tensor], out: Path, shards: int) -> None:
+    names = list(state)
+    per = math.ceil(len(names) / shards)
+    weight_map, total = {}, 0
+    for i in range(shards):
+        part = names[i * per:(i + 1) * per]
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: state[n] for n in part}, str(out / file), metadata={"format": "pt"})
+        for n in part:
+            weight_map[n] = file
+            total += state[n].numel() * state[n].element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def make_tiny_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, shards: int = 2) -> Path:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = write_tiny_tokenizer(out, vocab_size=PRESETS[preset]["tokenizer_vocab"])
+    tok_size = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
+    vocab = 64 * math.ceil(tok_size / 64)  # padded like real checkpoints' embedding tables
+    eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    config = build_config(preset, vocab, ids["<im_patch>"], eos)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "temperature": 1.0,
+                                                            "top_p": 1.0, "top_k": 0}, indent=2))
+    state = random_state_dict(Step3VLConfig.from_dict(config), seed)
+    write_shards(state, out, shards)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dir")
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shards", type=int, default=2)
+    args = ap.parse_args(argv)
+    path = make_tiny_checkpoint(args.dir, args.preset, args.seed, args.shards)
+    print(f"wrote {args.preset} checkpoint to {path} (random weights)")
+
+
+if __name__ == "__main__":
+    main()
