@@ -1,0 +1,200 @@
+"""Paged attention backends the engine hands to the model for one step.
+
+Token order in a step: first one token per decoding sequence, then the prefill chunks. Decoding sequences
+are grouped by the prompt blocks they share (the samples forked from one prompt): each group's queries
+attend to the shared prefix together — read once per group, not once per sequence — and each sequence
+attends to its own suffix; the two parts are merged by log-sum-exp (natural log, empty part = -inf).
+
+`TorchPagedAttention` is the CPU path (and a correct fallback anywhere). Where a sequence's blocks are
+consecutive in the pool, it attends to a view of the pool instead of gathering a dense copy.
+`TritonPagedAttention` runs the step3vl_kernels Triton kernels on CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from step3vl.engine.kv_cache import KVCache
+
+
+@dataclass(slots=True)
+class DecodeGroup:
+    rows: list[int]  # indices into the decode rows
+    prefix_blocks: list[int]  # shared full blocks
+    contiguous: bool  # prefix_blocks are consecutive pool blocks
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    q_start: int
+    q_len: int
+    context_len: int  # tokens with KV after this chunk (cached + earlier chunks + this one)
+    block_table: list[int]
+
+
+@dataclass(eq=False)
+class StepMetadata:
+    block_size: int
+    slot_mapping: torch.Tensor  # [T] int64, where each new token's K/V goes
+    num_decode: int
+    groups: list[DecodeGroup] = field(default_factory=list)
+    suffix_tables: list[list[int]] = field(default_factory=list)  # per decode row: blocks after its prefix
+    suffix_lens: list[int] = field(default_factory=list)
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    _cache: dict = field(default_factory=dict)
+
+    def suffix_slots(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, S] slot indices of each decode row's suffix (padded with 0) and [B] lengths."""
+        if "suffix" not in self._cache:
+            bs, width = self.block_size, max(self.suffix_lens, default=0)
+            nb = -(-width // bs)
+            tables = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in self.suffix_tables],
+                                  dtype=torch.int64).view(len(self.suffix_tables), nb)
+            offs = torch.arange(width)
+            slots = tables[:, offs // bs] * bs + offs % bs if width else tables[:, :0]
+            lens = torch.tensor(self.suffix_lens, dtype=torch.int64)
+            self._cache["suffix"] = (slots.to(device), lens.to(device))
+        return self._cache["suffix"]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [H, M, D], k/v [H, N, D] → (out [H, M, D], lse [H, M]); fp32."""
+    s = torch.matmul(q, k.transpose(1, 2)) * scale
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.matmul(torch.exp(s - lse[..., None]), v), lse
+
+
+def _merge(o1, lse1, o2, lse2) -> torch.Tensor:
+    lse = torch.logaddexp(lse1, lse2)
+    w1 = torch.exp(lse1 - lse).nan_to_num(0.0)[..., None]
+    w2 = torch.exp(lse2 - lse).nan_to_num(0.0)[..., None]
+    return o1 * w1 + o2 * w2
+
+
+def _is_consecutive(blocks: list[int]) -> bool:
+    return bool(blocks) and blocks[-1] - blocks[0] == len(blocks) - 1 and blocks == list(
+        range(blocks[0], blocks[0] + len(blocks)))
+
+
+class TorchPagedAttention:
+    def __init__(self, kv: KVCache, meta: StepMetadata):
+        self.kv, self.meta = kv, meta
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        kc, vc = self.kv.k[layer], self.kv.v[layer]
+        kflat, vflat = kc.view(-1, *kc.shape[2:]), vc.view(-1, *vc.shape[2:])
+        kflat.index_copy_(0, self.meta.slot_mapping, k.to(kc.dtype))
+        vflat.index_copy_(0, self.meta.slot_mapping, v.to(vc.dtype))
+        out = torch.empty_like(q)
+        nd = self.meta.num_decode
+        if nd:
+            out[:nd] = self._decode(q[:nd], kflat, vflat, scale).to(q.dtype)
+        for chunk in self.meta.prefills:
+            qs = q[chunk.q_start:chunk.q_start + chunk.q_len]
+            out[chunk.q_start:chunk.q_start + chunk.q_len] = self._prefill(qs, chunk, kflat, vflat, scale)
+        return out
+
+    def _context(self, flat: torch.Tensor, blocks: list[int], length: int, contiguous: bool | None = None):
+        bs = self.meta.block_size
+        if contiguous if contiguous is not None else _is_consecutive(blocks[:-(-length // bs)]):
+            start = blocks[0] * bs
+            return flat[start:start + length]
+        offs = torch.arange(length, device=flat.device)
+        table = torch.tensor(blocks, dtype=torch.int64, device=flat.device)
+        return flat[table[offs // bs] * bs + offs % bs]
+
+    def _decode(self, q: torch.Tensor, kflat: torch.Tensor, vflat: torch.Tensor, scale: float) -> torch.Tensor:
+        b, hq, d = q.shape
+        hkv = kflat.shape[1]
+        r = hq // hkv
+        qh = q.float().view(b, hkv, r, d)
+        o_p = torch.zeros(b, hkv, r, d, device=q.device)
+        lse_p = torch.full((b, hkv, r), float("-inf"), device=q.device)
+        for g in self.meta.groups:
+            if not g.prefix_blocks:
+                continue
+            plen = len(g.prefix_blocks) * self.meta.block_size
+            kp = self._context(kflat, g.prefix_blocks, plen, g.contiguous).float().transpose(0, 1)
+            vp = self._context(vflat, g.prefix_blocks, plen, g.contiguous).float().transpose(0, 1)
+            rows = torch.tensor(g.rows, device=q.device)
+            qg = qh[rows].permute(1, 0, 2, 3).reshape(hkv, len(g.rows) * r, d)
+            o, lse = _attend(qg, kp, vp, scale)
+            o_p[rows] = o.view(hkv, len(g.rows), r, d).permute(1, 0, 2, 3)
+            lse_p[rows] = lse.view(hkv, len(g.rows), r).permute(1, 0, 2)
+        slots, lens = self.meta.suffix_slots(kflat.device)
+        if slots.shape[1] == 0:
+            return o_p.view(b, hq, d)
+        ks, vs = kflat[slots].float(), vflat[slots].float()  # [B, S, Hkv, D]
+        s = torch.einsum("bhrd,bshd->bhrs", qh, ks) * scale
+        valid = torch.arange(slots.shape[1], device=q.device) < lens[:, None]
+        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+        lse_s = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse_s[..., None]).nan_to_num(0.0)
+        o_s = torch.einsum("bhrs,bshd->bhrd", p, vs)
+        return _merge(o_p, lse_p, o_s, lse_s).view(b, hq, d)
+
+    def _prefill(self, q: torch.Tensor, chunk: PrefillChunk, kflat: torch.Tensor, vflat: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+        n, ql = chunk.context_len, chunk.q_len
+        k = self._context(kflat, chunk.block_table, n).transpose(0, 1)
+        v = self._context(vflat, chunk.block_table, n).transpose(0, 1)
+        qt = q.transpose(0, 1)
+        if ql == n:
+            o = F.scaled_dot_product_attention(qt, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=scale,
+                                               enable_gqa=True)
+        else:
+            mask = torch.arange(n, device=q.device)[None, :] <= (n - ql + torch.arange(ql, device=q.device))[:, None]
+            o = F.scaled_dot_product_attention(qt, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale,
+                                               enable_gqa=True)
+        return o.transpose(0, 1)
+
+
+class TritonPagedAttention:
+    """The same step on CUDA through step3vl_kernels (Triton): KV write, cascade decode, paged prefill."""
+
+    def __init__(self, kv: KVCache, meta: StepMetadata):
+        from step3vl_kernels import kv_write, paged_decode, paged_prefill
+
+        self.kv, self.meta = kv, meta
+        self._write, self._cascade, self._prefill = kv_write.write_kv, paged_decode.cascade_decode, paged_prefill.paged_prefill
+        self._tensors = self._build_tensors(kv.k[0].device)
+
+    def _build_tensors(self, device: torch.device) -> dict:
+        m, i32 = self.meta, dict(dtype=torch.int32, device=device)
+
+        def padded(rows: list[list[int]]) -> torch.Tensor:
+            width = max((len(r) for r in rows), default=0) or 1
+            return torch.tensor([r + [0] * (width - len(r)) for r in rows], **i32).view(len(rows), width)
+
+        t = {}
+        if m.num_decode:
+            seq_group = [0] * m.num_decode
+            for gi, g in enumerate(m.groups):
+                for r in g.rows:
+                    seq_group[r] = gi
+            t["prefix_tables"] = padded([g.prefix_blocks for g in m.groups])
+            t["prefix_lens"] = torch.tensor([len(g.prefix_blocks) * m.block_size for g in m.groups], **i32)
+            t["seq_group"] = torch.tensor(seq_group, **i32)
+            t["suffix_tables"] = padded(m.suffix_tables)
+            t["suffix_lens"] = torch.tensor(m.suffix_lens, **i32)
+        if m.prefills:
+            starts = [c.q_start - m.num_decode for c in m.prefills] + [sum(c.q_len for c in m.prefills)]
+            t["cu_seqlens_q"] = torch.tensor(starts, **i32)
+            t["seq_lens"] = torch.tensor([c.context_len for c in m.prefills], **i32)
+            t["block_tables"] = padded([c.block_table for c in m.prefills])
+        return t
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        kc, vc, t, nd = self.kv.k[layer], self.kv.v[layer], self._tensors, self.meta.num_decode
+        self._write(k.to(kc.dtype), v.to(vc.dtype), kc, vc, self.meta.slot_mapping)
+        parts = []
+        if nd:
+            parts.append(self._cascade(q[:nd].contiguous(), kc, vc, t["prefix_tables"], t["prefix_lens"],
+                                       t["seq_group"], t["suffix_tables"], t["suffix_lens"], scale))
+        if self.meta.prefills:
+            parts.append(self._prefill(q[nd:].contiguous(), kc, vc, t["cu_seqlens_q"], t["seq_lens"],
+                                       t["block_tables"], scale))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -1,0 +1,243 @@
+"""EngineCore: token ids in, token ids out. Owns the block manager, KV pool, scheduler, runner and sampler.
+
+One `step()` = schedule → copy-on-write block copies → one forward → sample → stop checks. A request with
+n samples is prefilled once as sample 0; when its prompt is done the other n-1 samples are forked from it
+(sharing every prompt block by ref count) and all n draw their first token from the same logits. Requests
+whose prompt (and images) equal one still being prefilled wait and are forked from it the same way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from step3vl.engine.kv_cache import KVCache
+from step3vl.engine.model_runner import ModelRunner, sample_rows_for
+from step3vl.engine.sampler import SampledToken, Sampler
+from step3vl.engine.scheduler import Scheduler, ScheduledStep
+from step3vl.engine.sequence import Request, Sequence, SeqStatus
+from step3vl.engine.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class EngineCounters:
+    prefill_tokens: int = 0  # tokens computed while (re)building a sequence's context
+    decode_tokens: int = 0
+    steps: int = 0
+    peak_blocks_used: int = 0
+    forks: int = 0
+    deduplicated_prompts: int = 0
+
+
+@dataclass(eq=False)
+class EngineCore:
+    model: object
+    kv: KVCache
+    block_manager: object
+    max_model_len: int
+    eos_token_ids: set[int]
+    detokenizer_factory: object  # () -> stream decoder with .step(ids) -> str, or None
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    use_kernels: bool = False
+    seed: int = 0
+    requests: dict[str, Request] = field(default_factory=dict)
+    counters: EngineCounters = field(default_factory=EngineCounters)
+
+    def __post_init__(self) -> None:
+        self.block_size = self.kv.block_size
+        self.scheduler = Scheduler(self.block_manager, self.block_size, self.max_num_batched_tokens,
+                                   self.max_num_seqs)
+        self.runner = ModelRunner(self.model, self.kv, self.use_kernels)
+        self.sampler = Sampler(self.model.device)
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._rng = random.Random(self.seed)
+        self._prefilling: dict[tuple, Request] = {}  # prompt key -> request whose sample 0 is prefilling
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    images: list | None = None, salt: int = 0, prompt: str | None = None) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._check_fits(request_id, prompt_token_ids)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        req = Request(request_id, prompt, list(prompt_token_ids), params, seed, next(self._arrivals),
+                      images=list(images or []), salt=salt, arrival_time=time.perf_counter())
+        self.requests[request_id] = req
+        leader = self._prefilling.get(req.prompt_key)
+        if leader is not None and not leader.aborted:
+            req.leader = leader  # identical prompt in flight: fork from it instead of prefilling again
+            leader.followers.append(req)
+            self.counters.deduplicated_prompts += 1
+            return req
+        self._prefilling[req.prompt_key] = req
+        seq = Sequence(next(self._seq_ids), req, 0, list(prompt_token_ids), detokenizer=self._detok(params))
+        req.sequences.append(seq)
+        self.scheduler.add(seq)
+        return req
+
+    def _check_fits(self, request_id: str, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError(f"request {request_id!r}: the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"request {request_id!r}: prompt of {len(ids)} tokens does not fit max_model_len "
+                             f"{self.max_model_len} (with room for one generated token)")
+        pool_tokens = self.kv.num_blocks * self.block_size
+        if len(ids) + 1 > pool_tokens:
+            raise ValueError(f"request {request_id!r}: prompt of {len(ids)} tokens exceeds the whole KV pool "
+                             f"({pool_tokens} tokens); raise kv_cache_memory")
+
+    def _detok(self, params: SamplingParams):
+        return self.detokenizer_factory(params.skip_special_tokens) if self.detokenizer_factory else None
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        req.aborted = True
+        for seq in req.sequences:
+            if not seq.finished:
+                self._finish(seq, "abort")
+        if req.leader is not None:
+            req.leader.followers.remove(req)
+        self._release_leadership(req)
+        req.forked = True
+        return req
+
+    def _release_leadership(self, req: Request) -> None:
+        if self._prefilling.get(req.prompt_key) is req:
+            del self._prefilling[req.prompt_key]
+        for f in req.followers:  # they prefill on their own after all
+            f.leader = None
+            seq = Sequence(next(self._seq_ids), f, 0, list(f.prompt_token_ids), detokenizer=self._detok(f.params))
+            f.sequences.append(seq)
+            self.scheduler.add(seq)
+        req.followers = []
+
+    def has_unfinished(self) -> bool:
+        return any(not r.finished for r in self.requests.values())
+
+    # -- one step -----------------------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """Run one engine step; returns the requests whose outputs changed."""
+        step = self.scheduler.schedule()
+        changed: dict[str, Request] = {}
+        for seq in step.stuck:
+            self._finish(seq, "length")
+            changed[seq.request.request_id] = seq.request
+        if step.empty:
+            return list(changed.values())
+        self.kv.copy_blocks(step.copy_src, step.copy_dst)
+        rows, seqs = sample_rows_for(step)
+        logits = self.runner.run(step, rows)
+        self._account(step)
+        to_sample, logit_rows = self._expand_forks(seqs)
+        sampled = self.sampler(logits[logit_rows] if len(logit_rows) != len(seqs) else logits, to_sample)
+        now = time.perf_counter()
+        for seq, tok in zip(to_sample, sampled):
+            if seq.request.first_token_time is None:
+                seq.request.first_token_time = now
+            self._append(seq, tok)
+            changed[seq.request.request_id] = seq.request
+        for req in changed.values():
+            if req.finished:
+                req.image_features = None
+        return list(changed.values())
+
+    def _account(self, step: ScheduledStep) -> None:
+        self.counters.steps += 1
+        self.counters.decode_tokens += len(step.decodes)
+        self.counters.prefill_tokens += sum(w.length for w in step.prefills)
+        for seq in step.decodes:
+            seq.num_computed += 1
+            if seq.num_computed % self.block_size == 0:
+                self.block_manager.mark_computed(seq.seq_id, seq.num_computed)
+        for w in step.prefills:
+            w.seq.num_computed += w.length
+            self.block_manager.mark_computed(w.seq.seq_id, w.seq.num_computed)
+        self.counters.peak_blocks_used = max(self.counters.peak_blocks_used, self.block_manager.num_used())
+
+    def _expand_forks(self, seqs: list[Sequence]) -> tuple[list[Sequence], list[int]]:
+        """Sample 0 of a request just finished its prompt: fork its siblings (and identical-prompt
+        followers' samples) from it; they all sample from its logits row."""
+        out, rows = [], []
+        for row, seq in enumerate(seqs):
+            out.append(seq)
+            rows.append(row)
+            req = seq.request
+            if req.forked:
+                continue
+            for child_req in [req] + req.followers:
+                start = 1 if child_req is req else 0
+                for i in range(start, child_req.params.n):
+                    child = self._fork(seq, child_req, i)
+                    out.append(child)
+                    rows.append(row)
+                child_req.forked = True
+                child_req.num_cached_tokens = max(child_req.num_cached_tokens, req.num_cached_tokens)
+                child_req.leader = None
+            req.followers = []
+            if self._prefilling.get(req.prompt_key) is req:
+                del self._prefilling[req.prompt_key]
+        return out, rows
+
+    def _fork(self, parent: Sequence, req: Request, index: int) -> Sequence:
+        child = Sequence(next(self._seq_ids), req, index, list(parent.token_ids), detokenizer=self._detok(req.params),
+                         num_computed=parent.num_computed, num_registered=parent.num_registered,
+                         block_table=list(parent.block_table))
+        self.block_manager.fork(parent.seq_id, child.seq_id)
+        req.sequences.append(child)
+        self.scheduler.add_running(child)
+        self.counters.forks += 1
+        return child
+
+    # -- outputs and stops --------------------------------------------------------------------------
+
+    def _append(self, seq: Sequence, tok: SampledToken) -> None:
+        p = seq.request.params
+        seq.token_ids.append(tok.token)
+        if tok.logprob is not None:
+            seq.cumulative_logprob += tok.logprob
+            seq.logprobs.append(tok.top_logprobs)
+        text_before = len(seq.text)
+        if seq.detokenizer is not None:
+            seq.text += seq.detokenizer.step(tok.token)
+        n_out = seq.num_tokens - seq.num_prompt_tokens
+        if not p.ignore_eos and tok.token in self.eos_token_ids:
+            self._finish(seq, "stop")
+        elif tok.token in p.stop_token_ids:
+            self._finish(seq, "stop", tok.token)
+        elif p.stop_strings and self._stop_string(seq, text_before):
+            pass
+        elif p.max_tokens is not None and n_out >= p.max_tokens:
+            self._finish(seq, "length")
+        elif seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _stop_string(self, seq: Sequence, text_before: int) -> bool:
+        p = seq.request.params
+        longest = max(len(s) for s in p.stop_strings)
+        window_start = max(0, text_before - longest + 1)  # a match must end in the new text
+        best = None
+        for s in p.stop_strings:
+            i = seq.text.find(s, window_start)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return False
+        i, s = best
+        seq.text = seq.text[:i + len(s)] if p.include_stop_str_in_output else seq.text[:i]
+        self._finish(seq, "stop", s)
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.free(seq)
+        seq.status = SeqStatus.FINISHED

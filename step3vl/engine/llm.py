@@ -1,0 +1,231 @@
+"""`LLM`: the embeddable, in-process API (vLLM's names). Text, token ids, images and chat messages in;
+`RequestOutput`s out. No subprocesses, no ports, no global state: two LLMs can live in one process."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from step3vl.engine.core import EngineCore
+from step3vl.engine.kv_cache import KVCache, block_bytes
+from step3vl.engine.outputs import CompletionOutput, RequestOutput
+from step3vl.engine.sampling_params import SamplingParams
+from step3vl.engine.sequence import Request
+from step3vl.loader import load_model
+from step3vl.processor import Step3VLProcessor
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_SIZE_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1}
+
+
+def parse_bytes(value: int | str) -> int:
+    if isinstance(value, int):
+        return value
+    s = value.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):] or "b"
+    if unit not in _SIZE_UNITS or not num:
+        raise ValueError(f"kv_cache_memory {value!r}: use bytes or a size like '2GiB' / '512MiB'")
+    return int(float(num) * _SIZE_UNITS[unit])
+
+
+def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 matmuls are slow
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose auto, float32, float16 or bfloat16")
+    return _DTYPES[dtype]
+
+
+def images_salt(images: list) -> int:
+    """Prefix-cache salt: prompts with identical ids but other images must never share blocks."""
+    if not images:
+        return 0
+    h = hashlib.blake2b(digest_size=8)
+    for im in images:
+        for t in (im.global_view, im.crops):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
+
+
+class LLM:
+    def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", device: str | None = None,
+                 kv_cache_memory: int | str | None = None, block_size: int = 16, max_model_len: int | None = None,
+                 max_num_batched_tokens: int | None = None, max_num_seqs: int = 256, seed: int = 0,
+                 use_kernels: bool | None = None):
+        from step3vl_native import BlockManager
+
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if block_size < 1 or block_size & (block_size - 1):
+            raise ValueError(f"block_size {block_size}: must be a power of two")
+        self.dtype = _resolve_dtype(dtype, dev)
+        self.model_path = Path(model)
+        self.processor = Step3VLProcessor.from_pretrained(model)
+        self.model = load_model(model, dtype=self.dtype, device=dev)
+        cfg = self.model.cfg.text
+        per_block = block_bytes(cfg, block_size, self.dtype)
+        budget = parse_bytes(kv_cache_memory) if kv_cache_memory is not None else self._default_kv_bytes(dev)
+        num_blocks = budget // per_block
+        if num_blocks < 2:
+            raise ValueError(f"kv_cache_memory {budget} bytes holds {num_blocks} blocks of {per_block} bytes; "
+                             f"need at least 2")
+        kv = KVCache.allocate(cfg, num_blocks, block_size, self.dtype, dev)
+        limit = min(cfg.max_position_embeddings, num_blocks * block_size)
+        if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
+                             f"{cfg.max_position_embeddings}")
+        eos = set(self.processor.tokenizer.eos_token_ids) | set(cfg.eos_token_id)
+        tok = self.processor.tokenizer
+        self.engine = EngineCore(
+            model=self.model, kv=kv, block_manager=BlockManager(num_blocks, block_size),
+            max_model_len=min(max_model_len or limit, cfg.max_position_embeddings), eos_token_ids=eos,
+            detokenizer_factory=lambda skip: tok.stream_decoder(skip),
+            max_num_batched_tokens=max_num_batched_tokens or max(2048, block_size),
+            max_num_seqs=max_num_seqs, use_kernels=dev.type == "cuda" if use_kernels is None else use_kernels,
+            seed=seed)
+        self._ids = itertools.count()
+
+    @staticmethod
+    def _default_kv_bytes(dev: torch.device) -> int:
+        if dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(dev)
+            return int(free * 0.6)
+        return 1 << 30
+
+    def get_tokenizer(self):
+        return self.processor.tokenizer
+
+    # -- prompts ------------------------------------------------------------------------------------
+
+    def _process(self, prompt: Any) -> tuple[str | None, list[int], list]:
+        """A prompt: str, list of token ids, or {"prompt" | "prompt_token_ids": ..., "images": [...]}."""
+        if isinstance(prompt, str):
+            p = self.processor.process(prompt, [])
+            return prompt, p.input_ids, []
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt), []
+        if isinstance(prompt, dict):
+            images = prompt.get("images") or ([prompt["image"]] if "image" in prompt else [])
+            if "prompt_token_ids" in prompt:
+                if images:
+                    raise ValueError("images with prompt_token_ids: pass the prompt text so the image tokens "
+                                     "can be laid out")
+                return None, list(prompt["prompt_token_ids"]), []
+            if "prompt" in prompt:
+                p = self.processor.process(prompt["prompt"], list(images))
+                return prompt["prompt"], p.input_ids, p.images
+        raise ValueError(f"unsupported prompt of type {type(prompt).__name__}: use a string, a list of token ids "
+                         f"or a dict with 'prompt' or 'prompt_token_ids' (and optional 'images')")
+
+    def _check_ids(self, ids: list[int]) -> None:
+        vocab = self.model.cfg.text.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
+    # -- step API -----------------------------------------------------------------------------------
+
+    def add_request(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        text, ids, images = self._process(prompt)
+        self._check_ids(ids)
+        rid = request_id if request_id is not None else str(next(self._ids))
+        self.engine.add_request(rid, ids, params, images=images, salt=images_salt(images), prompt=text)
+        return rid
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step; the outputs of the requests that changed (finished ones are then forgotten)."""
+        outs = [self._output(r) for r in self.engine.step()]
+        for o in outs:
+            if o.finished:
+                self.engine.requests.pop(o.request_id, None)
+        return outs
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.engine.abort(request_id)
+        if req is None:
+            return None
+        self.engine.requests.pop(request_id, None)
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished()
+
+    def _output(self, req: Request) -> RequestOutput:
+        comps = [CompletionOutput(
+            index=s.index, text=s.text, token_ids=s.output_ids,
+            cumulative_logprob=s.cumulative_logprob if req.params.logprobs is not None else None,
+            logprobs=list(s.logprobs) if req.params.logprobs is not None else None,
+            finish_reason=s.finish_reason, stop_reason=s.stop_reason) for s in sorted(req.sequences, key=lambda s: s.index)]
+        ttft = None if req.first_token_time is None else req.first_token_time - req.arrival_time
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, comps, req.finished,
+                             num_cached_tokens=req.num_cached_tokens, metrics={"time_to_first_token": ttft})
+
+    # -- batch API ----------------------------------------------------------------------------------
+
+    def generate(self, prompts: Any, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp, request_id=f"gen-{next(self._ids)}") for p, sp in zip(prompts, params)]
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = []
+        for conv in conversations:
+            text, images = self.processor.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
+            prompts.append({"prompt": text, "images": images})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        wanted, done = set(request_ids), {}
+        bar = tqdm(total=len(request_ids), desc="generate", disable=not use_tqdm)
+        while len(done) < len(wanted):
+            outs = self.step()
+            if not outs and not self.engine.scheduler.has_work():
+                raise RuntimeError("engine stalled with unfinished requests (this is a bug)")
+            for o in outs:
+                if o.finished and o.request_id in wanted:
+                    done[o.request_id] = o
+                    bar.update(1)
+        bar.close()
+        return [done[r] for r in request_ids]
+
+    # -- cache control and stats --------------------------------------------------------------------
+
+    def pin_prefix(self, prompt: Any) -> int:
+        """Keep a prompt's cached full blocks resident across calls; returns the tokens pinned."""
+        _, ids, images = self._process(prompt)
+        return self.engine.block_manager.pin_prefix(ids, images_salt(images))
+
+    def unpin_prefix(self, prompt: Any) -> None:
+        _, ids, images = self._process(prompt)
+        self.engine.block_manager.unpin_prefix(ids, images_salt(images))
+
+    def kv_stats(self) -> dict:
+        bm, c = self.engine.block_manager, self.engine.counters
+        per_block = self.engine.kv.bytes_per_block
+        used = bm.num_used()
+        return {
+            "blocks_total": bm.num_blocks, "blocks_used": used, "blocks_cached": bm.num_cached(),
+            "blocks_free": bm.num_free(), "block_size": bm.block_size, "bytes_per_block": per_block,
+            "bytes_in_use": used * per_block, "peak_blocks_used": c.peak_blocks_used,
+            "peak_bytes_in_use": c.peak_blocks_used * per_block, "prefix_hit_tokens": bm.prefix_hit_tokens,
+            "prefill_tokens_computed": c.prefill_tokens, "decode_tokens_computed": c.decode_tokens,
+            "preemptions": self.engine.scheduler.num_preemptions, "forks": c.forks,
+            "deduplicated_prompts": c.deduplicated_prompts,
+        }

@@ -1,0 +1,117 @@
+"""Turns a scheduled step into one packed forward pass over the paged cache and returns the logits rows
+the sampler needs."""
+
+from __future__ import annotations
+
+import torch
+
+from step3vl.engine.attention import DecodeGroup, PrefillChunk, StepMetadata, TorchPagedAttention, TritonPagedAttention
+from step3vl.engine.kv_cache import KVCache
+from step3vl.engine.scheduler import ScheduledStep
+from step3vl.engine.sequence import Request, Sequence
+from step3vl.model.vlm import Step3VLForCausalLM
+
+
+def _consecutive(blocks: list[int]) -> bool:
+    return bool(blocks) and blocks[-1] - blocks[0] == len(blocks) - 1 and blocks == list(
+        range(blocks[0], blocks[0] + len(blocks)))
+
+
+class ModelRunner:
+    def __init__(self, model: Step3VLForCausalLM, kv: KVCache, use_kernels: bool):
+        self.model, self.kv = model, kv
+        self.block_size = kv.block_size
+        self.device = model.device
+        self.backend = TritonPagedAttention if use_kernels else TorchPagedAttention
+        self.vision_attention = None
+        if use_kernels:
+            from step3vl_kernels.vision_attention import vision_attention
+            self.vision_attention = vision_attention
+
+    @torch.inference_mode()
+    def run(self, step: ScheduledStep, sample_rows: list[int]) -> torch.Tensor:
+        """Forward the step's tokens; return logits [len(sample_rows), vocab] (fp32) for those token rows."""
+        ids, positions, slots, image_mask, features = self._inputs(step)
+        meta = self._metadata(step, torch.tensor(slots, dtype=torch.int64, device=self.device))
+        ids_t = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        embeds = self.model.model.embed_tokens(ids_t)
+        if features:
+            mask = torch.tensor(image_mask, dtype=torch.bool, device=self.device)
+            embeds[mask] = torch.cat(features).to(embeds.dtype)
+        hidden = self.model.model(embeds, torch.tensor(positions, device=self.device), self.backend(self.kv, meta))
+        rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
+        return self.model.compute_logits(hidden[rows]).float()
+
+    def _inputs(self, step: ScheduledStep):
+        ids, positions, slots, image_mask, features = [], [], [], [], []
+        for seq, slot in zip(step.decodes, step.decode_slots):
+            ids.append(seq.token_ids[-1])
+            positions.append(seq.num_tokens - 1)
+            slots.append(slot)
+            image_mask.append(False)
+        bs = self.block_size
+        for work in step.prefills:
+            seq, a, b = work.seq, work.start, work.start + work.length
+            ids += seq.token_ids[a:b]
+            positions += range(a, b)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(a, b)]
+            image_mask += self._image_mask(seq.request, a, b, features)
+        return ids, positions, slots, image_mask, features
+
+    def _image_mask(self, req: Request, a: int, b: int, features: list[torch.Tensor]) -> list[bool]:
+        """Image rows of prompt positions [a, b); appends their features (encoding the images once)."""
+        n_prompt = len(req.prompt_token_ids)
+        if not req.images or a >= n_prompt:
+            return [False] * (b - a)
+        if req.image_features is None:
+            with torch.inference_mode():
+                feats = self.model.encode_images(req.images, self.vision_attention or _default_vision_attention())
+            req.image_features = torch.cat(feats)
+            req.image_rank = torch.cumsum(torch.tensor(
+                [t == self.model.cfg.image_token_id for t in req.prompt_token_ids], dtype=torch.int64), 0).tolist()
+        rank = req.image_rank
+        mask = [p < n_prompt and req.prompt_token_ids[p] == self.model.cfg.image_token_id for p in range(a, b)]
+        lo = rank[a - 1] if a > 0 else 0
+        hi = rank[min(b, n_prompt) - 1]
+        if hi > lo:
+            features.append(req.image_features[lo:hi])
+        return mask
+
+    def _metadata(self, step: ScheduledStep, slot_mapping: torch.Tensor) -> StepMetadata:
+        bs = self.block_size
+        meta = StepMetadata(block_size=bs, slot_mapping=slot_mapping, num_decode=len(step.decodes))
+        groups: dict[tuple, DecodeGroup] = {}
+        for row, seq in enumerate(step.decodes):
+            shared = seq.num_prompt_tokens // bs  # full prompt blocks: shared by every sample of a prompt
+            shared = min(shared, (seq.num_tokens - 1) // bs)
+            prefix = seq.block_table[:shared]
+            key = tuple(prefix)
+            if key not in groups:
+                groups[key] = DecodeGroup(rows=[], prefix_blocks=prefix, contiguous=_consecutive(prefix))
+            groups[key].rows.append(row)
+            meta.suffix_tables.append(seq.block_table[shared:])
+            meta.suffix_lens.append(seq.num_tokens - shared * bs)
+        meta.groups = list(groups.values())
+        q = len(step.decodes)
+        for work in step.prefills:
+            meta.prefills.append(PrefillChunk(q, work.length, work.start + work.length, work.seq.block_table))
+            q += work.length
+        return meta
+
+
+def _default_vision_attention():
+    from step3vl.model.vision import sdpa_vision_attention
+    return sdpa_vision_attention
+
+
+def sample_rows_for(step: ScheduledStep) -> tuple[list[int], list[Sequence]]:
+    """Token rows whose logits are needed: every decode, and the last token of a prefill that completes."""
+    rows, seqs = list(range(len(step.decodes))), list(step.decodes)
+    q = len(step.decodes)
+    for work in step.prefills:
+        q += work.length
+        if work.start + work.length == work.seq.num_tokens:
+            rows.append(q - 1)
+            seqs.append(work.seq)
+    return rows, seqs

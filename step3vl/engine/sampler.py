@@ -1,0 +1,78 @@
+"""Token selection: the step3vl_kernels sampler (Triton on CUDA, its PyTorch reference elsewhere).
+
+Every sample draws from its own counter-based stream keyed by (request seed, sample index, output step),
+so its tokens do not depend on batch composition, preemption or block size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from step3vl.engine.sequence import Sequence
+
+
+@dataclass(slots=True)
+class SampledToken:
+    token: int
+    logprob: float | None
+    top_logprobs: dict[int, float] | None
+
+
+class Sampler:
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            from step3vl_kernels.sampling import sample
+        else:
+            from step3vl_kernels.sampling_ref import sample
+        self._sample = sample
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
+        logits = self._apply_processors(logits, seqs)
+        params = [s.request.params for s in seqs]
+        if all(p.greedy for p in params):
+            tokens = logits.argmax(dim=-1)
+        else:
+            dev = logits.device
+            f32, i64 = dict(dtype=torch.float32, device=dev), dict(dtype=torch.int64, device=dev)
+            tokens = self._sample(
+                logits,
+                torch.tensor([p.temperature for p in params], **f32),
+                torch.tensor([max(p.top_k, 0) for p in params], dtype=torch.int32, device=dev),
+                torch.tensor([p.top_p for p in params], **f32),
+                torch.tensor([p.min_p for p in params], **f32),
+                torch.tensor([s.request.seed for s in seqs], **i64),
+                torch.tensor([s.index for s in seqs], **i64),
+                torch.tensor([len(s.token_ids) - s.num_prompt_tokens for s in seqs], **i64),
+            )
+        token_list = tokens.tolist()
+        want = [p.logprobs is not None for p in params]
+        if not any(want):
+            return [SampledToken(t, None, None) for t in token_list]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        out = []
+        for i, (t, p) in enumerate(zip(token_list, params)):
+            if not want[i]:
+                out.append(SampledToken(t, None, None))
+                continue
+            top = {}
+            if p.logprobs:
+                vals, idx = logprobs[i].topk(p.logprobs)
+                top = dict(zip(idx.tolist(), vals.tolist()))
+            lp = float(logprobs[i, t])
+            top[t] = lp
+            out.append(SampledToken(t, lp, top))
+        return out
+
+    @staticmethod
+    def _apply_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """vLLM-style per-request logits processors: fn(output_token_ids, logits_row) -> logits_row."""
+        if not any(s.request.params.logits_processors for s in seqs):
+            return logits
+        logits = logits.clone()
+        for i, s in enumerate(seqs):
+            for fn in s.request.params.logits_processors:
+                logits[i] = fn(s.output_ids, logits[i])
+        return logits

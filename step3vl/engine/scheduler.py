@@ -1,0 +1,160 @@
+"""Which tokens run this step: every decoding sequence, then prefill chunks, under a token budget.
+
+Blocks are taken from the native BlockManager. When the pool runs out, the newest sequence is preempted
+(its blocks freed; it recomputes its prompt + output later, mostly from the prefix cache) — never a crash.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from step3vl.engine.sequence import Sequence, SeqStatus
+
+
+@dataclass(slots=True)
+class PrefillWork:
+    seq: Sequence
+    start: int
+    length: int
+
+
+@dataclass(slots=True)
+class ScheduledStep:
+    decodes: list[Sequence] = field(default_factory=list)
+    decode_slots: list[int] = field(default_factory=list)
+    prefills: list[PrefillWork] = field(default_factory=list)
+    copy_src: list[int] = field(default_factory=list)
+    copy_dst: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    stuck: list[Sequence] = field(default_factory=list)  # cannot grow even alone in the pool
+
+    @property
+    def empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(p.length for p in self.prefills)
+
+
+def _order(seq: Sequence) -> tuple[int, int]:
+    return (seq.request.arrival, seq.index)
+
+
+class Scheduler:
+    def __init__(self, block_manager, block_size: int, max_num_batched_tokens: int, max_num_seqs: int):
+        self.bm = block_manager
+        self.block_size = block_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: list[Sequence] = []  # sorted by (arrival, index): first come, first served
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        bisect.insort(self.waiting, seq, key=_order)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A forked sample: shares its parent's blocks already."""
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def free(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence's blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.bm.free(seq.seq_id)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.block_table = []
+
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep()
+        self._schedule_decodes(step)
+        budget = self.max_num_batched_tokens - len(step.decodes)
+        for seq in sorted((s for s in self.running if not s.is_decode), key=_order):
+            if budget <= 0:
+                break
+            n = min(seq.num_uncomputed, budget)
+            step.prefills.append(PrefillWork(seq, seq.num_computed, n))
+            budget -= n
+        self._admit(step, budget)
+        return step
+
+    def _schedule_decodes(self, step: ScheduledStep) -> None:
+        queue = sorted((s for s in self.running if s.is_decode), key=_order)
+        i = 0
+        while i < len(queue):
+            seq = queue[i]
+            try:
+                slot, src, dst = self.bm.append_slot(seq.seq_id, seq.token_ids[-1])
+            except RuntimeError:
+                victim = max(self.running, key=_order)
+                if victim is seq and len(self.running) == 1:
+                    step.stuck.append(seq)  # the pool cannot hold this one sequence: the engine ends it
+                    queue.pop(i)
+                    continue
+                self._preempt(victim, step)
+                if victim in queue:
+                    j = queue.index(victim)
+                    queue.pop(j)
+                    if j < i:
+                        k = step.decodes.index(victim)
+                        step.decodes.pop(k)
+                        step.decode_slots.pop(k)
+                        i -= 1
+                continue
+            self._record_append(seq, slot)
+            if src >= 0:
+                step.copy_src.append(src)
+                step.copy_dst.append(dst)
+            step.decodes.append(seq)
+            step.decode_slots.append(slot)
+            i += 1
+        # Copies queued for a sequence preempted later in this loop target freed blocks: harmless.
+
+    def _record_append(self, seq: Sequence, slot: int) -> None:
+        pos = seq.num_registered
+        block = slot // self.block_size
+        if pos % self.block_size == 0:
+            seq.block_table.append(block)
+        else:
+            seq.block_table[-1] = block  # the same block, or its copy-on-write replacement
+        seq.num_registered += 1
+
+    def _preempt(self, seq: Sequence, step: ScheduledStep) -> None:
+        self.running.remove(seq)
+        self.bm.free(seq.seq_id)
+        seq.num_computed = seq.num_registered = 0
+        seq.block_table = []
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        step.preempted.append(seq)
+        self.add(seq)
+
+    def _admit(self, step: ScheduledStep, budget: int) -> None:
+        watermark = max(1, self.bm.num_blocks // 100)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            need = -(-seq.num_tokens // self.block_size)
+            if self.running and self.bm.num_free() - need < watermark:
+                break  # keep room for the running sequences to grow
+            try:
+                cached = self.bm.allocate(seq.seq_id, seq.token_ids, seq.request.salt)
+            except RuntimeError:
+                break
+            self.waiting.pop(0)
+            seq.status = SeqStatus.RUNNING
+            seq.num_computed, seq.num_registered = cached, seq.num_tokens
+            seq.block_table = list(self.bm.block_table(seq.seq_id))
+            if seq.index == 0 and not seq.output_ids:
+                seq.request.num_cached_tokens = cached
+            self.running.append(seq)
+            n = min(seq.num_uncomputed, budget)
+            step.prefills.append(PrefillWork(seq, seq.num_computed, n))
+            budget -= n

@@ -1,0 +1,92 @@
+"""Requests and their sequences (one per sample), as the scheduler sees them."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from step3vl.engine.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # no KV blocks; (re)computes its tokens when admitted
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sample of a request. `token_ids` = prompt + output so far; KV exists for the first `num_computed`."""
+
+    seq_id: int
+    request: "Request"
+    index: int
+    token_ids: list[int]
+    status: SeqStatus = SeqStatus.WAITING
+    num_computed: int = 0
+    num_registered: int = 0  # tokens the block manager holds slots for
+    block_table: list[int] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    detokenizer: Any = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_decode(self) -> bool:
+        """Only its newest sampled token lacks KV: one token this step."""
+        return self.num_uncomputed == 1 and self.num_tokens > self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int
+    arrival: int
+    images: list[Any] = field(default_factory=list)  # per image: .global_view, .crops
+    salt: int = 0  # hash of the images: prompts with other images never share cached blocks
+    sequences: list[Sequence] = field(default_factory=list)
+    image_features: torch.Tensor | None = None  # [num <im_patch> tokens, hidden], computed once
+    leader: "Request | None" = None  # an identical prompt being prefilled; we fork from it when done
+    followers: list["Request"] = field(default_factory=list)
+    forked: bool = False  # all n samples exist
+    aborted: bool = False
+    num_cached_tokens: int = 0
+    first_token_time: float | None = None
+    arrival_time: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.forked and all(s.finished for s in self.sequences)
+
+    @property
+    def prompt_key(self) -> tuple:
+        return (self.salt, tuple(self.prompt_token_ids))
