@@ -88,6 +88,7 @@ class Scheduler:
 
     def _schedule_decodes(self, step: ScheduledStep) -> None:
         queue = sorted((s for s in self.running if s.is_decode), key=_order)
+        copies: list[tuple[Sequence, int, int]] = []
         i = 0
         while i < len(queue):
             seq = queue[i]
@@ -111,12 +112,16 @@ class Scheduler:
                 continue
             self._record_append(seq, slot)
             if src >= 0:
-                step.copy_src.append(src)
-                step.copy_dst.append(dst)
+                copies.append((seq, src, dst))
             step.decodes.append(seq)
             step.decode_slots.append(slot)
             i += 1
-        # Copies queued for a sequence preempted later in this loop target freed blocks: harmless.
+        # A sequence preempted later in the loop gave its copy target back to the pool, where another
+        # sequence may already own it: its copy must not run.
+        for seq, src, dst in copies:
+            if seq not in step.preempted:
+                step.copy_src.append(src)
+                step.copy_dst.append(dst)
 
     def _record_append(self, seq: Sequence, slot: int) -> None:
         pos = seq.num_registered
