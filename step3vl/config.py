@@ -22,6 +22,9 @@ def _get(d: dict, key: str, where: str, default: Any = _MISSING, kind: type | tu
     value = d.get(key, default)
     if value is _MISSING:
         raise ConfigError(f"config.json: {where}.{key} is missing")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:  # bool is an int subclass: `hidden_size: true` is wrong
+        raise ConfigError(f"config.json: {where}.{key} = {value!r} should be {kind}")
     if value is not None and not isinstance(value, kind):
         raise ConfigError(f"config.json: {where}.{key} = {value!r} should be {kind}")
     return value
@@ -141,6 +144,8 @@ class TextConfig:
             hidden_act=_get(d, "hidden_act", where, "silu", str),
             eos_token_id=_as_list(d.get("eos_token_id")),
         )
+        if d.get("use_sliding_window"):
+            raise ConfigError(f"config.json: {where}.use_sliding_window=true is not supported (full attention only)")
         cfg.validate(where)
         return cfg
 
@@ -193,7 +198,7 @@ class Step3VLConfig:
         if not isinstance(d, dict):
             raise ConfigError("config.json: top level must be an object")
         model_type = d.get("model_type", "")
-        if model_type == "qwen3" or "text_config" not in d:
+        if model_type == "qwen3" or ("text_config" not in d and "vision_config" not in d):
             return cls(text=TextConfig.from_dict(d, where="config"), model_type=model_type or "qwen3")
         text_d = _get(d, "text_config", "config", kind=dict)
         vision_d = _get(d, "vision_config", "config", kind=dict)

@@ -31,8 +31,9 @@ class DenseAttention:
             raise ValueError(f"DenseAttention: seq_lens sum to {sum(self.seq_lens)} but q has {q.shape[0]} tokens")
         outs = []
         for qs, ks, vs in zip(q.split(self.seq_lens), k.split(self.seq_lens), v.split(self.seq_lens)):
+            # 4-D inputs: with 3-D ones the CPU SDPA falls back to its slow math kernel.
             o = F.scaled_dot_product_attention(
-                qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
                 is_causal=True, scale=scale, enable_gqa=True)
-            outs.append(o.transpose(0, 1))
+            outs.append(o[0].transpose(0, 1))
         return torch.cat(outs)
