@@ -70,6 +70,12 @@ class CMakeBuild(build_ext):
         subprocess.run([cmake, "--build", str(build_dir)], check=True)
         if not ext_path.exists():
             raise RuntimeError(f"CMake did not produce {ext_path}")
+        if not self._into_source:
+            # Ship the CUDA sources so NVRTC can compile them at first use where nvcc was absent at build.
+            csrc_dir = Path(self.build_lib).resolve() / KERNELS_PACKAGE / "_csrc"
+            csrc_dir.mkdir(parents=True, exist_ok=True)
+            for src in (ROOT / "csrc" / "cuda").glob("*.[ch]*"):
+                shutil.copy2(src, csrc_dir / src.name)
 
     @staticmethod
     def _fresh_build_dir(build_dir: Path, fingerprint: list[str]) -> None:
