@@ -141,7 +141,7 @@ class TorchPagedAttention:
         n, ql = chunk.context_len, chunk.q_len
         k = self._context(kflat, chunk.block_table, n).transpose(0, 1)
         v = self._context(vflat, chunk.block_table, n).transpose(0, 1)
-        qt = q.transpose(0, 1)
+        qt, k, v = q.transpose(0, 1)[None], k[None], v[None]  # 4-D: the CPU flash kernel, not math
         if ql == n:
             o = F.scaled_dot_product_attention(qt, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=scale,
                                                enable_gqa=True)
@@ -149,7 +149,7 @@ class TorchPagedAttention:
             mask = torch.arange(n, device=q.device)[None, :] <= (n - ql + torch.arange(ql, device=q.device))[:, None]
             o = F.scaled_dot_product_attention(qt, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale,
                                                enable_gqa=True)
-        return o.transpose(0, 1)
+        return o[0].transpose(0, 1)
 
 
 class TritonPagedAttention:

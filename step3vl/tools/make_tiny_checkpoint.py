@@ -91,7 +91,8 @@ def make_tiny_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, s
     out.mkdir(parents=True, exist_ok=True)
     ids = write_tiny_tokenizer(out, vocab_size=PRESETS[preset]["tokenizer_vocab"])
     tok_size = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
-    vocab = 64 * math.ceil(tok_size / 64)  # padded like real checkpoints' embedding tables
+    # Padded like real checkpoints' embedding tables (the tokenizer may learn fewer merges than asked).
+    vocab = 64 * math.ceil(max(tok_size, PRESETS[preset]["tokenizer_vocab"]) / 64)
     eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
     config = build_config(preset, vocab, ids["<im_patch>"], eos)
     (out / "config.json").write_text(json.dumps(config, indent=2))
