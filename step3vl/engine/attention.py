@@ -161,6 +161,9 @@ class TritonPagedAttention:
         self.kv, self.meta = kv, meta
         self._write, self._cascade, self._prefill = kv_write.write_kv, paged_decode.cascade_decode, paged_prefill.paged_prefill
         self._tensors = self._build_tensors(kv.k[0].device)
+        # The row grouping depends only on the step, so one plan serves every layer.
+        self._plan = (paged_decode.cascade_plan(self._tensors["seq_group"], len(meta.groups))
+                      if meta.num_decode else None)
 
     def _build_tensors(self, device: torch.device) -> dict:
         m, i32 = self.meta, dict(dtype=torch.int32, device=device)
@@ -193,7 +196,7 @@ class TritonPagedAttention:
         parts = []
         if nd:
             parts.append(self._cascade(q[:nd].contiguous(), kc, vc, t["prefix_tables"], t["prefix_lens"],
-                                       t["seq_group"], t["suffix_tables"], t["suffix_lens"], scale))
+                                       t["seq_group"], t["suffix_tables"], t["suffix_lens"], scale, plan=self._plan))
         if self.meta.prefills:
             parts.append(self._prefill(q[nd:].contiguous(), kc, vc, t["cu_seqlens_q"], t["seq_lens"],
                                        t["block_tables"], scale))
