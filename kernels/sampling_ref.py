@@ -15,6 +15,8 @@ The threshold computation is shared with the kernel path so both keep exactly th
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -46,12 +48,26 @@ def stream_key(seed: Tensor, sample: Tensor, step: Tensor) -> Tensor:
     return mix32(h ^ (step & M32))
 
 
+def token_hash(token: Tensor) -> Tensor:
+    """The key-independent half of `uniform`'s hash."""
+    return mix32((torch.as_tensor(token, dtype=torch.int64) + 0x632BE5AB) & M32)
+
+
+@functools.lru_cache(maxsize=8)
+def vocab_token_hash(vocab: int, device: str) -> Tensor:
+    """token_hash of 0..vocab-1, memoised: a pure function of its arguments, and half the sampler's hashing."""
+    return token_hash(torch.arange(vocab, device=device))
+
+
+def uniform_from_hash(key: Tensor, hashed_token: Tensor) -> Tensor:
+    h = mix32(torch.as_tensor(key, dtype=torch.int64) ^ hashed_token)
+    return ((h >> 8).double() + 0.5) * 2.0**-24
+
+
 def uniform(key: Tensor, token: Tensor) -> Tensor:
     """Uniform in the open interval (0, 1) for (key, token index); float64 so every value is exact."""
     key = torch.as_tensor(key, dtype=torch.int64)
-    token = torch.as_tensor(token, dtype=torch.int64, device=key.device)
-    h = mix32(key ^ mix32((token + 0x632BE5AB) & M32))
-    return ((h >> 8).double() + 0.5) * 2.0**-24
+    return uniform_from_hash(key, token_hash(torch.as_tensor(token, device=key.device)))
 
 
 def gumbel(key: Tensor, token: Tensor) -> Tensor:
@@ -118,8 +134,8 @@ def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, mi
     z, _ = scaled_logits(logits, temperature)
     thr = filter_threshold(z, top_k, top_p, min_p)
     key = stream_key(seeds, sample_index, step)
-    tokens = torch.arange(logits.shape[1], device=logits.device)
-    score = z.double() + gumbel(key[:, None], tokens[None, :])
+    u = uniform_from_hash(key[:, None], vocab_token_hash(logits.shape[1], str(logits.device))[None, :])
+    score = z.double() - torch.log(-torch.log(u))
     score = torch.where(z >= thr[:, None], score, torch.full_like(score, float("-inf")))
     drawn = score.argmax(dim=-1)
     greedy = logits.float().argmax(dim=-1)
