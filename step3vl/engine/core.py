@@ -65,7 +65,7 @@ class EngineCore:
                     images: list | None = None, salt: int = 0, prompt: str | None = None) -> Request:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._check_fits(request_id, prompt_token_ids)
+        self._check_fits(request_id, prompt_token_ids, params)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(request_id, prompt, list(prompt_token_ids), params, seed, next(self._arrivals),
                       images=list(images or []), salt=salt, arrival_time=time.perf_counter())
@@ -82,9 +82,12 @@ class EngineCore:
         self.scheduler.add(seq)
         return req
 
-    def _check_fits(self, request_id: str, ids: list[int]) -> None:
+    def _check_fits(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise ValueError(f"request {request_id!r}: the prompt is empty")
+        vocab = self.model.cfg.text.vocab_size
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"SamplingParams.logprobs = {params.logprobs}: more than the vocabulary ({vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"request {request_id!r}: prompt of {len(ids)} tokens does not fit max_model_len "
                              f"{self.max_model_len} (with room for one generated token)")
@@ -106,9 +109,19 @@ class EngineCore:
                 self._finish(seq, "abort")
         if req.leader is not None:
             req.leader.followers.remove(req)
-        self._release_leadership(req)
-        req.forked = True
+        self._abort_unforked(req)
         return req
+
+    def _abort_unforked(self, req: Request) -> None:
+        """Samples never forked still get an (empty, aborted) output each, so outputs always number n."""
+        self._release_leadership(req)
+        have = {s.index for s in req.sequences}
+        for i in range(req.params.n):
+            if i not in have:
+                seq = Sequence(next(self._seq_ids), req, i, list(req.prompt_token_ids),
+                               status=SeqStatus.FINISHED, finish_reason="abort")
+                req.sequences.append(seq)
+        req.forked = True
 
     def _release_leadership(self, req: Request) -> None:
         if self._prefilling.get(req.prompt_key) is req:
@@ -131,6 +144,10 @@ class EngineCore:
         changed: dict[str, Request] = {}
         for seq in step.stuck:
             self._finish(seq, "length")
+            changed[seq.request.request_id] = seq.request
+        for seq in step.unfittable:
+            self._finish(seq, "abort", "KV pool too small for this prompt while prefixes are pinned")
+            self._abort_unforked(seq.request)
             changed[seq.request.request_id] = seq.request
         if step.empty:
             return list(changed.values())

@@ -179,7 +179,14 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
-        ids = [self.add_request(p, sp, request_id=f"gen-{next(self._ids)}") for p, sp in zip(prompts, params)]
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(self.add_request(p, sp, request_id=f"gen-{next(self._ids)}"))
+        except Exception:
+            for rid in ids:  # all or nothing: no orphan requests left in the engine
+                self.abort(rid)
+            raise
         return self._run(ids, use_tqdm)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,

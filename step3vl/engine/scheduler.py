@@ -28,6 +28,7 @@ class ScheduledStep:
     copy_dst: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     stuck: list[Sequence] = field(default_factory=list)  # cannot grow even alone in the pool
+    unfittable: list[Sequence] = field(default_factory=list)  # cannot be admitted into an idle pool
 
     @property
     def empty(self) -> bool:
@@ -77,7 +78,10 @@ class Scheduler:
         step = ScheduledStep()
         self._schedule_decodes(step)
         budget = self.max_num_batched_tokens - len(step.decodes)
-        for seq in sorted((s for s in self.running if not s.is_decode), key=_order):
+        # Prompt (or recompute) tokens that already have slots; a decode's token got its slot above.
+        decoding = {id(s) for s in step.decodes}
+        prefilling = (s for s in self.running if s.num_computed < s.num_registered and id(s) not in decoding)
+        for seq in sorted(prefilling, key=_order):
             if budget <= 0:
                 break
             n = min(seq.num_uncomputed, budget)
@@ -87,7 +91,9 @@ class Scheduler:
         return step
 
     def _schedule_decodes(self, step: ScheduledStep) -> None:
-        queue = sorted((s for s in self.running if s.is_decode), key=_order)
+        # Oldest first, within both limits; forks can push the running set past them, the rest wait a step.
+        limit = min(self.max_num_seqs, self.max_num_batched_tokens)
+        queue = sorted((s for s in self.running if s.is_decode), key=_order)[:limit]
         copies: list[tuple[Sequence, int, int]] = []
         i = 0
         while i < len(queue):
@@ -152,6 +158,11 @@ class Scheduler:
             try:
                 cached = self.bm.allocate(seq.seq_id, seq.token_ids, seq.request.salt)
             except RuntimeError:
+                if not self.running and not step.decodes and not step.prefills:
+                    # Nothing will ever free a block for it (pinned prefixes hold the rest): end it, no deadlock.
+                    self.waiting.pop(0)
+                    step.unfittable.append(seq)
+                    continue
                 break
             self.waiting.pop(0)
             seq.status = SeqStatus.RUNNING

@@ -55,8 +55,11 @@ class Sequence:
 
     @property
     def is_decode(self) -> bool:
-        """Only its newest sampled token lacks KV: one token this step."""
-        return self.num_uncomputed == 1 and self.num_tokens > self.num_prompt_tokens
+        """All KV is computed but the newest sampled token's, which has no slot yet: one token this step.
+
+        (A recomputed sequence whose prefill chunk stops one token short is not a decode: that token already
+        has its slot from `allocate`.)"""
+        return self.num_computed == self.num_registered == self.num_tokens - 1
 
     @property
     def finished(self) -> bool:
