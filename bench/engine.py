@@ -74,39 +74,39 @@ def ours(llm: LLM, prompts: list[list[int]], params: SamplingParams):
     return seconds, ttft, n_tokens, llm.kv_stats()
 
 
-def workload_a(ckpt: Path, quick: bool) -> dict:
+def workload_a(ckpt: Path, quick: bool, dtype: torch.dtype) -> dict:
     n, new, plen = (4, 32, 256) if quick else (16, 256, 1024)
     rng = random.Random(0)
     vocab = json.loads((ckpt / "config.json").read_text())["text_config"]["vocab_size"]
     prompt = [rng.randrange(10, vocab - 10) for _ in range(plen)]
-    llm = LLM(ckpt, dtype="float32", kv_cache_memory="1GiB")
+    llm = LLM(ckpt, dtype=dtype, kv_cache_memory="1GiB")
     t, ttft, tokens, kv = ours(llm, [prompt], SamplingParams(n=n, max_tokens=new, ignore_eos=True, seed=0))
     per_token = kv["bytes_per_block"] // kv["block_size"]
     ideal = (plen + n * new) * per_token
     del llm
-    hf = hf_model(ckpt, torch.float32)
+    hf = hf_model(ckpt, dtype)
     ht, httft, hkv = hf_generate(hf, [prompt], new, n, pad_id=0)
-    return dict(workload="A", samples=n, prompt_tokens=plen, new_tokens=new,
+    return dict(workload="A", dtype=str(dtype), samples=n, prompt_tokens=plen, new_tokens=new,
                 ours_s=t, ours_tok_s=tokens / t, ours_ttft_s=ttft, ours_peak_kv_bytes=kv["peak_bytes_in_use"],
                 ideal_kv_bytes=ideal, kv_over_ideal=kv["peak_bytes_in_use"] / ideal,
                 hf_s=ht, hf_tok_s=n * new / ht, hf_ttft_s=httft, hf_kv_bytes=hkv,
                 speedup=(tokens / t) / (n * new / ht), kv_ratio_hf_over_ours=hkv / kv["peak_bytes_in_use"])
 
 
-def workload_b(ckpt: Path, quick: bool) -> dict:
+def workload_b(ckpt: Path, quick: bool, dtype: torch.dtype) -> dict:
     count, new, hf_batch = (8, 16, 4) if quick else (64, 128, 16)
     rng = random.Random(1)
     vocab = json.loads((ckpt / "config.json").read_text())["text_config"]["vocab_size"]
     prompts = [[rng.randrange(10, vocab - 10) for _ in range(rng.randint(64, 1024))] for _ in range(count)]
-    llm = LLM(ckpt, dtype="float32", kv_cache_memory="2GiB")
+    llm = LLM(ckpt, dtype=dtype, kv_cache_memory="2GiB")
     t, ttft, tokens, kv = ours(llm, prompts, SamplingParams(max_tokens=new, ignore_eos=True, seed=0))
     del llm
-    hf = hf_model(ckpt, torch.float32)
+    hf = hf_model(ckpt, dtype)
     ht, hkv = 0.0, 0
     for i in range(0, count, hf_batch):
         s, _, b = hf_generate(hf, prompts[i:i + hf_batch], new, 1, pad_id=0)
         ht, hkv = ht + s, max(hkv, b)
-    return dict(workload="B", prompts=count, new_tokens=new, hf_batch=hf_batch, ours_s=t, ours_tok_s=tokens / t,
+    return dict(workload="B", dtype=str(dtype), prompts=count, new_tokens=new, hf_batch=hf_batch, ours_s=t, ours_tok_s=tokens / t,
                 ours_ttft_s=ttft, ours_peak_kv_bytes=kv["peak_bytes_in_use"], hf_s=ht, hf_tok_s=count * new / ht,
                 hf_peak_kv_bytes=hkv, speedup=(tokens / t) / (count * new / ht))
 
@@ -117,15 +117,18 @@ def main() -> None:
     ap.add_argument("--workload", default="AB")
     ap.add_argument("--out", type=Path, default=Path("bench/out/engine.json"))
     ap.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="both engines run in this dtype (bf16 uses AMX/AVX512-BF16 where the CPU has it)")
     args = ap.parse_args()
     if not (args.ckpt / "config.json").exists():
         make_tiny_checkpoint(args.ckpt, "small")
     torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
     results = []
     if "A" in args.workload:
-        results.append(workload_a(args.ckpt, args.quick))
+        results.append(workload_a(args.ckpt, args.quick, dtype))
     if "B" in args.workload:
-        results.append(workload_b(args.ckpt, args.quick))
+        results.append(workload_b(args.ckpt, args.quick, dtype))
     print(f"torch threads: {torch.get_num_threads()}, device: cpu")
     for r in results:
         print(f"\nworkload {r['workload']}")

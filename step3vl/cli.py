@@ -1,0 +1,304 @@
+"""`step3vl` command line: demo, pacore (one question or a JSONL batch), generate, make-checkpoint.
+
+PaCoRe sits on top of the engine, so this module (the top of the house) imports it only inside the
+commands that use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEMO_DIR = Path.home() / ".cache" / "step3vl" / "demo-small"
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.command is None:
+        ap.print_help()
+        return 2
+    if getattr(args, "threads", None):
+        import torch
+        torch.set_num_threads(args.threads)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"step3vl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="step3vl", description="STEP3-VL-10B engine and PaCoRe.")
+    sub = ap.add_subparsers(dest="command")
+
+    d = sub.add_parser("demo", help="PaCoRe on a bundled image and question with a small random-weight checkpoint")
+    d.add_argument("--dir", type=Path, default=DEMO_DIR, help=f"checkpoint to make or reuse (default {DEMO_DIR})")
+    d.add_argument("--preset", default="low", choices=["low", "medium", "high"])
+    d.add_argument("--max-tokens", type=int, default=64, help="new tokens per trajectory")
+    d.add_argument("--message-max-tokens", type=int, default=24)
+    d.add_argument("--think-at", type=int, default=None,
+                   help="position where </think> is forced (random weights never write it); default 3/4 of --max-tokens")
+    d.add_argument("--seed", type=int, default=42)
+    d.add_argument("--show-reasoning", action="store_true")
+    _engine_args(d)
+    d.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("pacore", help="PaCoRe on one question (--image, question) or a JSONL batch (--input/--output)")
+    p.add_argument("question", nargs="?", help="the question (one-problem mode)")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--image", action="append", default=[], help="an image for the question (repeatable)")
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--input", type=Path, help="JSONL problems in the official format (id, messages, ...)")
+    p.add_argument("--output", type=Path, help="JSONL results; an existing file is resumed")
+    p.add_argument("--retry-errors", action="store_true", help="on resume, run again the problems that failed")
+    p.add_argument("--preset", default="medium", choices=["low", "medium", "high"])
+    p.add_argument("--rounds", default=None, help="override the preset, e.g. 8,4 (a final round of 1 is added)")
+    p.add_argument("--max-tokens", type=int, default=131072, help="new tokens per trajectory")
+    p.add_argument("--message-max-tokens", type=int, default=4096, help="bound on each message passed on")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--unclosed", default="drop", choices=["drop", "keep"],
+                   help="a trajectory without </think>: drop it (default) or pass its whole text on")
+    p.add_argument("--max-concurrent-problems", type=int, default=None)
+    p.add_argument("--show-reasoning", action="store_true", help="print the final trajectory's reasoning")
+    p.add_argument("--show-rounds", action="store_true", help="print every round's messages")
+    p.add_argument("--no-progress", action="store_true")
+    _engine_args(p)
+    p.set_defaults(func=_cmd_pacore)
+
+    g = sub.add_parser("generate", help="plain sampling from a checkpoint")
+    g.add_argument("prompt")
+    g.add_argument("--model", required=True, type=Path)
+    g.add_argument("--image", action="append", default=[])
+    g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    g.add_argument("--n", type=int, default=1)
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    _engine_args(g)
+    g.set_defaults(func=_cmd_generate)
+
+    m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the official format")
+    m.add_argument("dir", type=Path)
+    m.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=_cmd_make_checkpoint)
+    return ap
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    e = p.add_argument_group("engine")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--device", default=None)
+    e.add_argument("--kv-cache-memory", default=None, help="e.g. 2GiB (default: 60%% of free GPU memory, 1GiB on CPU)")
+    e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _load_llm(args, model: Path):
+    from step3vl.engine.llm import LLM
+
+    if not (Path(model) / "config.json").is_file():
+        raise FileNotFoundError(f"no checkpoint at {model} (config.json missing)")
+    return LLM(model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+               max_model_len=args.max_model_len)
+
+
+# -- demo -------------------------------------------------------------------------------------------
+
+def _demo_checkpoint(path: Path) -> tuple[Path, bool]:
+    if (path / "config.json").is_file() and (path / "model.safetensors.index.json").is_file():
+        return path, False
+    from step3vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
+    return make_tiny_checkpoint(path, "small"), True
+
+
+class RandomWeightsProcessor:
+    """For random-weight checkpoints: sample only ids the tokenizer can decode to text (a padded lm_head and
+    the special tokens would otherwise give mostly empty text), write `</think>` at output position
+    `think_at` and nowhere else, and end (eos) only after it. A logits processor: (output_ids, logits_row) ->
+    logits_row."""
+
+    def __init__(self, tokenizer, vocab_size: int, think_at: int):
+        import torch
+
+        specials = {i for i, t in tokenizer.tok.get_added_tokens_decoder().items() if t.special}
+        banned = torch.zeros(vocab_size, dtype=torch.bool)
+        banned[min(tokenizer.vocab_size, vocab_size):] = True
+        for i in specials - set(tokenizer.eos_token_ids):
+            if i < vocab_size:
+                banned[i] = True
+        self.think_id, self.think_at = tokenizer.think_end_id, think_at
+        banned[self.think_id] = True
+        self.banned_before = banned.clone()
+        self.banned_before[[i for i in tokenizer.eos_token_ids if i < vocab_size]] = True
+        self.banned = banned
+
+    def __call__(self, output_ids: list[int], logits):
+        if len(output_ids) == self.think_at:
+            forced = logits.new_full(logits.shape, float("-inf"))
+            forced[self.think_id] = 0.0
+            return forced
+        if self.banned.device != logits.device:
+            self.banned, self.banned_before = self.banned.to(logits.device), self.banned_before.to(logits.device)
+        return logits.masked_fill(self.banned_before if len(output_ids) < self.think_at else self.banned, float("-inf"))
+
+
+def _cmd_demo(args) -> int:
+    from pacore import PaCoRe, PaCoReConfig, Problem
+
+    path, made = _demo_checkpoint(args.dir)
+    print(f"checkpoint: {path} ({'made now' if made else 'reused'}, preset 'small')")
+    print("NOTE: the weights are RANDOM. The answer is gibberish by construction; the demo shows the machinery "
+          "(rounds, tokens, throughput), not intelligence.")
+    problem = json.loads((ASSETS / "demo_problem.json").read_text())
+    image = ASSETS / problem["image"]
+    llm = _load_llm(args, path)
+    think_at = args.think_at if args.think_at is not None else max(1, args.max_tokens * 3 // 4)
+    proc = RandomWeightsProcessor(llm.get_tokenizer(), llm.model.cfg.text.vocab_size, think_at)
+
+    def hook(pid, r, params):
+        params.logits_processors = [proc]
+        return params
+
+    cfg = PaCoReConfig.preset(args.preset, max_tokens=args.max_tokens, message_max_tokens=args.message_max_tokens,
+                              seed=args.seed, sampling_hook=hook)
+    print(f"problem: {image.name}: {problem['question']}")
+    print(f"PaCoRe preset {args.preset!r}: rounds {cfg.schedule}, {args.max_tokens} new tokens per trajectory, "
+          f"messages <= {args.message_max_tokens} tokens; random weights never write </think>, so it is forced at "
+          f"token {think_at}, and sampling keeps to ids the tokenizer can decode")
+    t0 = time.perf_counter()
+    result = PaCoRe(llm, cfg).run([Problem.from_question(problem["question"], image=str(image), id="demo")],
+                                  progress=True)[0]
+    wall = time.perf_counter() - t0
+    _print_result(result, show_reasoning=args.show_reasoning, show_rounds=True)
+    stats = llm.kv_stats()
+    print(f"tokens generated: {result.effective_ttc} in {wall:.1f}s = {result.effective_ttc / wall:.1f} tok/s "
+          f"(device {llm.model.device}); prefill tokens computed {stats['prefill_tokens_computed']}, "
+          f"peak KV {stats['peak_blocks_used']} blocks ({stats['peak_bytes_in_use'] / 2**20:.1f} MiB)")
+    print(f"expected answer for a trained model: {problem['answer']} (this one has random weights)")
+    return 0 if result.error is None else 1
+
+
+# -- pacore -----------------------------------------------------------------------------------------
+
+def _pacore_config(args):
+    from pacore import PaCoReConfig
+
+    kwargs = dict(max_tokens=args.max_tokens, message_max_tokens=args.message_max_tokens,
+                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, unclosed_policy=args.unclosed,
+                  max_concurrent_problems=args.max_concurrent_problems)
+    if args.rounds:
+        try:
+            rounds = [int(x) for x in args.rounds.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--rounds {args.rounds!r}: use comma-separated ints such as 8,4") from None
+        return PaCoReConfig(rounds=rounds, **kwargs)
+    return PaCoReConfig.preset(args.preset, **kwargs)
+
+
+def _cmd_pacore(args) -> int:
+    from pacore import PaCoRe, Problem
+    from pacore.batch import run_batch
+
+    batch = args.input is not None or args.output is not None
+    if batch and (args.input is None or args.output is None):
+        raise ValueError("a batch run needs both --input and --output")
+    if batch and (args.question or args.image):
+        raise ValueError("give either a question (with --image) or --input/--output, not both")
+    if not batch and not args.question:
+        raise ValueError("give a question, or --input/--output for a batch")
+    cfg = _pacore_config(args)
+    llm = _load_llm(args, args.model)
+    runner = PaCoRe(llm, cfg)
+    if batch:
+        t0, n, errors, tokens = time.perf_counter(), 0, 0, 0
+        for rec in run_batch(runner, args.input, args.output, progress=not args.no_progress,
+                             retry_errors=args.retry_errors):
+            n += 1
+            tokens += rec.get("effective_ttc", 0)
+            if rec.get("error"):
+                errors += 1
+                print(f"[{rec['request_id']}] error: {rec['error']}", file=sys.stderr)
+        wall = time.perf_counter() - t0
+        print(f"{n} problem(s) written to {args.output} ({errors} with an error); {tokens} tokens in {wall:.1f}s")
+        return 0
+    content = args.question
+    if args.image:
+        content = [{"type": "image", "image": im} for im in args.image] + [{"type": "text", "text": args.question}]
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": content}]
+    t0 = time.perf_counter()
+    result = runner.run([Problem(id="0", messages=messages)], progress=not args.no_progress)[0]
+    wall = time.perf_counter() - t0
+    _print_result(result, show_reasoning=args.show_reasoning, show_rounds=args.show_rounds)
+    print(f"tokens generated: {result.effective_ttc} in {wall:.1f}s = {result.effective_ttc / max(wall, 1e-9):.1f} tok/s")
+    return 0 if result.error is None else 1
+
+
+def _print_result(result, show_reasoning: bool, show_rounds: bool) -> None:
+    last = len(result.rounds) - 1
+    for r, s in enumerate(result.rounds):
+        name = "final" if r == last and result.error is None else f"round {r + 1}"
+        dropped = ", ".join(f"{n} {k}" for k, n in s.dropped.items()) or "none"
+        print(f"{name}: K={s.k} prompt {s.prompt_tokens} tok (prefix hit {s.prefix_hit_tokens}), generated "
+              f"{s.generated_tokens} tok, messages {s.messages}, dropped {dropped}, truncated {s.truncated}, "
+              f"{s.seconds:.1f}s")
+        if show_rounds and r < len(result.round_responses) and r != last:
+            for i, resp in enumerate(result.round_responses[r]):
+                if resp["content"]:
+                    print(f"  message {i + 1}: {_short(resp['content'])}")
+    if show_reasoning and result.final_reasoning_content:
+        print("reasoning:\n" + result.final_reasoning_content)
+    if result.error:
+        print(f"error: {result.error}")
+    else:
+        print("answer:\n" + result.final_response)
+
+
+def _short(text: str, n: int = 120) -> str:
+    text = text.replace("\n", " ")
+    return text if len(text) <= n else text[:n] + "…"
+
+
+# -- generate / make-checkpoint ---------------------------------------------------------------------
+
+def _cmd_generate(args) -> int:
+    from step3vl.engine.sampling_params import SamplingParams
+
+    llm = _load_llm(args, args.model)
+    params = SamplingParams(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    if args.raw:
+        if args.image:
+            raise ValueError("--raw takes no --image (the image placeholder comes from the chat template)")
+        out = llm.generate(args.prompt, params, use_tqdm=False)[0]
+    else:
+        content = args.prompt
+        if args.image:
+            content = [{"type": "image", "image": im} for im in args.image] + [{"type": "text", "text": args.prompt}]
+        out = llm.chat([{"role": "user", "content": content}], params, use_tqdm=False)[0]
+    for c in out.outputs:
+        head = f"[{c.index}] " if args.n > 1 else ""
+        print(f"{head}{c.text}")
+        print(f"{head}({len(c.token_ids)} tokens, finish_reason={c.finish_reason})", file=sys.stderr)
+    return 0
+
+
+def _cmd_make_checkpoint(args) -> int:
+    from step3vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(args.dir, args.preset, args.seed)
+    print(f"wrote a {args.preset} checkpoint to {path} (random weights)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
