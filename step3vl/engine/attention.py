@@ -46,17 +46,17 @@ class StepMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
     _cache: dict = field(default_factory=dict)
 
-    def suffix_slots(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, S] slot indices of each decode row's suffix (padded with 0) and [B] lengths."""
+    def suffix_blocks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, nb] block ids of each decode row's suffix (padded with block 0) and [B] token lengths.
+
+        Whole blocks are gathered (contiguous block_size·heads·dim runs) rather than single slots.
+        """
         if "suffix" not in self._cache:
-            bs, width = self.block_size, max(self.suffix_lens, default=0)
-            nb = -(-width // bs)
+            nb = -(-max(self.suffix_lens, default=0) // self.block_size)
             tables = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in self.suffix_tables],
                                   dtype=torch.int64).view(len(self.suffix_tables), nb)
-            offs = torch.arange(width)
-            slots = tables[:, offs // bs] * bs + offs % bs if width else tables[:, :0]
             lens = torch.tensor(self.suffix_lens, dtype=torch.int64)
-            self._cache["suffix"] = (slots.to(device), lens.to(device))
+            self._cache["suffix"] = (tables.to(device), lens.to(device))
         return self._cache["suffix"]
 
 
@@ -91,7 +91,7 @@ class TorchPagedAttention:
         out = torch.empty_like(q)
         nd = self.meta.num_decode
         if nd:
-            out[:nd] = self._decode(q[:nd], kflat, vflat, scale).to(q.dtype)
+            out[:nd] = self._decode(q[:nd], kc, vc, scale).to(q.dtype)
         for chunk in self.meta.prefills:
             qs = q[chunk.q_start:chunk.q_start + chunk.q_len]
             out[chunk.q_start:chunk.q_start + chunk.q_len] = self._prefill(qs, chunk, kflat, vflat, scale)
@@ -106,9 +106,10 @@ class TorchPagedAttention:
         table = torch.tensor(blocks, dtype=torch.int64, device=flat.device)
         return flat[table[offs // bs] * bs + offs % bs]
 
-    def _decode(self, q: torch.Tensor, kflat: torch.Tensor, vflat: torch.Tensor, scale: float) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, scale: float) -> torch.Tensor:
         b, hq, d = q.shape
-        hkv = kflat.shape[1]
+        hkv = kc.shape[2]
+        kflat, vflat = kc.view(-1, hkv, d), vc.view(-1, hkv, d)
         r = hq // hkv
         qh = q.float().view(b, hkv, r, d)
         o_p = torch.zeros(b, hkv, r, d, device=q.device)
@@ -124,12 +125,14 @@ class TorchPagedAttention:
             o, lse = _attend(qg, kp, vp, scale)
             o_p[rows] = o.view(hkv, len(g.rows), r, d).permute(1, 0, 2, 3)
             lse_p[rows] = lse.view(hkv, len(g.rows), r).permute(1, 0, 2)
-        slots, lens = self.meta.suffix_slots(kflat.device)
-        if slots.shape[1] == 0:
+        tables, lens = self.meta.suffix_blocks(kc.device)
+        if tables.shape[1] == 0:
             return o_p.view(b, hq, d)
-        ks, vs = kflat[slots].float(), vflat[slots].float()  # [B, S, Hkv, D]
+        width = tables.shape[1] * self.meta.block_size
+        ks = kc[tables].view(b, width, hkv, d).float()  # [B, S, Hkv, D]
+        vs = vc[tables].view(b, width, hkv, d).float()
         s = torch.einsum("bhrd,bshd->bhrs", qh, ks) * scale
-        valid = torch.arange(slots.shape[1], device=q.device) < lens[:, None]
+        valid = torch.arange(width, device=q.device) < lens[:, None]
         s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
         lse_s = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - lse_s[..., None]).nan_to_num(0.0)
