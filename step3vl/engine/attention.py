@@ -44,6 +44,7 @@ class StepMetadata:
     suffix_tables: list[list[int]] = field(default_factory=list)  # per decode row: blocks after its prefix
     suffix_lens: list[int] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
+    cascade: bool = True  # GPU path: shared-prefix cascade kernel (else plain paged decode over full tables)
     _cache: dict = field(default_factory=dict)
 
     def suffix_blocks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,10 +164,11 @@ class TritonPagedAttention:
 
         self.kv, self.meta = kv, meta
         self._write, self._cascade, self._prefill = kv_write.write_kv, paged_decode.cascade_decode, paged_prefill.paged_prefill
+        self._decode = paged_decode.paged_decode
         self._tensors = self._build_tensors(kv.k[0].device)
         # The row grouping depends only on the step, so one plan serves every layer.
         self._plan = (paged_decode.cascade_plan(self._tensors["seq_group"], len(meta.groups))
-                      if meta.num_decode else None)
+                      if meta.num_decode and meta.cascade else None)
 
     def _build_tensors(self, device: torch.device) -> dict:
         m, i32 = self.meta, dict(dtype=torch.int32, device=device)
@@ -186,6 +188,14 @@ class TritonPagedAttention:
             t["seq_group"] = torch.tensor(seq_group, **i32)
             t["suffix_tables"] = padded(m.suffix_tables)
             t["suffix_lens"] = torch.tensor(m.suffix_lens, **i32)
+            if not m.cascade:
+                rows = [None] * m.num_decode
+                for g in m.groups:
+                    for r in g.rows:
+                        rows[r] = g.prefix_blocks + m.suffix_tables[r]
+                t["decode_tables"] = padded(rows)
+                t["decode_lens"] = torch.tensor([len(m.groups[seq_group[r]].prefix_blocks)
+                                                 * m.block_size + m.suffix_lens[r] for r in range(m.num_decode)], **i32)
         if m.prefills:
             starts = [c.q_start - m.num_decode for c in m.prefills] + [sum(c.q_len for c in m.prefills)]
             t["cu_seqlens_q"] = torch.tensor(starts, **i32)
@@ -197,9 +207,11 @@ class TritonPagedAttention:
         kc, vc, t, nd = self.kv.k[layer], self.kv.v[layer], self._tensors, self.meta.num_decode
         self._write(k.to(kc.dtype), v.to(vc.dtype), kc, vc, self.meta.slot_mapping)
         parts = []
-        if nd:
+        if nd and self.meta.cascade:
             parts.append(self._cascade(q[:nd].contiguous(), kc, vc, t["prefix_tables"], t["prefix_lens"],
                                        t["seq_group"], t["suffix_tables"], t["suffix_lens"], scale, plan=self._plan))
+        elif nd:
+            parts.append(self._decode(q[:nd].contiguous(), kc, vc, t["decode_tables"], t["decode_lens"], scale))
         if self.meta.prefills:
             parts.append(self._prefill(q[nd:].contiguous(), kc, vc, t["cu_seqlens_q"], t["seq_lens"],
                                        t["block_tables"], scale))

@@ -60,7 +60,7 @@ class LLM:
     def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", device: str | None = None,
                  kv_cache_memory: int | str | None = None, block_size: int = 16, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, max_num_seqs: int = 256, seed: int = 0,
-                 use_kernels: bool | None = None):
+                 use_kernels: bool | None = None, cascade_attention: bool | None = None):
         from step3vl_native import BlockManager
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -90,6 +90,9 @@ class LLM:
             detokenizer_factory=lambda skip: tok.stream_decoder(skip),
             max_num_batched_tokens=max_num_batched_tokens or max(2048, block_size),
             max_num_seqs=max_num_seqs, use_kernels=dev.type == "cuda" if use_kernels is None else use_kernels,
+            # On CUDA the last measured cascade kernel (eager, 3 launches) lost to plain paged decode
+            # (bench/RESULTS.md); the CPU path always reads a shared prefix once per group.
+            cascade_attention=dev.type != "cuda" if cascade_attention is None else cascade_attention,
             seed=seed)
         self._ids = itertools.count()
 

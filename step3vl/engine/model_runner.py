@@ -18,8 +18,9 @@ def _consecutive(blocks: list[int]) -> bool:
 
 
 class ModelRunner:
-    def __init__(self, model: Step3VLForCausalLM, kv: KVCache, use_kernels: bool):
+    def __init__(self, model: Step3VLForCausalLM, kv: KVCache, use_kernels: bool, cascade_attention: bool = True):
         self.model, self.kv = model, kv
+        self.cascade_attention = cascade_attention
         self.block_size = kv.block_size
         self.device = model.device
         self.backend = TritonPagedAttention if use_kernels else TorchPagedAttention
@@ -80,7 +81,8 @@ class ModelRunner:
 
     def _metadata(self, step: ScheduledStep, slot_mapping: torch.Tensor) -> StepMetadata:
         bs = self.block_size
-        meta = StepMetadata(block_size=bs, slot_mapping=slot_mapping, num_decode=len(step.decodes))
+        meta = StepMetadata(block_size=bs, slot_mapping=slot_mapping, num_decode=len(step.decodes),
+                            cascade=self.cascade_attention)
         groups: dict[tuple, DecodeGroup] = {}
         for row, seq in enumerate(step.decodes):
             shared = seq.num_prompt_tokens // bs  # full prompt blocks: shared by every sample of a prompt
