@@ -130,14 +130,20 @@ class TorchPagedAttention:
         if tables.shape[1] == 0:
             return o_p.view(b, hq, d)
         width = tables.shape[1] * self.meta.block_size
-        ks = kc[tables].view(b, width, hkv, d).float()  # [B, S, Hkv, D]
-        vs = vc[tables].view(b, width, hkv, d).float()
-        s = torch.einsum("bhrd,bshd->bhrs", qh, ks) * scale
+        # Keep the gathered K/V in their [B, S·Hkv, D] pool layout: score every q head against every kv head
+        # (Hkv× the flops, which are negligible here) and keep the matching pairs, instead of transposing
+        # megabytes of K/V per layer into [B, Hkv, S, D].
+        ks = kc[tables].view(b, width * hkv, d).float()
+        vs = vc[tables].view(b, width * hkv, d).float()
+        s_all = torch.bmm(qh.reshape(b, hkv * r, d), ks.transpose(1, 2)).view(b, hkv, r, width, hkv)
+        s = s_all.diagonal(dim1=1, dim2=4).permute(0, 3, 1, 2) * scale  # [B, Hkv, r, S]
         valid = torch.arange(width, device=q.device) < lens[:, None]
         s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
         lse_s = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - lse_s[..., None]).nan_to_num(0.0)
-        o_s = torch.einsum("bhrs,bshd->bhrd", p, vs)
+        p_all = torch.zeros(b, hkv, r, width, hkv, device=q.device)
+        p_all.diagonal(dim1=1, dim2=4).copy_(p.permute(0, 2, 3, 1))
+        o_s = torch.bmm(p_all.view(b, hkv * r, width * hkv), vs).view(b, hkv, r, d)
         return _merge(o_p, lse_p, o_s, lse_s).view(b, hq, d)
 
     def _prefill(self, q: torch.Tensor, chunk: PrefillChunk, kflat: torch.Tensor, vflat: torch.Tensor,
