@@ -66,6 +66,7 @@ class EngineCore:
                     images: list | None = None, salt: int = 0, prompt: str | None = None) -> Request:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        params.__post_init__()  # fields set after construction: derive stop strings and validate again
         self._check_fits(request_id, prompt_token_ids, params)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(request_id, prompt, list(prompt_token_ids), params, seed, next(self._arrivals),
@@ -229,9 +230,9 @@ class EngineCore:
             seq.text += seq.detokenizer.step(tok.token)
         n_out = seq.num_tokens - seq.num_prompt_tokens
         if not p.ignore_eos and tok.token in self.eos_token_ids:
-            self._finish(seq, "stop")
+            self._finish(seq, "stop", cut_text_at=None if p.include_stop_str_in_output else text_before)
         elif tok.token in p.stop_token_ids:
-            self._finish(seq, "stop", tok.token)
+            self._finish(seq, "stop", tok.token, cut_text_at=None if p.include_stop_str_in_output else text_before)
         elif p.stop_strings and self._stop_string(seq, text_before):
             pass
         elif p.max_tokens is not None and n_out >= p.max_tokens:
@@ -255,7 +256,12 @@ class EngineCore:
         self._finish(seq, "stop", s)
         return True
 
-    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None,
+                cut_text_at: int | None = None) -> None:
+        if seq.detokenizer is not None and reason != "abort" and not isinstance(stop_reason, str):
+            seq.text += seq.detokenizer.flush()  # a trailing incomplete character, as decode() would give
+        if cut_text_at is not None:  # a stop token's own text is not part of the output (vLLM)
+            seq.text = seq.text[:cut_text_at]
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.free(seq)
         seq.status = SeqStatus.FINISHED

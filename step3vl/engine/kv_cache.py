@@ -40,6 +40,12 @@ class KVCache:
         """Copy-on-write: every layer's K/V of block src[i] into block dst[i], in one call where possible."""
         if not src:
             return
+        if set(src) & set(dst):
+            # A block freed and reused within one step can be the source of an earlier copy and the target of
+            # a later one: run those in order, one pair at a time (rare).
+            for a, b in zip(src, dst):
+                self.copy_blocks([a], [b])
+            return
         device = self.k[0].device
         s = torch.tensor(src, dtype=torch.int64, device=device)
         d = torch.tensor(dst, dtype=torch.int64, device=device)

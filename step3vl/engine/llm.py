@@ -56,6 +56,14 @@ def images_salt(images: list) -> int:
     return int.from_bytes(h.digest(), "little") & (2**63 - 1)
 
 
+def _visible_text(seq) -> str:
+    """While running, hold back a tail that could still become a stop string (vLLM does the same), so
+    streamed text only ever grows."""
+    stops = seq.request.params.stop_strings
+    hold = max(map(len, stops)) - 1 if stops and seq.finish_reason is None else 0
+    return seq.text[:len(seq.text) - hold] if hold else seq.text
+
+
 class LLM:
     def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", device: str | None = None,
                  kv_cache_memory: int | str | None = None, block_size: int = 16, max_model_len: int | None = None,
@@ -164,7 +172,7 @@ class LLM:
 
     def _output(self, req: Request) -> RequestOutput:
         comps = [CompletionOutput(
-            index=s.index, text=s.text, token_ids=s.output_ids,
+            index=s.index, text=_visible_text(s), token_ids=s.output_ids,
             cumulative_logprob=s.cumulative_logprob if req.params.logprobs is not None else None,
             logprobs=list(s.logprobs) if req.params.logprobs is not None else None,
             finish_reason=s.finish_reason, stop_reason=s.stop_reason) for s in sorted(req.sequences, key=lambda s: s.index)]
