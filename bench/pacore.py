@@ -68,8 +68,9 @@ def new_llm(args) -> LLM:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     use_kernels = {"auto": None, "on": True, "off": False}[args.use_kernels]
+    cascade = {"auto": None, "on": True, "off": False}[args.cascade]
     return LLM(args.ckpt, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
-               max_num_seqs=args.max_num_seqs, use_kernels=use_kernels)
+               max_num_seqs=args.max_num_seqs, use_kernels=use_kernels, cascade_attention=cascade)
 
 
 def processor_for(llm: LLM, args) -> RandomWeightsProcessor:
@@ -212,6 +213,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--use-kernels", choices=["auto", "on", "off"], default="auto",
                     help="engine attention: Triton kernels (on, the CUDA default) or the torch path (off)")
+    ap.add_argument("--cascade", choices=["auto", "on", "off"], default="auto",
+                    help="shared-prefix cascade decode kernel on CUDA (auto: the engine's default)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false")
     ap.add_argument("--quick", action="store_true", help="2 problems, 256-token prompts, K=4, 32 new tokens")
     ap.add_argument("--out", default=None, help="JSON name under bench/out/ (default pacore-<device>)")
@@ -236,7 +239,7 @@ def main(argv=None) -> None:
     print_table(runs, cols)
     payload = {"workload": {k: getattr(args, k) for k in ("problems", "prompt_tokens", "k", "max_tokens",
                                                          "message_max_tokens", "seed", "kv_cache_memory")},
-               "use_kernels": args.use_kernels, "checkpoint": str(args.ckpt), "device": device, "gpu": gpu, "environment": environment(),
+               "use_kernels": args.use_kernels, "cascade": args.cascade, "checkpoint": str(args.ckpt), "device": device, "gpu": gpu, "environment": environment(),
                "runs": runs}
     if len(runs) == 2:
         ours, base = runs

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Everything worth measuring on a lent GPU machine, in one call (device time is scarce: start it once).
+# Usage (device tool, from the repo root):  bash bench/gpu_session.sh   — logs and JSON land in $OUT (or bench/out).
+# Then copy the figures, with the card and the date, into bench/RESULTS.md.
+set -uo pipefail
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2        # native module + fatbins for this card
+python -m pytest -m gpu -q -x 2>&1 | tee "$OUT/pytest-gpu.log" | tail -5
+python -m pytest -q tests/engine tests/pacore 2>&1 | tee "$OUT/pytest-engine-gpu.log" | tail -3
+python bench/kernels.py --sweep --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40
+for c in off on; do
+  python bench/pacore.py --use-kernels on --cascade $c --out "pacore-cuda-cascade-$c" 2>&1 | tail -12
+done
+python bench/pacore.py --use-kernels off --out pacore-cuda-torchattn 2>&1 | tail -12
+cp bench/out/pacore-*.json "$OUT/" 2>/dev/null || true
