@@ -129,7 +129,8 @@ def run_baseline(llm: LLM, problems: list[Problem], args) -> dict:
         for j in range(schedule[r]):
             rid = f"{pid}/r{r}/t{j}"
             seed = round_seed(args.seed, f"{pid}/{j}", r)
-            llm.engine.add_request(rid, ids, params_for(proc, 1, seed, args), salt=next(salts), prompt=text)
+            llm.add_request({"prompt_token_ids": ids, "cache_salt": str(next(salts))}, params_for(proc, 1, seed, args),
+                            request_id=rid)
             owner[rid] = (pid, j)
 
     t0 = time.perf_counter()

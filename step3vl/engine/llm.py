@@ -56,6 +56,11 @@ def images_salt(images: list) -> int:
     return int.from_bytes(h.digest(), "little") & (2**63 - 1)
 
 
+def _mix_salt(salt: int, cache_salt: str) -> int:
+    h = hashlib.blake2b(cache_salt.encode(), digest_size=8, key=salt.to_bytes(8, "little"))
+    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
+
+
 def _visible_text(seq) -> str:
     """While running, hold back a tail that could still become a stop string (vLLM does the same), so
     streamed text only ever grows."""
@@ -117,7 +122,8 @@ class LLM:
     # -- prompts ------------------------------------------------------------------------------------
 
     def _process(self, prompt: Any) -> tuple[str | None, list[int], list]:
-        """A prompt: str, list of token ids, or {"prompt" | "prompt_token_ids": ..., "images": [...]}."""
+        """A prompt: str, list of token ids, or {"prompt" | "prompt_token_ids": ..., "images": [...],
+        "cache_salt": str} (vLLM's name: requests with different salts never share cached blocks)."""
         if isinstance(prompt, str):
             p = self.processor.process(prompt, [])
             return prompt, p.input_ids, []
@@ -149,7 +155,10 @@ class LLM:
         text, ids, images = self._process(prompt)
         self._check_ids(ids)
         rid = request_id if request_id is not None else str(next(self._ids))
-        self.engine.add_request(rid, ids, params, images=images, salt=images_salt(images), prompt=text)
+        salt = images_salt(images)
+        if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
+            salt = _mix_salt(salt, str(prompt["cache_salt"]))
+        self.engine.add_request(rid, ids, params, images=images, salt=salt, prompt=text)
         return rid
 
     def step(self) -> list[RequestOutput]:

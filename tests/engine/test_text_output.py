@@ -61,3 +61,15 @@ def test_params_changed_after_construction_apply(llm):
     params.top_p = 2.0
     with pytest.raises(ValueError, match="top_p"):
         llm.add_request(PROMPT, params)
+
+
+def test_cache_salt_separates_prefix_cache(llm):
+    prompt = list(range(50, 90))  # 2 full blocks of 16
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    hits = lambda: llm.kv_stats()["prefix_hit_tokens"]  # noqa: E731
+    llm.generate([{"prompt_token_ids": prompt, "cache_salt": "a"}], params, use_tqdm=False)
+    before = hits()
+    llm.generate([{"prompt_token_ids": prompt, "cache_salt": "b"}], params, use_tqdm=False)
+    assert hits() == before  # another salt: nothing shared
+    out = llm.generate([{"prompt_token_ids": prompt, "cache_salt": "a"}], params, use_tqdm=False)[0]
+    assert hits() == before + 32 and out.num_cached_tokens == 32
