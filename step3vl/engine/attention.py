@@ -24,7 +24,6 @@ from step3vl.engine.kv_cache import KVCache
 class DecodeGroup:
     rows: list[int]  # indices into the decode rows
     prefix_blocks: list[int]  # shared full blocks
-    contiguous: bool  # prefix_blocks are consecutive pool blocks
 
 
 @dataclass(slots=True)
@@ -60,6 +59,26 @@ class StepMetadata:
             self._cache["suffix"] = (tables.to(device), lens.to(device))
         return self._cache["suffix"]
 
+    def context_index(self, key: tuple, blocks: list[int], length: int, device: torch.device) -> int | torch.Tensor:
+        """Where `length` tokens over `blocks` sit in the flat pool: a start offset when the blocks are
+        consecutive (read as a view, no copy), else the slot indices to gather. Once per step, for every layer."""
+        if key not in self._cache:
+            bs = self.block_size
+            used = blocks[:-(-length // bs)]
+            if used == list(range(used[0], used[0] + len(used))):
+                self._cache[key] = used[0] * bs
+            else:
+                offs = torch.arange(length)
+                table = torch.tensor(used, dtype=torch.int64)
+                self._cache[key] = (table[offs // bs] * bs + offs % bs).to(device)
+        return self._cache[key]
+
+    def group_rows(self, i: int, device: torch.device) -> torch.Tensor:
+        key = ("rows", i)
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(self.groups[i].rows, device=device)
+        return self._cache[key]
+
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q [H, M, D], k/v [H, N, D] → (out [H, M, D], lse [H, M]); fp32."""
@@ -75,11 +94,6 @@ def _merge(o1, lse1, o2, lse2) -> torch.Tensor:
     return o1 * w1 + o2 * w2
 
 
-def _is_consecutive(blocks: list[int]) -> bool:
-    return bool(blocks) and blocks[-1] - blocks[0] == len(blocks) - 1 and blocks == list(
-        range(blocks[0], blocks[0] + len(blocks)))
-
-
 class TorchPagedAttention:
     def __init__(self, kv: KVCache, meta: StepMetadata):
         self.kv, self.meta = kv, meta
@@ -93,19 +107,15 @@ class TorchPagedAttention:
         nd = self.meta.num_decode
         if nd:
             out[:nd] = self._decode(q[:nd], kc, vc, scale).to(q.dtype)
-        for chunk in self.meta.prefills:
+        for i, chunk in enumerate(self.meta.prefills):
             qs = q[chunk.q_start:chunk.q_start + chunk.q_len]
-            out[chunk.q_start:chunk.q_start + chunk.q_len] = self._prefill(qs, chunk, kflat, vflat, scale)
+            where = self.meta.context_index(("prefill", i), chunk.block_table, chunk.context_len, q.device)
+            out[chunk.q_start:chunk.q_start + chunk.q_len] = self._prefill(qs, chunk, kflat, vflat, where, scale)
         return out
 
-    def _context(self, flat: torch.Tensor, blocks: list[int], length: int, contiguous: bool | None = None):
-        bs = self.meta.block_size
-        if contiguous if contiguous is not None else _is_consecutive(blocks[:-(-length // bs)]):
-            start = blocks[0] * bs
-            return flat[start:start + length]
-        offs = torch.arange(length, device=flat.device)
-        table = torch.tensor(blocks, dtype=torch.int64, device=flat.device)
-        return flat[table[offs // bs] * bs + offs % bs]
+    @staticmethod
+    def _context(flat: torch.Tensor, where: int | torch.Tensor, length: int) -> torch.Tensor:
+        return flat[where:where + length] if isinstance(where, int) else flat[where]
 
     def _decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, scale: float) -> torch.Tensor:
         b, hq, d = q.shape
@@ -115,13 +125,14 @@ class TorchPagedAttention:
         qh = q.float().view(b, hkv, r, d)
         o_p = torch.zeros(b, hkv, r, d, device=q.device)
         lse_p = torch.full((b, hkv, r), float("-inf"), device=q.device)
-        for g in self.meta.groups:
+        for i, g in enumerate(self.meta.groups):
             if not g.prefix_blocks:
                 continue
             plen = len(g.prefix_blocks) * self.meta.block_size
-            kp = self._context(kflat, g.prefix_blocks, plen, g.contiguous).float().transpose(0, 1)
-            vp = self._context(vflat, g.prefix_blocks, plen, g.contiguous).float().transpose(0, 1)
-            rows = torch.tensor(g.rows, device=q.device)
+            where = self.meta.context_index(("prefix", i), g.prefix_blocks, plen, q.device)
+            kp = self._context(kflat, where, plen).float().transpose(0, 1)
+            vp = self._context(vflat, where, plen).float().transpose(0, 1)
+            rows = self.meta.group_rows(i, q.device)
             qg = qh[rows].permute(1, 0, 2, 3).reshape(hkv, len(g.rows) * r, d)
             o, lse = _attend(qg, kp, vp, scale)
             o_p[rows] = o.view(hkv, len(g.rows), r, d).permute(1, 0, 2, 3)
@@ -147,10 +158,10 @@ class TorchPagedAttention:
         return _merge(o_p, lse_p, o_s, lse_s).view(b, hq, d)
 
     def _prefill(self, q: torch.Tensor, chunk: PrefillChunk, kflat: torch.Tensor, vflat: torch.Tensor,
-                 scale: float) -> torch.Tensor:
+                 where: int | torch.Tensor, scale: float) -> torch.Tensor:
         n, ql = chunk.context_len, chunk.q_len
-        k = self._context(kflat, chunk.block_table, n).transpose(0, 1)
-        v = self._context(vflat, chunk.block_table, n).transpose(0, 1)
+        k = self._context(kflat, where, n).transpose(0, 1)
+        v = self._context(vflat, where, n).transpose(0, 1)
         qt, k, v = q.transpose(0, 1)[None], k[None], v[None]  # 4-D: the CPU flash kernel, not math
         if ql == n:
             o = F.scaled_dot_product_attention(qt, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=scale,
@@ -184,7 +195,7 @@ class TritonPagedAttention:
             return torch.tensor([r + [0] * (width - len(r)) for r in rows], **i32).view(len(rows), width)
 
         t = {}
-        if m.num_decode:
+        if m.num_decode and m.cascade:
             seq_group = [0] * m.num_decode
             for gi, g in enumerate(m.groups):
                 for r in g.rows:
@@ -194,14 +205,14 @@ class TritonPagedAttention:
             t["seq_group"] = torch.tensor(seq_group, **i32)
             t["suffix_tables"] = padded(m.suffix_tables)
             t["suffix_lens"] = torch.tensor(m.suffix_lens, **i32)
-            if not m.cascade:
-                rows = [None] * m.num_decode
-                for g in m.groups:
-                    for r in g.rows:
-                        rows[r] = g.prefix_blocks + m.suffix_tables[r]
-                t["decode_tables"] = padded(rows)
-                t["decode_lens"] = torch.tensor([len(m.groups[seq_group[r]].prefix_blocks)
-                                                 * m.block_size + m.suffix_lens[r] for r in range(m.num_decode)], **i32)
+        elif m.num_decode:  # plain paged decode: each row's full table = its group's prefix + its suffix
+            tables, lens = [None] * m.num_decode, [0] * m.num_decode
+            for g in m.groups:
+                for r in g.rows:
+                    tables[r] = g.prefix_blocks + m.suffix_tables[r]
+                    lens[r] = len(g.prefix_blocks) * m.block_size + m.suffix_lens[r]
+            t["decode_tables"] = padded(tables)
+            t["decode_lens"] = torch.tensor(lens, **i32)
         if m.prefills:
             starts = [c.q_start - m.num_decode for c in m.prefills] + [sum(c.q_len for c in m.prefills)]
             t["cu_seqlens_q"] = torch.tensor(starts, **i32)

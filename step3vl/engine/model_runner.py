@@ -12,11 +12,6 @@ from step3vl.engine.sequence import Request, Sequence
 from step3vl.model.vlm import Step3VLForCausalLM
 
 
-def _consecutive(blocks: list[int]) -> bool:
-    return bool(blocks) and blocks[-1] - blocks[0] == len(blocks) - 1 and blocks == list(
-        range(blocks[0], blocks[0] + len(blocks)))
-
-
 class ModelRunner:
     def __init__(self, model: Step3VLForCausalLM, kv: KVCache, use_kernels: bool, cascade_attention: bool = True):
         self.model, self.kv = model, kv
@@ -90,7 +85,7 @@ class ModelRunner:
             prefix = seq.block_table[:shared]
             key = tuple(prefix)
             if key not in groups:
-                groups[key] = DecodeGroup(rows=[], prefix_blocks=prefix, contiguous=_consecutive(prefix))
+                groups[key] = DecodeGroup(rows=[], prefix_blocks=prefix)
             groups[key].rows.append(row)
             meta.suffix_tables.append(seq.block_table[shared:])
             meta.suffix_lens.append(seq.num_tokens - shared * bs)
