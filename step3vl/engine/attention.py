@@ -5,8 +5,10 @@ are grouped by the prompt blocks they share (the samples forked from one prompt)
 attend to the shared prefix together — read once per group, not once per sequence — and each sequence
 attends to its own suffix; the two parts are merged by log-sum-exp (natural log, empty part = -inf).
 
-`TorchPagedAttention` is the CPU path (and a correct fallback anywhere). Where a sequence's blocks are
+`TorchPagedAttention` is the plain PyTorch path (a correct fallback anywhere). Where a sequence's blocks are
 consecutive in the pool, it attends to a view of the pool instead of gathering a dense copy.
+`CpuPagedAttention` is the CPU default: the same, with decode through the C++ cascade kernel
+(step3vl_kernels.cascade_decode_cpu), which streams the paged pool in place.
 `TritonPagedAttention` runs the step3vl_kernels Triton kernels on CUDA.
 """
 
@@ -72,6 +74,14 @@ class StepMetadata:
                 table = torch.tensor(used, dtype=torch.int64)
                 self._cache[key] = (table[offs // bs] * bs + offs % bs).to(device)
         return self._cache[key]
+
+    def seq_group(self) -> list[int]:
+        """The group of each decode row."""
+        out = [0] * self.num_decode
+        for gi, g in enumerate(self.groups):
+            for r in g.rows:
+                out[r] = gi
+        return out
 
     def group_rows(self, i: int, device: torch.device) -> torch.Tensor:
         key = ("rows", i)
@@ -173,6 +183,34 @@ class TorchPagedAttention:
         return o[0].transpose(0, 1)
 
 
+def _padded(rows: list[list[int]]) -> torch.Tensor:
+    width = max((len(r) for r in rows), default=0) or 1
+    return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32).view(len(rows), width)
+
+
+class CpuPagedAttention(TorchPagedAttention):
+    """Decode rows through the C++ cascade kernel; prefill as the torch path."""
+
+    def __init__(self, kv: KVCache, meta: StepMetadata):
+        from step3vl_kernels.cascade_decode_cpu import cascade_decode_cpu, cpu_cascade_plan
+
+        super().__init__(kv, meta)
+        self._kernel = cascade_decode_cpu
+        self._args = None
+        if meta.num_decode:
+            seq_group_t = torch.tensor(meta.seq_group(), dtype=torch.int32)
+            bs = meta.block_size
+            # Built once per step; every layer reuses them.
+            self._args = (_padded([g.prefix_blocks for g in meta.groups]),
+                          torch.tensor([len(g.prefix_blocks) * bs for g in meta.groups], dtype=torch.int32),
+                          seq_group_t, _padded(meta.suffix_tables),
+                          torch.tensor(meta.suffix_lens, dtype=torch.int32))
+            self._plan = cpu_cascade_plan(seq_group_t, len(meta.groups))
+
+    def _decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, scale: float) -> torch.Tensor:
+        return self._kernel(q, kc, vc, *self._args, scale, plan=self._plan)
+
+
 class TritonPagedAttention:
     """The same step on CUDA through step3vl_kernels (Triton): KV write, cascade decode, paged prefill."""
 
@@ -191,18 +229,13 @@ class TritonPagedAttention:
         m, i32 = self.meta, dict(dtype=torch.int32, device=device)
 
         def padded(rows: list[list[int]]) -> torch.Tensor:
-            width = max((len(r) for r in rows), default=0) or 1
-            return torch.tensor([r + [0] * (width - len(r)) for r in rows], **i32).view(len(rows), width)
+            return _padded(rows).to(device)
 
         t = {}
         if m.num_decode and m.cascade:
-            seq_group = [0] * m.num_decode
-            for gi, g in enumerate(m.groups):
-                for r in g.rows:
-                    seq_group[r] = gi
             t["prefix_tables"] = padded([g.prefix_blocks for g in m.groups])
             t["prefix_lens"] = torch.tensor([len(g.prefix_blocks) * m.block_size for g in m.groups], **i32)
-            t["seq_group"] = torch.tensor(seq_group, **i32)
+            t["seq_group"] = torch.tensor(m.seq_group(), **i32)
             t["suffix_tables"] = padded(m.suffix_tables)
             t["suffix_lens"] = torch.tensor(m.suffix_lens, **i32)
         elif m.num_decode:  # plain paged decode: each row's full table = its group's prefix + its suffix

@@ -45,6 +45,7 @@ class EngineCore:
     max_num_seqs: int = 256
     use_kernels: bool = False
     cascade_attention: bool = True
+    cpu_kernels: bool = True
     seed: int = 0
     requests: dict[str, Request] = field(default_factory=dict)
     counters: EngineCounters = field(default_factory=EngineCounters)
@@ -53,7 +54,8 @@ class EngineCore:
         self.block_size = self.kv.block_size
         self.scheduler = Scheduler(self.block_manager, self.block_size, self.max_num_batched_tokens,
                                    self.max_num_seqs)
-        self.runner = ModelRunner(self.model, self.kv, self.use_kernels, self.cascade_attention)
+        self.runner = ModelRunner(self.model, self.kv, self.use_kernels, self.cascade_attention,
+                                  self.cpu_kernels)
         self.sampler = Sampler(self.model.device)
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()

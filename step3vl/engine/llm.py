@@ -73,7 +73,7 @@ class LLM:
     def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", device: str | None = None,
                  kv_cache_memory: int | str | None = None, block_size: int = 16, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, max_num_seqs: int = 256, seed: int = 0,
-                 use_kernels: bool | None = None, cascade_attention: bool | None = None):
+                 use_kernels: bool | None = None, cascade_attention: bool | None = None, cpu_kernels: bool = True):
         from step3vl_native import BlockManager
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -106,6 +106,7 @@ class LLM:
             # On CUDA the last measured cascade kernel (eager, 3 launches) lost to plain paged decode
             # (bench/RESULTS.md); the CPU path always reads a shared prefix once per group.
             cascade_attention=dev.type != "cuda" if cascade_attention is None else cascade_attention,
+            cpu_kernels=cpu_kernels,
             seed=seed)
         self._ids = itertools.count()
 

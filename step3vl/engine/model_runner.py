@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from step3vl.engine.attention import DecodeGroup, PrefillChunk, StepMetadata, TorchPagedAttention, TritonPagedAttention
+from step3vl.engine.attention import (CpuPagedAttention, DecodeGroup, PrefillChunk, StepMetadata, TorchPagedAttention,
+                                     TritonPagedAttention)
 from step3vl.engine.kv_cache import KVCache
 from step3vl.engine.scheduler import ScheduledStep
 from step3vl.engine.sequence import Request, Sequence
@@ -13,12 +14,16 @@ from step3vl.model.vlm import Step3VLForCausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: Step3VLForCausalLM, kv: KVCache, use_kernels: bool, cascade_attention: bool = True):
+    def __init__(self, model: Step3VLForCausalLM, kv: KVCache, use_kernels: bool, cascade_attention: bool = True,
+                 cpu_kernels: bool = True):
         self.model, self.kv = model, kv
         self.cascade_attention = cascade_attention
         self.block_size = kv.block_size
         self.device = model.device
         self.backend = TritonPagedAttention if use_kernels else TorchPagedAttention
+        if not use_kernels and cpu_kernels and self.device.type == "cpu" and kv.k[0].dtype in (torch.float32,
+                                                                                              torch.bfloat16):
+            self.backend = CpuPagedAttention
         self.vision_attention = None
         if use_kernels:
             from step3vl_kernels.vision_attention import vision_attention

@@ -18,9 +18,10 @@ pytestmark = pytest.mark.skipif(
 
 
 def _run(ckpt, use_kernels: bool, cascade: bool, prompts, params):
+    # cpu_kernels=False: without Triton kernels the engine runs the plain PyTorch path, the reference here.
     llm = LLM(ckpt, dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu",
               kv_cache_memory=256 * 8192, block_size=16, max_num_batched_tokens=24,
-              use_kernels=use_kernels, cascade_attention=cascade)
+              use_kernels=use_kernels, cascade_attention=cascade, cpu_kernels=False)
     return [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params, use_tqdm=False)]
 
 

@@ -1,0 +1,64 @@
+// Python bindings of the CPU kernels. Tensors cross as (data pointer, shape) from the step3vl_kernels
+// wrappers, which check dtype, device and contiguity and keep the tensors alive for the call.
+// std::invalid_argument from the checks reaches Python as ValueError (pybind11's default translation).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "cpu_attention.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T *ptr(uint64_t address) {
+  return reinterpret_cast<T *>(static_cast<uintptr_t>(address));
+}
+
+}  // namespace
+
+void bind_cpu_kernels(py::module_ &m) {
+  m.def("cpu_has_avx512", &step3vl::cpu::has_avx512);
+
+  m.def(
+      "cpu_cascade_decode",
+      [](uint64_t q, uint64_t k_cache, uint64_t v_cache, bool kv_bf16, int64_t num_blocks, int64_t block_size,
+         int64_t num_kv_heads, int64_t num_q_heads, int64_t head_dim, int64_t batch, int64_t num_groups,
+         uint64_t prefix_tables, int64_t prefix_stride, uint64_t prefix_lens, uint64_t group_rows,
+         uint64_t group_ptr, uint64_t suffix_tables, int64_t suffix_stride, uint64_t suffix_lens, float scale,
+         uint64_t out, bool simd) {
+        step3vl::cpu::CascadeDecodeArgs a;
+        a.q = ptr<const float>(q);
+        a.k_cache = ptr<const void>(k_cache);
+        a.v_cache = ptr<const void>(v_cache);
+        a.kv_bf16 = kv_bf16;
+        a.num_blocks = num_blocks;
+        a.block_size = block_size;
+        a.num_kv_heads = num_kv_heads;
+        a.num_q_heads = num_q_heads;
+        a.head_dim = head_dim;
+        a.batch = batch;
+        a.num_groups = num_groups;
+        a.prefix_tables = ptr<const int32_t>(prefix_tables);
+        a.prefix_stride = prefix_stride;
+        a.prefix_lens = ptr<const int32_t>(prefix_lens);
+        a.group_rows = ptr<const int32_t>(group_rows);
+        a.group_ptr = ptr<const int32_t>(group_ptr);
+        a.suffix_tables = ptr<const int32_t>(suffix_tables);
+        a.suffix_stride = suffix_stride;
+        a.suffix_lens = ptr<const int32_t>(suffix_lens);
+        a.scale = scale;
+        a.out = ptr<float>(out);
+        step3vl::cpu::check_cascade_decode(a);
+        py::gil_scoped_release release;
+        step3vl::cpu::cascade_decode(a, simd);
+      },
+      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("kv_bf16"), py::arg("num_blocks"),
+      py::arg("block_size"), py::arg("num_kv_heads"), py::arg("num_q_heads"), py::arg("head_dim"),
+      py::arg("batch"), py::arg("num_groups"), py::arg("prefix_tables"), py::arg("prefix_stride"),
+      py::arg("prefix_lens"), py::arg("group_rows"), py::arg("group_ptr"), py::arg("suffix_tables"),
+      py::arg("suffix_stride"), py::arg("suffix_lens"), py::arg("scale"), py::arg("out"),
+      py::arg("simd") = true,
+      "Raw-pointer entry of the CPU cascade decode; call step3vl_kernels.cascade_decode_cpu instead.");
+}
