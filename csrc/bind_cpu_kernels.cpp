@@ -6,6 +6,8 @@
 #include <cstdint>
 
 #include "cpu_attention.h"
+#include "cpu_linear.h"
+#include "cpu_sampling.h"
 
 namespace py = pybind11;
 
@@ -61,4 +63,33 @@ void bind_cpu_kernels(py::module_ &m) {
       py::arg("suffix_stride"), py::arg("suffix_lens"), py::arg("scale"), py::arg("out"),
       py::arg("simd") = true,
       "Raw-pointer entry of the CPU cascade decode; call step3vl_kernels.cascade_decode_cpu instead.");
+
+  m.def(
+      "cpu_linear_packed",
+      [](uint64_t x, uint64_t w, bool w_bf16, uint64_t bias, int64_t rows, int64_t k, int64_t n, uint64_t y,
+         bool simd) {
+        step3vl::cpu::PackedLinearArgs a;
+        a.x = ptr<const float>(x);
+        a.w = ptr<const void>(w);
+        a.w_bf16 = w_bf16;
+        a.bias = bias ? ptr<const float>(bias) : nullptr;
+        a.m = rows;
+        a.k = k;
+        a.n = n;
+        a.y = ptr<float>(y);
+        py::gil_scoped_release release;
+        step3vl::cpu::linear_packed(a, simd);
+      },
+      py::arg("x"), py::arg("w"), py::arg("w_bf16"), py::arg("bias"), py::arg("rows"), py::arg("k"), py::arg("n"),
+      py::arg("y"), py::arg("simd") = true,
+      "Raw-pointer entry of the CPU packed linear; call step3vl_kernels.linear_cpu.linear_packed instead.");
+
+  m.def(
+      "cpu_sampling_uniforms",
+      [](uint64_t keys, int64_t rows, int64_t vocab, uint64_t out) {
+        py::gil_scoped_release release;
+        step3vl::cpu::sampling_uniforms(ptr<const int64_t>(keys), rows, vocab, ptr<double>(out));
+      },
+      py::arg("keys"), py::arg("rows"), py::arg("vocab"), py::arg("out"),
+      "Raw-pointer entry of the sampler's uniforms; call step3vl_kernels.sampling_cpu.uniforms instead.");
 }

@@ -127,14 +127,20 @@ def filter_threshold(z: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> 
     return torch.maximum(thr, torch.maximum(thr_k, thr_p))
 
 
+def uniforms(key: Tensor, vocab: int) -> Tensor:
+    """[B] stream keys -> [B, vocab] float64 uniforms of every token."""
+    return uniform_from_hash(key[:, None], vocab_token_hash(vocab, str(key.device))[None, :])
+
+
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor,
-           seeds: Tensor, sample_index: Tensor, step: Tensor) -> Tensor:
-    """Draw one token per row -> int64 [B]. Rows with temperature == 0 take the argmax of the logits."""
+           seeds: Tensor, sample_index: Tensor, step: Tensor, *, uniforms_fn=uniforms) -> Tensor:
+    """Draw one token per row -> int64 [B]. Rows with temperature == 0 take the argmax of the logits.
+    uniforms_fn: how the [B, V] uniforms are computed (sampling_cpu passes its native hash: same values)."""
     check_sampling_args(logits, temperature, top_k, top_p, min_p, seeds, sample_index, step)
     z, _ = scaled_logits(logits, temperature)
     thr = filter_threshold(z, top_k, top_p, min_p)
     key = stream_key(seeds, sample_index, step)
-    u = uniform_from_hash(key[:, None], vocab_token_hash(logits.shape[1], str(logits.device))[None, :])
+    u = uniforms_fn(key, logits.shape[1])
     score = z.double() - torch.log(-torch.log(u))
     score = torch.where(z >= thr[:, None], score, torch.full_like(score, float("-inf")))
     drawn = score.argmax(dim=-1)

@@ -1,4 +1,5 @@
-"""Token selection: the step3vl_kernels sampler (Triton on CUDA, its PyTorch reference elsewhere).
+"""Token selection: the step3vl_kernels sampler (Triton on CUDA, the reference with native uniforms on the
+CPU, the plain reference elsewhere).
 
 Every sample draws from its own counter-based stream keyed by (request seed, sample index, output step),
 so its tokens do not depend on batch composition, preemption or block size.
@@ -25,6 +26,8 @@ class Sampler:
         self.device = device
         if device.type == "cuda":
             from step3vl_kernels.sampling import sample
+        elif device.type == "cpu":
+            from step3vl_kernels.sampling_cpu import sample
         else:
             from step3vl_kernels.sampling_ref import sample
         self._sample = sample

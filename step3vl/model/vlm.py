@@ -35,11 +35,11 @@ class Step3VLForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     def encode_views(self, pixels: torch.Tensor, attn_fn: VisionAttentionFn = sdpa_vision_attention) -> torch.Tensor:
         """[B, 3, S, S] equally sized views → [B, tokens, hidden] language-model embeddings."""
