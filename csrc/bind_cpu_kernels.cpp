@@ -7,6 +7,7 @@
 
 #include "cpu_attention.h"
 #include "cpu_linear.h"
+#include "cpu_ops.h"
 #include "cpu_sampling.h"
 
 namespace py = pybind11;
@@ -92,4 +93,33 @@ void bind_cpu_kernels(py::module_ &m) {
       },
       py::arg("keys"), py::arg("rows"), py::arg("vocab"), py::arg("out"),
       "Raw-pointer entry of the sampler's uniforms; call step3vl_kernels.sampling_cpu.uniforms instead.");
+
+  m.def(
+      "cpu_sampling_stream_keys",
+      [](uint64_t seeds, uint64_t samples, uint64_t steps, int64_t rows, uint64_t keys) {
+        step3vl::cpu::sampling_stream_keys(ptr<const int64_t>(seeds), ptr<const int64_t>(samples),
+                                           ptr<const int64_t>(steps), rows, ptr<int64_t>(keys));
+      },
+      py::arg("seeds"), py::arg("samples"), py::arg("steps"), py::arg("rows"), py::arg("keys"));
+  m.def(
+      "cpu_rms_norm",
+      [](uint64_t x, uint64_t w, float eps, int64_t rows, int64_t h, uint64_t out) {
+        step3vl::cpu::rms_norm(ptr<const float>(x), ptr<const float>(w), eps, rows, h, ptr<float>(out));
+      },
+      py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("rows"), py::arg("h"), py::arg("out"));
+  m.def(
+      "cpu_rope_rotate_half",
+      [](uint64_t x, int64_t tokens, int64_t heads, int64_t d, int64_t stride, uint64_t cos, uint64_t sin) {
+        step3vl::cpu::rope_rotate_half(ptr<float>(x), tokens, heads, d, stride, ptr<const float>(cos),
+                                       ptr<const float>(sin));
+      },
+      py::arg("x"), py::arg("tokens"), py::arg("heads"), py::arg("d"), py::arg("stride"), py::arg("cos"),
+      py::arg("sin"));
+  m.def(
+      "cpu_silu_mul",
+      [](uint64_t gate, uint64_t up, int64_t tokens, int64_t inter, int64_t in_stride, uint64_t out) {
+        step3vl::cpu::silu_mul(ptr<const float>(gate), ptr<const float>(up), tokens, inter, in_stride,
+                               ptr<float>(out));
+      },
+      py::arg("gate"), py::arg("up"), py::arg("tokens"), py::arg("inter"), py::arg("in_stride"), py::arg("out"));
 }

@@ -4,6 +4,8 @@
 
 #include <immintrin.h>
 
+#include "simd_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -25,34 +27,30 @@ inline float bf16_to_float(uint16_t h) {
   return f;
 }
 
-// One task's working set: queries (pre-scaled; row-major and transposed), running softmax state, one tile.
+// One task's working set: a stream of keys (a chunk of a group's prefix, or one row's suffix) against the
+// queries that read it, for every kv head: queries (pre-scaled; row-major and transposed), running softmax
+// state, and one tile's row pointers.
 struct Scratch {
-  std::vector<float> q, qt, qt_row, acc, mrun, lrun, alpha, s, kf, vf, zero;
-  std::vector<const float *> kr, vr;  // the tile's key / value rows: into the fp32 pool, or into kf / vf (bf16)
-  void reset(int64_t m, int64_t d) {
-    const int64_t mp = (m + 15) / 16 * 16;
-    q.assign(m * d, 0.0f);
-    qt.assign(d * mp, 0.0f);
-    acc.assign(m * d, 0.0f);
-    mrun.assign(mp + 16, kNegInf);  // +16: a row's suffix pass touches a whole vector of lanes from its offset
-    lrun.assign(mp + 16, 0.0f);
-    alpha.assign(mp + 16, 0.0f);
+  std::vector<float> q, qt, acc, mrun, lrun, alpha, s, kf, vf, zero;
+  std::vector<const float *> kr, vr;  // the tile's rows for one head: into the fp32 pool, or into kf / vf (bf16)
+  int64_t m = 0, mp = 0;  // queries per kv head, padded to 16
+  void reset(int64_t hkv, int64_t m_count, int64_t d) {
+    m = m_count;
+    mp = (m + 15) / 16 * 16;
+    q.assign(hkv * m * d, 0.0f);
+    qt.assign(hkv * d * mp, 0.0f);
+    acc.assign(hkv * m * d, 0.0f);
+    mrun.assign(hkv * (mp + 16), kNegInf);
+    lrun.assign(hkv * (mp + 16), 0.0f);
+    alpha.assign(hkv * (mp + 16), 0.0f);
     s.assign(kTile * mp, 0.0f);
-    kf.resize(kTile * d);
-    vf.resize(kTile * d);
+    kf.resize(kTile * hkv * d);
+    vf.resize(kTile * hkv * d);
     zero.assign(d, 0.0f);
     kr.resize(kTile);
     vr.resize(kTile);
   }
 };
-
-// [D, mp] transpose of m_count row-major queries, zero-padded to mp columns.
-void transpose_queries(const float *q, int64_t m_count, int64_t d, std::vector<float> &qt) {
-  const int64_t mp = (m_count + 15) / 16 * 16;
-  qt.assign(d * mp, 0.0f);
-  for (int64_t m = 0; m < m_count; ++m)
-    for (int64_t i = 0; i < d; ++i) qt[i * mp + m] = q[m * d + i];
-}
 
 inline void prefetch_line(const char *p) { __builtin_prefetch(p, 0, 3); }
 
@@ -96,25 +94,6 @@ void tile_portable(const float *q, int m_count, int64_t d, const float *const *k
 }
 
 // ---- AVX-512 path --------------------------------------------------------------------------------------
-// exp for x <= 0 (scores minus their running max), Cephes expf polynomial: ~1 ulp, exp(-inf) -> 0.
-__attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.0f);
-  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_max_ps(x, lo);
-  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), _mm512_scalef_ps(y, fx));
-}
-
 // Scores are key-major, s[j * mp + m] (mp = queries padded to 16), so the online softmax runs across 16
 // queries per vector with no horizontal reductions.
 
@@ -206,13 +185,23 @@ __attribute__((target("avx512f"))) void tile_avx512(const float *qt, int m_count
   for (; m < m_count; ++m) pv_rows<1>(s, mp, m, alpha, vr, n, d, acc);
 }
 
-// ---- one (group, kv head) task ---------------------------------------------------------------------------
+// ---- tasks ------------------------------------------------------------------------------------------------
+// A task streams one range of keys for all kv heads, so it reads whole [token, Hkv, D] rows of the pool
+// (contiguous within a block) instead of one head's slice of each. Prefixes are split into chunks of
+// kChunk tokens (the threads share a long prefix); every task leaves a partial (max, sum, unnormalized
+// output) per query, and a last pass merges each row's partials (its group's prefix chunks + its suffix).
+constexpr int64_t kChunk = 4 * kTile;
+
+struct Partials {  // slot-major: [slots, B, Hq] for m and l, [slots, B, Hq, D] for acc
+  std::vector<float> m, l, acc;
+};
+
 struct Task {
   const CascadeDecodeArgs &a;
   bool simd;
 
-  // Element offsets of tokens [t0, t0 + n) of a block table (kv head h) in the pool.
-  void tile_offsets(const int32_t *table, int64_t t0, int n, int64_t h, int64_t *at) const {
+  // Element offsets of tokens [t0, t0 + n) of a block table (head 0) in the pool.
+  void tile_offsets(const int32_t *table, int64_t t0, int n, int64_t *at) const {
     const int64_t bs = a.block_size, row = a.num_kv_heads * a.head_dim;
     int64_t blk = t0 / bs, off = t0 % bs;  // walk the table: no division per token
     for (int j = 0; j < n; ++j, ++off) {
@@ -220,14 +209,13 @@ struct Task {
         off = 0;
         ++blk;
       }
-      at[j] = (table[blk] * bs + off) * row + h * a.head_dim;
+      at[j] = (table[blk] * bs + off) * row;
     }
   }
 
-  // The tile after the current one is fetched while the current one computes: rows are scattered over the
-  // pool (a few hundred bytes each) and, unprefetched, the suffix passes were bound by memory latency.
+  // The next tile is fetched while the current one computes.
   void prefetch(const int64_t *at, int n) const {
-    const int64_t es = a.kv_bf16 ? 2 : 4, bytes = a.head_dim * es;
+    const int64_t es = a.kv_bf16 ? 2 : 4, bytes = a.num_kv_heads * a.head_dim * es;
     const char *k = static_cast<const char *>(a.k_cache), *v = static_cast<const char *>(a.v_cache);
     for (int j = 0; j < n; ++j)
       for (int64_t b = 0; b < bytes; b += 64) {
@@ -236,75 +224,102 @@ struct Task {
       }
   }
 
-  // Points kr / vr at the tile's rows: straight into an fp32 pool, into converted copies for bf16. Rows past
-  // n point at zeros so the score kernels may run over whole groups of keys.
-  void load_tile(const int64_t *at, int n, Scratch &w) const {
-    const int64_t d = a.head_dim;
-    for (int j = 0; j < n; ++j) {
-      if (a.kv_bf16) {
-        load_row(a.k_cache, true, at[j], d, w.kf.data() + j * d);
-        load_row(a.v_cache, true, at[j], d, w.vf.data() + j * d);
-        w.kr[j] = w.kf.data() + j * d;
-        w.vr[j] = w.vf.data() + j * d;
-      } else {
-        w.kr[j] = static_cast<const float *>(a.k_cache) + at[j];
-        w.vr[j] = static_cast<const float *>(a.v_cache) + at[j];
-      }
-    }
-    for (int j = n; j < kTile; ++j) w.kr[j] = w.vr[j] = w.zero.data();
+  // Queries of `rows` (every q head), pre-scaled, grouped by kv head: q [Hkv][i * r + j][D] and transposed.
+  void load_queries(const int32_t *rows, int64_t nrows, Scratch &w) const {
+    const int64_t d = a.head_dim, hkv = a.num_kv_heads, r = a.num_q_heads / hkv;
+    w.reset(hkv, nrows * r, d);
+    for (int64_t h = 0; h < hkv; ++h)
+      for (int64_t i = 0; i < nrows; ++i)
+        for (int64_t j = 0; j < r; ++j) {
+          const float *src = a.q + (rows[i] * a.num_q_heads + h * r + j) * d;
+          const int64_t mi = i * r + j;
+          float *dst = w.q.data() + (h * w.m + mi) * d;
+          float *dt = w.qt.data() + h * d * w.mp + mi;
+          for (int64_t c = 0; c < d; ++c) {
+            dst[c] = src[c] * a.scale;
+            dt[c * w.mp] = dst[c];
+          }
+        }
   }
 
-  // Streams `len` tokens of one block table through the running softmax of queries [q_off, q_off + m_count).
-  void stream(const int32_t *table, int64_t len, int64_t h, Scratch &w, int64_t q_off, int m_count,
-              const float *qt) const {
-    const int64_t d = a.head_dim;
-    const float *q = w.q.data() + q_off * d;
-    float *acc = w.acc.data() + q_off * d, *mrun = w.mrun.data() + q_off, *lrun = w.lrun.data() + q_off;
+  // Streams tokens [t_begin, t_end) of a block table through every head's running softmax.
+  void stream(const int32_t *table, int64_t t_begin, int64_t t_end, Scratch &w) const {
+    const int64_t d = a.head_dim, hkv = a.num_kv_heads, row = hkv * d, ms = w.mp + 16;
     int64_t cur[kTile], next[kTile];
-    int n = static_cast<int>(std::min<int64_t>(kTile, len));
-    tile_offsets(table, 0, n, h, cur);
-    for (int64_t t0 = 0; t0 < len; t0 += kTile) {
-      const int n_next = static_cast<int>(std::clamp<int64_t>(len - t0 - kTile, 0, kTile));
-      tile_offsets(table, t0 + kTile, n_next, h, next);
+    // Ask for the whole range up front: its rows are cold (the weights streamed through the caches since the
+    // last layer), so all of their fetches should be in flight at once, not one tile ahead.
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += kTile) {
+      const int cnt = static_cast<int>(std::min<int64_t>(kTile, t_end - t0));
+      tile_offsets(table, t0, cnt, cur);
+      prefetch(cur, cnt);
+    }
+    int n = static_cast<int>(std::min<int64_t>(kTile, t_end - t_begin));
+    tile_offsets(table, t_begin, n, cur);
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += kTile) {
+      const int n_next = static_cast<int>(std::clamp<int64_t>(t_end - t0 - kTile, 0, kTile));
+      tile_offsets(table, t0 + kTile, n_next, next);
       prefetch(next, n_next);
-      load_tile(cur, n, w);
-      if (simd)
-        tile_avx512(qt, m_count, d, w.kr.data(), w.vr.data(), n, w.s.data(), w.alpha.data() + q_off, acc, mrun,
-                    lrun);
-      else
-        tile_portable(q, m_count, d, w.kr.data(), w.vr.data(), n, acc, mrun, lrun);
+      if (a.kv_bf16)
+        for (int j = 0; j < n; ++j) {
+          load_row(a.k_cache, true, cur[j], row, w.kf.data() + j * row);
+          load_row(a.v_cache, true, cur[j], row, w.vf.data() + j * row);
+        }
+      for (int64_t h = 0; h < hkv; ++h) {
+        for (int j = 0; j < n; ++j) {
+          w.kr[j] = (a.kv_bf16 ? w.kf.data() + j * row : static_cast<const float *>(a.k_cache) + cur[j]) + h * d;
+          w.vr[j] = (a.kv_bf16 ? w.vf.data() + j * row : static_cast<const float *>(a.v_cache) + cur[j]) + h * d;
+        }
+        for (int j = n; j < kTile; ++j) w.kr[j] = w.vr[j] = w.zero.data();
+        float *acc = w.acc.data() + h * w.m * d, *mrun = w.mrun.data() + h * ms, *lrun = w.lrun.data() + h * ms;
+        if (simd)
+          tile_avx512(w.qt.data() + h * d * w.mp, static_cast<int>(w.m), d, w.kr.data(), w.vr.data(), n,
+                      w.s.data(), w.alpha.data() + h * ms, acc, mrun, lrun);
+        else
+          tile_portable(w.q.data() + h * w.m * d, static_cast<int>(w.m), d, w.kr.data(), w.vr.data(), n, acc, mrun,
+                        lrun);
+      }
       std::copy(next, next + n_next, cur);
       n = n_next;
     }
   }
 
-  void operator()(int64_t g, int64_t h, Scratch &w) const {
-    const int64_t d = a.head_dim, r = a.num_q_heads / a.num_kv_heads;
-    const int32_t *rows = a.group_rows + a.group_ptr[g];
-    const int64_t nrows = a.group_ptr[g + 1] - a.group_ptr[g];
-    if (nrows == 0) return;
-    const int64_t m = nrows * r;
-    w.reset(m, d);
-    for (int64_t i = 0; i < nrows; ++i)
-      for (int64_t j = 0; j < r; ++j) {
-        const float *src = a.q + (rows[i] * a.num_q_heads + h * r + j) * d;
-        float *dst = w.q.data() + (i * r + j) * d;
-        for (int64_t c = 0; c < d; ++c) dst[c] = src[c] * a.scale;
+  // Copies the task's state into partial slot `slot` of each of its rows.
+  void store(const int32_t *rows, int64_t nrows, const Scratch &w, int64_t slot, Partials &p) const {
+    const int64_t d = a.head_dim, hkv = a.num_kv_heads, hq = a.num_q_heads, r = hq / hkv, ms = w.mp + 16;
+    for (int64_t h = 0; h < hkv; ++h)
+      for (int64_t i = 0; i < nrows; ++i)
+        for (int64_t j = 0; j < r; ++j) {
+          const int64_t mi = i * r + j, at = (slot * a.batch + rows[i]) * hq + h * r + j;
+          p.m[at] = w.mrun[h * ms + mi];
+          p.l[at] = w.lrun[h * ms + mi];
+          std::copy_n(w.acc.data() + (h * w.m + mi) * d, d, p.acc.data() + at * d);
+        }
+  }
+
+  // out[b, hq] = merge of the row's partial slots by their maxima (an empty part has l = 0).
+  void merge(int64_t b, int64_t slots, const Partials &p) const {
+    const int64_t d = a.head_dim, hq = a.num_q_heads;
+    for (int64_t h = 0; h < hq; ++h) {
+      float mx = kNegInf;
+      for (int64_t sl = 0; sl < slots; ++sl) {
+        const int64_t at = (sl * a.batch + b) * hq + h;
+        if (p.l[at] > 0.0f) mx = std::max(mx, p.m[at]);
       }
-    if (simd) transpose_queries(w.q.data(), m, d, w.qt);
-    stream(a.prefix_tables + g * a.prefix_stride, a.prefix_lens[g], h, w, 0, static_cast<int>(m), w.qt.data());
-    for (int64_t i = 0; i < nrows; ++i) {
-      if (simd) transpose_queries(w.q.data() + i * r * d, r, d, w.qt_row);
-      stream(a.suffix_tables + rows[i] * a.suffix_stride, a.suffix_lens[rows[i]], h, w, i * r,
-             static_cast<int>(r), w.qt_row.data());
+      float *dst = a.out + (b * hq + h) * d;
+      std::fill(dst, dst + d, 0.0f);
+      if (mx == kNegInf) continue;  // no keys: output 0, as the reference
+      float total = 0.0f;
+      for (int64_t sl = 0; sl < slots; ++sl) {
+        const int64_t at = (sl * a.batch + b) * hq + h;
+        if (p.l[at] <= 0.0f) continue;
+        const float wgt = std::exp(p.m[at] - mx);
+        total += p.l[at] * wgt;
+        const float *src = p.acc.data() + at * d;
+        for (int64_t c = 0; c < d; ++c) dst[c] += src[c] * wgt;
+      }
+      const float inv = 1.0f / total;
+      for (int64_t c = 0; c < d; ++c) dst[c] *= inv;
     }
-    for (int64_t i = 0; i < nrows; ++i)
-      for (int64_t j = 0; j < r; ++j) {
-        const int64_t mi = i * r + j;
-        const float inv = w.lrun[mi] > 0.0f ? 1.0f / w.lrun[mi] : 0.0f;  // no keys: output 0, as the reference
-        float *dst = a.out + (rows[i] * a.num_q_heads + h * r + j) * d;
-        for (int64_t c = 0; c < d; ++c) dst[c] = w.acc[mi * d + c] * inv;
-      }
   }
 };
 
@@ -355,15 +370,52 @@ void check_cascade_decode(const CascadeDecodeArgs &a) {
 void cascade_decode(const CascadeDecodeArgs &a, bool simd) {
   simd = simd && a.head_dim % 16 == 0 && has_avx512();
   const Task task{a, simd};
-  const int64_t hkv = a.num_kv_heads;
-  const int n_tasks = static_cast<int>(a.num_groups * hkv);
+  // Work items: (group, prefix chunk) and (row's suffix). Slot of a prefix chunk = its index; suffix = last.
+  struct Item {
+    int64_t group_or_row, chunk;  // chunk < 0: a suffix
+  };
+  std::vector<Item> items;
+  int64_t chunks = 0;
+  for (int64_t g = 0; g < a.num_groups; ++g) {
+    if (a.group_ptr[g + 1] == a.group_ptr[g]) continue;
+    const int64_t c = (a.prefix_lens[g] + kChunk - 1) / kChunk;
+    chunks = std::max(chunks, c);
+    for (int64_t i = 0; i < c; ++i) items.push_back({g, i});
+  }
+  for (int64_t b = 0; b < a.batch; ++b)
+    if (a.suffix_lens[b] > 0) items.push_back({b, -1});
+  const int64_t slots = chunks + 1, per_slot = a.batch * a.num_q_heads;
+  thread_local Partials tls;  // reused across calls; this thread's, shared with the workers below by reference
+  Partials &p = tls;
+  p.m.assign(slots * per_slot, kNegInf);
+  p.l.assign(slots * per_slot, 0.0f);
+  p.acc.resize(slots * per_slot * a.head_dim);
+  const int n_items = static_cast<int>(items.size());
   // OpenMP, so the tasks run on the same runtime and threads as torch's intra-op pool (torch ships
   // libgomp.so.1 and the loader keeps one copy per process): a second pool would fight torch's spinning
   // workers for the cores.
-#pragma omp parallel for schedule(dynamic, 1) if (n_tasks > 1)
-  for (int t = 0; t < n_tasks; ++t) {
+#pragma omp parallel
+  {
     thread_local Scratch w;  // reused across calls: no allocation per tile or per layer
-    task(t / hkv, t % hkv, w);
+#pragma omp for schedule(dynamic, 1)
+    for (int t = 0; t < n_items; ++t) {
+      const Item it = items[t];
+      if (it.chunk >= 0) {
+        const int64_t g = it.group_or_row, t0 = it.chunk * kChunk;
+        const int32_t *rows = a.group_rows + a.group_ptr[g];
+        const int64_t nrows = a.group_ptr[g + 1] - a.group_ptr[g];
+        task.load_queries(rows, nrows, w);
+        task.stream(a.prefix_tables + g * a.prefix_stride, t0, std::min<int64_t>(t0 + kChunk, a.prefix_lens[g]), w);
+        task.store(rows, nrows, w, it.chunk, p);
+      } else {
+        const int32_t row = static_cast<int32_t>(it.group_or_row);
+        task.load_queries(&row, 1, w);
+        task.stream(a.suffix_tables + row * a.suffix_stride, 0, a.suffix_lens[row], w);
+        task.store(&row, 1, w, chunks, p);
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < a.batch; ++b) task.merge(b, slots, p);
   }
 }
 

@@ -27,4 +27,15 @@ void sampling_uniforms(const int64_t *keys, int64_t rows, int64_t vocab, double 
   for (int64_t b = 0; b < rows; ++b) row_uniforms(static_cast<uint32_t>(keys[b]), vocab, out + b * vocab);
 }
 
+void sampling_stream_keys(const int64_t *seeds, const int64_t *samples, const int64_t *steps, int64_t rows,
+                          int64_t *keys) {
+  for (int64_t b = 0; b < rows; ++b) {
+    const uint64_t seed = static_cast<uint64_t>(seeds[b]);
+    uint32_t h = mix32(static_cast<uint32_t>(seed) ^ 0x9E3779B9u);
+    h = mix32(h ^ static_cast<uint32_t>(seed >> 32));
+    h = mix32(h ^ static_cast<uint32_t>(samples[b]));
+    keys[b] = mix32(h ^ static_cast<uint32_t>(steps[b]));
+  }
+}
+
 }  // namespace step3vl::cpu

@@ -1,8 +1,9 @@
-"""The CPU sampler: sampling_ref.sample with the [B, V] uniforms hashed in C++ (csrc/cpu_sampling.cpp).
+"""The CPU sampler: sampling_ref's algorithm with the stream keys and the [B, V] uniforms hashed in C++
+(csrc/cpu_sampling.cpp).
 
-The hash is integer-exact, so the uniforms, and therefore the drawn tokens, are bit-identical to the
-reference's; only their cost changes (the torch version spends most of a decode step's sampling time on
-int64 tensor passes).
+The hashes are integer-exact and the rest is the reference's own torch arithmetic, so the drawn tokens are
+bit-identical to sampling_ref.sample; only the cost changes (the torch hash spends most of a decode step's
+sampling time in int64 tensor passes).
 """
 from __future__ import annotations
 
@@ -25,8 +26,25 @@ def uniforms(key: Tensor, vocab: int) -> Tensor:
     return out
 
 
+def stream_key(seeds: Tensor, sample_index: Tensor, step: Tensor) -> Tensor:
+    """As sampling_ref.stream_key for [B] int64 tensors."""
+    import step3vl_native
+
+    seeds, sample_index, step = (t.to(torch.int64).contiguous() for t in (seeds, sample_index, step))
+    keys = torch.empty_like(seeds)
+    step3vl_native.cpu_sampling_stream_keys(seeds.data_ptr(), sample_index.data_ptr(), step.data_ptr(),
+                                            seeds.shape[0], keys.data_ptr())
+    return keys
+
+
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor,
            seeds: Tensor, sample_index: Tensor, step: Tensor) -> Tensor:
     """Same contract and same tokens as sampling_ref.sample."""
-    return sampling_ref.sample(logits, temperature, top_k, top_p, min_p, seeds, sample_index, step,
-                               uniforms_fn=uniforms)
+    sampling_ref.check_sampling_args(logits, temperature, top_k, top_p, min_p, seeds, sample_index, step)
+    z, _ = sampling_ref.scaled_logits(logits, temperature)
+    thr = sampling_ref.filter_threshold(z, top_k, top_p, min_p)
+    drawn = sampling_ref.gumbel_argmax(z, thr, uniforms(stream_key(seeds, sample_index, step), logits.shape[1]))
+    greedy = temperature <= 0
+    if not bool(greedy.any()):
+        return drawn
+    return torch.where(greedy, logits.float().argmax(dim=-1), drawn)

@@ -132,17 +132,20 @@ def uniforms(key: Tensor, vocab: int) -> Tensor:
     return uniform_from_hash(key[:, None], vocab_token_hash(vocab, str(key.device))[None, :])
 
 
+def gumbel_argmax(z: Tensor, threshold: Tensor, u: Tensor) -> Tensor:
+    """argmax over the kept tokens (z >= threshold) of z + Gumbel(u), in float64 -> [B]."""
+    score = z.double() - torch.log(-torch.log(u))
+    score = torch.where(z >= threshold[:, None], score, torch.full_like(score, float("-inf")))
+    return score.argmax(dim=-1)
+
+
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor,
-           seeds: Tensor, sample_index: Tensor, step: Tensor, *, uniforms_fn=uniforms) -> Tensor:
-    """Draw one token per row -> int64 [B]. Rows with temperature == 0 take the argmax of the logits.
-    uniforms_fn: how the [B, V] uniforms are computed (sampling_cpu passes its native hash: same values)."""
+           seeds: Tensor, sample_index: Tensor, step: Tensor) -> Tensor:
+    """Draw one token per row -> int64 [B]. Rows with temperature == 0 take the argmax of the logits."""
     check_sampling_args(logits, temperature, top_k, top_p, min_p, seeds, sample_index, step)
     z, _ = scaled_logits(logits, temperature)
     thr = filter_threshold(z, top_k, top_p, min_p)
     key = stream_key(seeds, sample_index, step)
-    u = uniforms_fn(key, logits.shape[1])
-    score = z.double() - torch.log(-torch.log(u))
-    score = torch.where(z >= thr[:, None], score, torch.full_like(score, float("-inf")))
-    drawn = score.argmax(dim=-1)
+    drawn = gumbel_argmax(z, thr, uniforms(key, logits.shape[1]))
     greedy = logits.float().argmax(dim=-1)
     return torch.where(temperature <= 0, greedy, drawn)

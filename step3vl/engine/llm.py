@@ -12,9 +12,9 @@ import torch
 from tqdm.auto import tqdm
 
 from step3vl.engine.core import EngineCore
+from step3vl.engine.cpu_modules import should_use_native, use_native_decoder
 from step3vl.engine.kv_cache import KVCache, block_bytes
 from step3vl.engine.outputs import CompletionOutput, RequestOutput
-from step3vl.engine.packed_linear import pack_decoder_linears, should_pack
 from step3vl.engine.sampling_params import SamplingParams
 from step3vl.engine.sequence import Request
 from step3vl.loader import load_model
@@ -84,8 +84,8 @@ class LLM:
         self.model_path = Path(model)
         self.processor = Step3VLProcessor.from_pretrained(model)
         self.model = load_model(model, dtype=self.dtype, device=dev)
-        if cpu_kernels and should_pack(self.model, self.dtype):
-            pack_decoder_linears(self.model)
+        if cpu_kernels and should_use_native(self.model, self.dtype):
+            use_native_decoder(self.model)
         cfg = self.model.cfg.text
         per_block = block_bytes(cfg, block_size, self.dtype)
         budget = parse_bytes(kv_cache_memory) if kv_cache_memory is not None else self._default_kv_bytes(dev)

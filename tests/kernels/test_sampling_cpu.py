@@ -17,6 +17,13 @@ def test_uniforms_bit_identical(vocab):
     assert bool(((got > 0) & (got < 1)).all())
 
 
+def test_stream_keys_equal_reference():
+    g = torch.Generator().manual_seed(5)
+    seeds = torch.randint(-2**62, 2**62, (50,), generator=g)
+    idx, step = torch.randint(0, 64, (50,), generator=g), torch.randint(0, 10**6, (50,), generator=g)
+    assert torch.equal(sampling_cpu.stream_key(seeds, idx, step), sampling_ref.stream_key(seeds, idx, step))
+
+
 def test_uniforms_by_hand():
     # One value computed with Python ints from the definition (lowbias32 finalizer).
     def mix(x):
