@@ -12,6 +12,7 @@ namespace step3vl::cpu {
 namespace {
 
 constexpr int kCols = kLinearColumns;
+constexpr int64_t kPrefetchK = 32;  // k-steps ahead (1 KB of bf16 weights per column block)
 
 inline float weight_at(const void *w, bool bf16, int64_t i) {
   if (!bf16) return static_cast<const float *>(w)[i];
@@ -51,7 +52,13 @@ __attribute__((target("avx512f"))) void micro(const PackedLinearArgs &a, int64_t
   const float *x = a.x + m0 * a.k;
   const int64_t stride = a.k * kCols;  // between consecutive column blocks
   const int64_t base = nb * stride;
+  const char *wbytes = static_cast<const char *>(a.w);
+  constexpr int64_t es = BF16 ? 2 : 4;
   for (int64_t k = 0; k < a.k; ++k) {
+    // The weights come from memory once per step: fetch ahead so the loads overlap the FMAs.
+    if ((k & (BF16 ? 1 : 0)) == 0)
+      for (int c = 0; c < NR; ++c)
+        _mm_prefetch(wbytes + (base + c * stride + (k + kPrefetchK) * kCols) * es, _MM_HINT_T0);
     __m512 w[NR];
     for (int c = 0; c < NR; ++c) w[c] = load_weights(a.w, BF16, base + c * stride + k * kCols);
 #pragma GCC unroll 16

@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from step3vl.engine.core import EngineCore
+from step3vl.engine.core import EngineCore, EngineCounters
 from step3vl.engine.cpu_modules import should_use_native, use_native_decoder
 from step3vl.engine.kv_cache import KVCache, block_bytes
 from step3vl.engine.outputs import CompletionOutput, RequestOutput
@@ -112,6 +112,7 @@ class LLM:
             cpu_kernels=cpu_kernels,
             seed=seed)
         self._ids = itertools.count()
+        self._stats_base = (0, 0)  # (prefix_hit_tokens, preemptions) at the last reset_stats()
 
     @staticmethod
     def _default_kv_bytes(dev: torch.device) -> int:
@@ -247,6 +248,11 @@ class LLM:
         _, ids, images = self._process(prompt)
         self.engine.block_manager.unpin_prefix(ids, images_salt(images))
 
+    def reset_stats(self) -> None:
+        """Start kv_stats()' counters (peaks, totals) afresh, e.g. after a warm-up request."""
+        self.engine.counters = EngineCounters()
+        self._stats_base = (self.engine.block_manager.prefix_hit_tokens, self.engine.scheduler.num_preemptions)
+
     def kv_stats(self) -> dict:
         bm, c = self.engine.block_manager, self.engine.counters
         per_block = self.engine.kv.bytes_per_block
@@ -255,8 +261,8 @@ class LLM:
             "blocks_total": bm.num_blocks, "blocks_used": used, "blocks_cached": bm.num_cached(),
             "blocks_free": bm.num_free(), "block_size": bm.block_size, "bytes_per_block": per_block,
             "bytes_in_use": used * per_block, "peak_blocks_used": c.peak_blocks_used,
-            "peak_bytes_in_use": c.peak_blocks_used * per_block, "prefix_hit_tokens": bm.prefix_hit_tokens,
+            "peak_bytes_in_use": c.peak_blocks_used * per_block, "prefix_hit_tokens": bm.prefix_hit_tokens - self._stats_base[0],
             "prefill_tokens_computed": c.prefill_tokens, "decode_tokens_computed": c.decode_tokens,
-            "preemptions": self.engine.scheduler.num_preemptions, "forks": c.forks,
+            "preemptions": self.engine.scheduler.num_preemptions - self._stats_base[1], "forks": c.forks,
             "deduplicated_prompts": c.deduplicated_prompts,
         }

@@ -315,3 +315,18 @@ def test_two_llms_in_one_process_do_not_interfere(tiny_ckpt, qwen3_ckpt):
     assert got["a"] == [c.token_ids for c in want_a[0].outputs]
     assert got["b"] == [c.token_ids for c in want_b[0].outputs]
     assert a.kv_stats()["prefill_tokens_computed"] == 25 and b.kv_stats()["prefill_tokens_computed"] == 19
+
+
+def test_reset_stats_starts_counters_afresh(tiny_ckpt):
+    llm = LLM(tiny_ckpt, dtype="float32", device="cpu", kv_cache_memory=256 * 4096)
+    prompt = list(range(5, 40))
+    llm.generate([prompt], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert llm.kv_stats()["prefill_tokens_computed"] == len(prompt)
+    llm.reset_stats()
+    stats = llm.kv_stats()
+    assert stats["prefill_tokens_computed"] == 0 and stats["peak_blocks_used"] == 0
+    assert stats["prefix_hit_tokens"] == 0
+    llm.generate([prompt], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    stats = llm.kv_stats()
+    assert stats["prefix_hit_tokens"] == 32  # the two full 16-token blocks of the same prompt, cached
+    assert stats["peak_blocks_used"] > 0
