@@ -4,8 +4,11 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "cpu_attention.h"
+#include "cpu_decoder.h"
 #include "cpu_linear.h"
 #include "cpu_ops.h"
 #include "cpu_sampling.h"
@@ -122,4 +125,49 @@ void bind_cpu_kernels(py::module_ &m) {
                                ptr<float>(out));
       },
       py::arg("gate"), py::arg("up"), py::arg("tokens"), py::arg("inter"), py::arg("in_stride"), py::arg("out"));
+
+  m.attr("CPU_DECODER_LAYER_SLOTS") = static_cast<int>(step3vl::cpu::kLayerSlots);
+  m.def(
+      "cpu_decode_stack",
+      [](int64_t layers, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t inter,
+         float eps, float scale, uint64_t layer_table, uint64_t x, int64_t batch, uint64_t cos, uint64_t sin,
+         uint64_t slots, int64_t num_blocks, int64_t block_size, int64_t num_groups, uint64_t prefix_tables,
+         int64_t prefix_stride, uint64_t prefix_lens, uint64_t group_rows, uint64_t group_ptr,
+         uint64_t suffix_tables, int64_t suffix_stride, uint64_t suffix_lens) {
+        step3vl::cpu::DecoderDims d;
+        d.layers = layers;
+        d.hidden = hidden;
+        d.heads = heads;
+        d.kv_heads = kv_heads;
+        d.head_dim = head_dim;
+        d.inter = inter;
+        d.eps = eps;
+        step3vl::cpu::CascadeDecodeArgs a;
+        a.num_blocks = num_blocks;
+        a.block_size = block_size;
+        a.num_kv_heads = kv_heads;
+        a.num_q_heads = heads;
+        a.head_dim = head_dim;
+        a.batch = batch;
+        a.num_groups = num_groups;
+        a.prefix_tables = ptr<const int32_t>(prefix_tables);
+        a.prefix_stride = prefix_stride;
+        a.prefix_lens = ptr<const int32_t>(prefix_lens);
+        a.group_rows = ptr<const int32_t>(group_rows);
+        a.group_ptr = ptr<const int32_t>(group_ptr);
+        a.suffix_tables = ptr<const int32_t>(suffix_tables);
+        a.suffix_stride = suffix_stride;
+        a.suffix_lens = ptr<const int32_t>(suffix_lens);
+        a.scale = scale;
+        step3vl::cpu::check_cascade_decode(a);
+        const int64_t *sl = ptr<const int64_t>(slots);
+        for (int64_t i = 0; i < batch; ++i)
+          if (sl[i] < 0 || sl[i] >= num_blocks * block_size)
+            throw std::invalid_argument("cpu_decode_stack: slot " + std::to_string(sl[i]) + " of row " +
+                                        std::to_string(i) + " outside the pool");
+        py::gil_scoped_release release;
+        step3vl::cpu::decode_stack(d, ptr<const int64_t>(layer_table), ptr<float>(x), batch, ptr<const float>(cos),
+                                   ptr<const float>(sin), sl, a);
+      },
+      "Raw-pointer entry of the fused CPU decode step; used by step3vl.engine.cpu_decode.");
 }

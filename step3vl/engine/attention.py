@@ -188,24 +188,29 @@ def _padded(rows: list[list[int]]) -> torch.Tensor:
     return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32).view(len(rows), width)
 
 
+def cpu_cascade_tables(meta: StepMetadata):
+    """The cascade kernel's int32 tables for a step's decode rows -> ((prefix_tables, prefix_lens, seq_group,
+    suffix_tables, suffix_lens), plan); built once per step, shared by every layer."""
+    from step3vl_kernels.cascade_decode_cpu import cpu_cascade_plan
+
+    seq_group = torch.tensor(meta.seq_group(), dtype=torch.int32)
+    bs = meta.block_size
+    tables = (_padded([g.prefix_blocks for g in meta.groups]),
+              torch.tensor([len(g.prefix_blocks) * bs for g in meta.groups], dtype=torch.int32),
+              seq_group, _padded(meta.suffix_tables), torch.tensor(meta.suffix_lens, dtype=torch.int32))
+    return tables, cpu_cascade_plan(seq_group, len(meta.groups))
+
+
 class CpuPagedAttention(TorchPagedAttention):
     """Decode rows through the C++ cascade kernel; prefill as the torch path."""
 
     def __init__(self, kv: KVCache, meta: StepMetadata):
-        from step3vl_kernels.cascade_decode_cpu import cascade_decode_cpu, cpu_cascade_plan
+        from step3vl_kernels.cascade_decode_cpu import cascade_decode_cpu
 
         super().__init__(kv, meta)
         self._kernel = cascade_decode_cpu
-        self._args = None
         if meta.num_decode:
-            seq_group_t = torch.tensor(meta.seq_group(), dtype=torch.int32)
-            bs = meta.block_size
-            # Built once per step; every layer reuses them.
-            self._args = (_padded([g.prefix_blocks for g in meta.groups]),
-                          torch.tensor([len(g.prefix_blocks) * bs for g in meta.groups], dtype=torch.int32),
-                          seq_group_t, _padded(meta.suffix_tables),
-                          torch.tensor(meta.suffix_lens, dtype=torch.int32))
-            self._plan = cpu_cascade_plan(seq_group_t, len(meta.groups))
+            self._args, self._plan = cpu_cascade_tables(meta)
 
     def _decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, scale: float) -> torch.Tensor:
         return self._kernel(q, kc, vc, *self._args, scale, plan=self._plan)

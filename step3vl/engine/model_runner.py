@@ -6,10 +6,12 @@ from __future__ import annotations
 import torch
 
 from step3vl.engine.attention import (CpuPagedAttention, DecodeGroup, PrefillChunk, StepMetadata, TorchPagedAttention,
-                                     TritonPagedAttention)
+                                     TritonPagedAttention, cpu_cascade_tables)
+from step3vl.engine.cpu_decode import CpuDecodeStack
 from step3vl.engine.kv_cache import KVCache
 from step3vl.engine.scheduler import ScheduledStep
 from step3vl.engine.sequence import Request, Sequence
+from step3vl.model.rope import rope_cos_sin
 from step3vl.model.vlm import Step3VLForCausalLM
 
 
@@ -24,6 +26,9 @@ class ModelRunner:
         if not use_kernels and cpu_kernels and self.device.type == "cpu" and kv.k[0].dtype in (torch.float32,
                                                                                               torch.bfloat16):
             self.backend = CpuPagedAttention
+        # Pure-decode steps in one native call when the decoder runs the native CPU modules (cpu_decode.py).
+        self.decode_stack = (CpuDecodeStack(model, kv) if self.backend is CpuPagedAttention
+                             and CpuDecodeStack.supported(model, kv) else None)
         self.vision_attention = None
         if use_kernels:
             from step3vl_kernels.vision_attention import vision_attention
@@ -36,10 +41,16 @@ class ModelRunner:
         meta = self._metadata(step, torch.tensor(slots, dtype=torch.int64, device=self.device))
         ids_t = torch.tensor(ids, dtype=torch.int64, device=self.device)
         embeds = self.model.model.embed_tokens(ids_t)
-        if features:
-            mask = torch.tensor(image_mask, dtype=torch.bool, device=self.device)
-            embeds[mask] = torch.cat(features).to(embeds.dtype)
-        hidden = self.model.model(embeds, torch.tensor(positions, device=self.device), self.backend(self.kv, meta))
+        positions_t = torch.tensor(positions, device=self.device)
+        if self.decode_stack is not None and not step.prefills:
+            text = self.model.model
+            cos, sin = rope_cos_sin(positions_t, text.inv_freq)
+            hidden = text.norm(self.decode_stack.run(embeds, cos, sin, meta.slot_mapping, cpu_cascade_tables(meta)))
+        else:
+            if features:
+                mask = torch.tensor(image_mask, dtype=torch.bool, device=self.device)
+                embeds[mask] = torch.cat(features).to(embeds.dtype)
+            hidden = self.model.model(embeds, positions_t, self.backend(self.kv, meta))
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
         return self.model.compute_logits(hidden[rows]).float()
 
