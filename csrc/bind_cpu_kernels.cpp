@@ -26,6 +26,7 @@ T *ptr(uint64_t address) {
 
 void bind_cpu_kernels(py::module_ &m) {
   m.def("cpu_has_avx512", &step3vl::cpu::has_avx512);
+  m.def("cpu_has_amx", &step3vl::cpu::has_amx, "AMX-BF16 present and granted to this process.");
 
   m.def(
       "cpu_cascade_decode",
@@ -70,12 +71,12 @@ void bind_cpu_kernels(py::module_ &m) {
 
   m.def(
       "cpu_linear_packed",
-      [](uint64_t x, uint64_t w, bool w_bf16, uint64_t bias, int64_t rows, int64_t k, int64_t n, uint64_t y,
+      [](uint64_t x, uint64_t w, int layout, uint64_t bias, int64_t rows, int64_t k, int64_t n, uint64_t y,
          bool simd) {
         step3vl::cpu::PackedLinearArgs a;
         a.x = ptr<const float>(x);
         a.w = ptr<const void>(w);
-        a.w_bf16 = w_bf16;
+        a.layout = layout;
         a.bias = bias ? ptr<const float>(bias) : nullptr;
         a.m = rows;
         a.k = k;
@@ -84,7 +85,7 @@ void bind_cpu_kernels(py::module_ &m) {
         py::gil_scoped_release release;
         step3vl::cpu::linear_packed(a, simd);
       },
-      py::arg("x"), py::arg("w"), py::arg("w_bf16"), py::arg("bias"), py::arg("rows"), py::arg("k"), py::arg("n"),
+      py::arg("x"), py::arg("w"), py::arg("layout"), py::arg("bias"), py::arg("rows"), py::arg("k"), py::arg("n"),
       py::arg("y"), py::arg("simd") = true,
       "Raw-pointer entry of the CPU packed linear; call step3vl_kernels.linear_cpu.linear_packed instead.");
 

@@ -16,12 +16,12 @@ T *at(const int64_t *row, int slot) {
   return reinterpret_cast<T *>(static_cast<uintptr_t>(row[slot]));
 }
 
-void linear(const float *x, int64_t rows, int64_t k, const int64_t *row, int w_slot, int bf16_slot, int64_t n,
+void linear(const float *x, int64_t rows, int64_t k, const int64_t *row, int w_slot, int layout_slot, int64_t n,
             float *y) {
   PackedLinearArgs a;
   a.x = x;
   a.w = at<const void>(row, w_slot);
-  a.w_bf16 = row[bf16_slot] != 0;
+  a.layout = static_cast<int>(row[layout_slot]);
   a.m = rows;
   a.k = k;
   a.n = n;
@@ -54,9 +54,9 @@ void decode_stack(const DecoderDims &d, const int64_t *layer_table, float *x, in
   for (int64_t l = 0; l < d.layers; ++l) {
     const int64_t *row = layer_table + l * kLayerSlots;
     rms_norm(x, at<const float>(row, kInNorm), d.eps, b, hid, buf.h.data());
-    linear(buf.h.data(), b, hid, row, kQ, kQBf16, qn, buf.q.data());
-    linear(buf.h.data(), b, hid, row, kK, kKBf16, kvn, buf.k.data());
-    linear(buf.h.data(), b, hid, row, kV, kVBf16, kvn, buf.v.data());
+    linear(buf.h.data(), b, hid, row, kQ, kQLayout, qn, buf.q.data());
+    linear(buf.h.data(), b, hid, row, kK, kKLayout, kvn, buf.k.data());
+    linear(buf.h.data(), b, hid, row, kV, kVLayout, kvn, buf.v.data());
     rms_norm(buf.q.data(), at<const float>(row, kQNorm), d.eps, b * d.heads, hd, buf.q.data());
     rms_norm(buf.k.data(), at<const float>(row, kKNorm), d.eps, b * d.kv_heads, hd, buf.k.data());
     rope_rotate_half(buf.q.data(), b, d.heads, hd, qn, cos, sin);
@@ -69,13 +69,13 @@ void decode_stack(const DecoderDims &d, const int64_t *layer_table, float *x, in
     attn.k_cache = kc;
     attn.v_cache = vc;
     cascade_decode(attn, true);
-    linear(buf.attn.data(), b, qn, row, kO, kOBf16, hid, buf.o.data());
+    linear(buf.attn.data(), b, qn, row, kO, kOLayout, hid, buf.o.data());
     for (int64_t i = 0; i < b * hid; ++i) x[i] += buf.o[i];
     rms_norm(x, at<const float>(row, kPostNorm), d.eps, b, hid, buf.h.data());
-    linear(buf.h.data(), b, hid, row, kGate, kGateBf16, d.inter, buf.gate.data());
-    linear(buf.h.data(), b, hid, row, kUp, kUpBf16, d.inter, buf.up.data());
+    linear(buf.h.data(), b, hid, row, kGate, kGateLayout, d.inter, buf.gate.data());
+    linear(buf.h.data(), b, hid, row, kUp, kUpLayout, d.inter, buf.up.data());
     silu_mul(buf.gate.data(), buf.up.data(), b, d.inter, d.inter, buf.act.data());
-    linear(buf.act.data(), b, d.inter, row, kDown, kDownBf16, hid, buf.o.data());
+    linear(buf.act.data(), b, d.inter, row, kDown, kDownLayout, hid, buf.o.data());
     for (int64_t i = 0; i < b * hid; ++i) x[i] += buf.o[i];
   }
 }

@@ -12,10 +12,10 @@
 namespace step3vl::cpu {
 
 // Per layer, as addresses: the norms are fp32 [hidden] / [head_dim]; each linear is a packed weight
-// (cpu_linear.h) with its own bf16 flag; the caches are fp32 [num_blocks, block_size, Hkv, D].
+// (cpu_linear.h) with its own WeightLayout code; the caches are fp32 [num_blocks, block_size, Hkv, D].
 enum LayerSlot : int {
   kInNorm, kQ, kK, kV, kQNorm, kKNorm, kO, kPostNorm, kGate, kUp, kDown, kKCache, kVCache,
-  kQBf16, kKBf16, kVBf16, kOBf16, kGateBf16, kUpBf16, kDownBf16, kLayerSlots
+  kQLayout, kKLayout, kVLayout, kOLayout, kGateLayout, kUpLayout, kDownLayout, kLayerSlots
 };
 
 struct DecoderDims {

@@ -14,9 +14,14 @@ namespace {
 constexpr int kCols = kLinearColumns;
 constexpr int64_t kPrefetchK = 32;  // k-steps ahead (1 KB of bf16 weights per column block)
 
-inline float weight_at(const void *w, bool bf16, int64_t i) {
-  if (!bf16) return static_cast<const float *>(w)[i];
-  const uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t *>(w)[i]) << 16;
+inline float weight_at(const PackedLinearArgs &a, int64_t nb, int64_t k, int64_t c) {
+  if (a.layout == kF32) return static_cast<const float *>(a.w)[(nb * a.k + k) * kCols + c];
+  int64_t i = (nb * a.k + k) * kCols + c;
+  if (a.layout == kBf16Amx) {
+    const int64_t kp = (a.k + kAmxK - 1) / kAmxK * kAmxK;
+    i = ((nb * kp / 2 + k / 2) * kCols + c) * 2 + (k & 1);
+  }
+  const uint32_t u = static_cast<uint32_t>(static_cast<const uint16_t *>(a.w)[i]) << 16;
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
@@ -28,7 +33,7 @@ void block_portable(const PackedLinearArgs &a, int64_t nb) {
     float acc[kCols] = {};
     for (int64_t k = 0; k < a.k; ++k) {
       const float xv = a.x[m * a.k + k];
-      for (int c = 0; c < kCols; ++c) acc[c] += xv * weight_at(a.w, a.w_bf16, (nb * a.k + k) * kCols + c);
+      for (int c = 0; c < kCols; ++c) acc[c] += xv * weight_at(a, nb, k, c);
     }
     for (int64_t c = 0; c < cols; ++c)
       a.y[m * a.n + nb * kCols + c] = acc[c] + (a.bias ? a.bias[nb * kCols + c] : 0.0f);
@@ -100,7 +105,8 @@ __attribute__((target("avx512f"))) void group_avx512(const PackedLinearArgs &a, 
 }  // namespace
 
 void linear_packed(const PackedLinearArgs &a, bool simd) {
-  simd = simd && has_avx512();
+  if (simd && a.layout == kBf16Amx && has_amx()) return linear_amx(a);
+  simd = simd && a.layout != kBf16Amx && has_avx512();
   const int64_t blocks = (a.n + kCols - 1) / kCols;
   // Pairs of column blocks split over torch's OpenMP threads (see cpu_attention.cpp); each thread streams its
   // own slice of the weights, which stays in cache across the row chunks.
@@ -109,7 +115,7 @@ void linear_packed(const PackedLinearArgs &a, bool simd) {
     const int64_t nb = 3 * group;
     if (!simd) {
       for (int64_t b = nb; b < std::min(nb + 3, blocks); ++b) block_portable(a, b);
-    } else if (a.w_bf16) {
+    } else if (a.layout == kBf16) {
       group_avx512<true>(a, nb, blocks);
     } else {
       group_avx512<false>(a, nb, blocks);

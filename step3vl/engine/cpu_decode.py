@@ -13,6 +13,7 @@ import torch
 
 from step3vl.engine.cpu_modules import NativeRMSNorm, PackedLinear
 from step3vl.engine.kv_cache import KVCache
+from step3vl_kernels.linear_cpu import weight_layout
 
 
 class CpuDecodeStack:
@@ -32,7 +33,7 @@ class CpuDecodeStack:
             rows.append([layer.input_layernorm.weight.data_ptr(), q, k, v, attn.q_norm.weight.data_ptr(),
                          attn.k_norm.weight.data_ptr(), o, layer.post_attention_layernorm.weight.data_ptr(), gate,
                          up, down, kv.k[i].data_ptr(), kv.v[i].data_ptr(),
-                         *(int(lin.packed.dtype == torch.bfloat16) for lin in linears)])
+                         *(weight_layout(lin.packed) for lin in linears)])
         self.table = torch.tensor(rows, dtype=torch.int64)
         assert self.table.shape[1] == step3vl_native.CPU_DECODER_LAYER_SLOTS
         self.num_blocks, self.block_size = kv.num_blocks, kv.block_size

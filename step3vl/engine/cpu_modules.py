@@ -2,7 +2,8 @@
 
 After loading, the engine swaps parts of the text decoder when it runs in fp32 on a CPU with AVX-512:
 - nn.Linear (and the LM head) -> PackedLinear: weights packed once for the kernel and kept in bf16 when that is
-  exact (a bf16 checkpoint), so every decode step streams half the bytes for the same fp32 result;
+  exact (a bf16 checkpoint), so every decode step streams half the bytes; on CPUs with AMX-BF16 they feed the
+  tile kernel (activations split into three bf16 terms: fp32-accurate), elsewhere the AVX-512 FMA kernel;
 - RMSNorm -> NativeRMSNorm, and the attention's rotary / the MLP's SiLU-and-multiply -> one native call each.
 The model code is unchanged (these are the hooks it exposes); the vision encoder keeps its torch layers
 (large batches, once per image).
@@ -19,11 +20,15 @@ from step3vl_kernels.linear_cpu import bf16_exact, linear_packed, pack_weight
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    """amx: pack bf16-exact weights for the AMX tile kernel (fp32-accurate, faster from 3 rows up) rather
+    than for the AVX-512 FMA kernel (bit-for-bit an fp32 FMA loop)."""
+
+    def __init__(self, linear: nn.Linear, amx: bool = False):
         super().__init__()
         w = linear.weight.detach()
         self.in_features, self.out_features = w.shape[1], w.shape[0]
-        self.register_buffer("packed", pack_weight(w, torch.bfloat16 if bf16_exact(w) else torch.float32))
+        exact = bf16_exact(w)
+        self.register_buffer("packed", pack_weight(w, torch.bfloat16 if exact else torch.float32, amx=amx and exact))
         bias = linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 
@@ -56,13 +61,17 @@ def should_use_native(model: nn.Module, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and step3vl_native.cpu_has_avx512()
 
 
-def use_native_decoder(model: nn.Module) -> int:
-    """Swap the text decoder's layers in place (see the module doc); returns how many modules changed."""
+def use_native_decoder(model: nn.Module, amx: bool | None = None) -> int:
+    """Swap the text decoder's layers in place (see the module doc); returns how many modules changed.
+    amx: use the AMX tile kernel for bf16 weights (default: where the CPU has it)."""
+    import step3vl_native
+
+    amx = step3vl_native.cpu_has_amx() if amx is None else amx
     count = 0
     for parent in list(model.model.modules()) + [model]:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and (parent is not model or name == "lm_head"):
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PackedLinear(child, amx))
             elif isinstance(child, RMSNorm) and parent is not model:
                 setattr(parent, name, NativeRMSNorm(child))
             else:

@@ -1,0 +1,191 @@
+// AMX-BF16 packed linear; see cpu_linear.h (linear_amx). Tiles: C0, C1 (two 16-column output blocks, fp32),
+// A0..A2 (the three bf16 terms of 16 rows x 32 k of x), B0, B1 (32 k x 16 columns of each block's weights).
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu_linear.h"
+
+namespace step3vl::cpu {
+namespace {
+
+constexpr int kCols = kLinearColumns;
+constexpr int kRows = 16;  // rows of x per tile
+constexpr int64_t kFewRows = 2;  // up to here the AVX-512 path reads the AMX layout faster (measured)
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool request_amx() {
+#if defined(__x86_64__)
+  if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512bf16")) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+// x [m, k] fp32 -> three bf16 terms [3, m_pad, kp] (zero-padded rows and columns), hi + mid + lo == x to
+// ~2^-27 relative: each term is the round-to-nearest bf16 of what the previous ones left.
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void split_rows(const float *x, int64_t m, int64_t k, int64_t kp,
+                                                              int64_t m_pad, uint16_t *out) {
+  const int64_t plane = m_pad * kp;
+  std::fill(out, out + 3 * plane, uint16_t{0});
+#pragma omp parallel for schedule(static) if (m * k > (1 << 16))
+  for (int64_t r = 0; r < m; ++r) {
+    int64_t c = 0;
+    for (; c + 16 <= k; c += 16) {
+      __m512 rest = _mm512_loadu_ps(x + r * k + c);
+      for (int t = 0; t < 3; ++t) {
+        const __m256bh h = _mm512_cvtneps_pbh(rest);
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + t * plane + r * kp + c), reinterpret_cast<__m256i>(h));
+        rest = _mm512_sub_ps(rest, _mm512_cvtpbh_ps(h));
+      }
+    }
+    if (c < k) {
+      const __mmask16 tail = static_cast<__mmask16>((1u << (k - c)) - 1u);
+      __m512 rest = _mm512_maskz_loadu_ps(tail, x + r * k + c);
+      for (int t = 0; t < 3; ++t) {
+        const __m256bh h = _mm512_cvtneps_pbh(rest);
+        _mm256_mask_storeu_epi16(out + t * plane + r * kp + c, tail, reinterpret_cast<__m256i>(h));
+        rest = _mm512_sub_ps(rest, _mm512_cvtpbh_ps(h));
+      }
+    }
+  }
+}
+
+// C tile -> y rows [m0, m0 + rows) of columns [col0, col0 + cols), plus bias.
+void store_block(const float *tile, const PackedLinearArgs &a, int64_t m0, int64_t rows, int64_t col0) {
+  const int64_t cols = std::min<int64_t>(kCols, a.n - col0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      a.y[(m0 + r) * a.n + col0 + c] = tile[r * kCols + c] + (a.bias ? a.bias[col0 + c] : 0.0f);
+}
+
+__attribute__((target("amx-tile,amx-bf16"))) void column_pair(const PackedLinearArgs &a, const uint16_t *xs,
+                                                              int64_t m_pad, int64_t kp, int64_t nb, bool pair,
+                                                              float *tile) {
+  const int64_t plane = m_pad * kp, block = kp * kCols;  // bf16 elements per x term / per weight block
+  const uint16_t *w0 = static_cast<const uint16_t *>(a.w) + nb * block, *w1 = w0 + block;
+  for (int64_t m0 = 0; m0 < a.m; m0 += kRows) {
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t k0 = 0; k0 < kp; k0 += kAmxK) {
+      // The weights come from memory once per step: fetch the next k-chunk while this one multiplies.
+      for (int line = 0; line < 16; ++line) {
+        _mm_prefetch(reinterpret_cast<const char *>(w0 + (k0 + 4 * kAmxK) * kCols) + line * 64, _MM_HINT_T0);
+        if (pair) _mm_prefetch(reinterpret_cast<const char *>(w1 + (k0 + 4 * kAmxK) * kCols) + line * 64, _MM_HINT_T0);
+      }
+      const uint16_t *xa = xs + m0 * kp + k0;
+      _tile_loadd(2, xa, kp * 2);
+      _tile_loadd(3, xa + plane, kp * 2);
+      _tile_loadd(4, xa + 2 * plane, kp * 2);
+      _tile_loadd(5, w0 + k0 * kCols, 64);
+      _tile_dpbf16ps(0, 2, 5);
+      _tile_dpbf16ps(0, 3, 5);
+      _tile_dpbf16ps(0, 4, 5);
+      if (pair) {
+        _tile_loadd(6, w1 + k0 * kCols, 64);
+        _tile_dpbf16ps(1, 2, 6);
+        _tile_dpbf16ps(1, 3, 6);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+    }
+    const int64_t rows = std::min<int64_t>(kRows, a.m - m0);
+    _tile_stored(0, tile, kCols * 4);
+    store_block(tile, a, m0, rows, nb * kCols);
+    if (pair) {
+      _tile_stored(1, tile, kCols * 4);
+      store_block(tile, a, m0, rows, (nb + 1) * kCols);
+    }
+  }
+}
+
+// A few rows (single-sequence decode): 16-row tiles would mostly multiply zeros, so read the same packed
+// weights with AVX-512 FMAs instead; one 32-bit lane holds a k-pair, widened with a shift and a mask.
+template <int MR>
+__attribute__((target("avx512f"))) void few_rows_block(const PackedLinearArgs &a, int64_t kp, int64_t m0,
+                                                       int64_t nb) {
+  // Four partial sums per row (two k-pairs x two halves): one chain per row would be FMA-latency bound.
+  __m512 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  const uint16_t *w = static_cast<const uint16_t *>(a.w) + nb * kp * kCols;
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const float *x = a.x + m0 * a.k;
+  int64_t k = 0;
+  for (; k + 4 <= a.k; k += 4) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512i v = _mm512_loadu_si512(w + (k + 2 * h) * kCols);
+      const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+      for (int r = 0; r < MR; ++r) {
+        acc[r][2 * h] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * a.k + k + 2 * h]), w0, acc[r][2 * h]);
+        acc[r][2 * h + 1] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * a.k + k + 2 * h + 1]), w1, acc[r][2 * h + 1]);
+      }
+    }
+  }
+  for (; k < a.k; ++k) {  // the last 1-3 k: a pair's low half is k even, high half k odd
+    const __m512i v = _mm512_loadu_si512(w + (k & ~int64_t{1}) * kCols);
+    const __m512 wk = _mm512_castsi512_ps((k & 1) ? _mm512_and_si512(v, hi) : _mm512_slli_epi32(v, 16));
+    for (int r = 0; r < MR; ++r) acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * a.k + k]), wk, acc[r][0]);
+  }
+  alignas(64) float tile[MR * kCols];
+  for (int r = 0; r < MR; ++r)
+    _mm512_store_ps(tile + r * kCols, _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
+                                                    _mm512_add_ps(acc[r][2], acc[r][3])));
+  store_block(tile, a, m0, MR, nb * kCols);
+}
+
+__attribute__((target("avx512f"))) void few_rows(const PackedLinearArgs &a, int64_t kp) {
+  const int64_t blocks = (a.n + kCols - 1) / kCols;
+#pragma omp parallel for schedule(static)
+  for (int64_t nb = 0; nb < blocks; ++nb) {
+    int64_t m = 0;
+    for (; m + 2 <= a.m; m += 2) few_rows_block<2>(a, kp, m, nb);
+    if (m < a.m) few_rows_block<1>(a, kp, m, nb);
+  }
+}
+
+__attribute__((target("amx-tile"))) void amx_begin(const TileConfig *cfg) { _tile_loadconfig(cfg); }
+__attribute__((target("amx-tile"))) void amx_end() { _tile_release(); }
+
+}  // namespace
+
+bool has_amx() {
+  static const bool ok = request_amx();  // one syscall per process; constant afterwards
+  return ok;
+}
+
+void linear_amx(const PackedLinearArgs &a) {
+  const int64_t kp = (a.k + kAmxK - 1) / kAmxK * kAmxK, m_pad = (a.m + kRows - 1) / kRows * kRows;
+  if (a.m <= kFewRows) return few_rows(a, kp);
+  const int64_t blocks = (a.n + kCols - 1) / kCols;
+  thread_local std::vector<uint16_t> xs;  // the calling thread's split of x, shared with the workers below
+  xs.resize(3 * m_pad * kp);
+  split_rows(a.x, a.m, a.k, kp, m_pad, xs.data());
+  const uint16_t *xsp = xs.data();
+#pragma omp parallel
+  {
+    TileConfig cfg;
+    for (int t : {0, 1}) cfg.rows[t] = kRows, cfg.colsb[t] = kCols * 4;  // C: 16 x 16 fp32
+    for (int t : {2, 3, 4}) cfg.rows[t] = kRows, cfg.colsb[t] = kAmxK * 2;  // A: 16 rows x 32 bf16
+    for (int t : {5, 6}) cfg.rows[t] = kAmxK / 2, cfg.colsb[t] = kCols * 4;  // B: 16 k-pairs x 16 cols x 2
+    alignas(64) float tile[kRows * kCols];
+    amx_begin(&cfg);
+#pragma omp for schedule(static)
+    for (int64_t pair = 0; pair < (blocks + 1) / 2; ++pair)
+      column_pair(a, xsp, m_pad, kp, 2 * pair, 2 * pair + 1 < blocks, tile);
+    amx_end();
+  }
+}
+
+}  // namespace step3vl::cpu
