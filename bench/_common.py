@@ -66,8 +66,9 @@ def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
 
 
 def write_json(name: str, payload: dict) -> Path:
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / f"{name}.json"
+    """name: a stem under bench/out/, or a path (with a / or a .json suffix) used as given."""
+    path = Path(name) if "/" in name or name.endswith(".json") else OUT / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
