@@ -23,8 +23,7 @@ class ModelRunner:
         self.block_size = kv.block_size
         self.device = model.device
         self.backend = TritonPagedAttention if use_kernels else TorchPagedAttention
-        if not use_kernels and cpu_kernels and self.device.type == "cpu" and kv.k[0].dtype in (torch.float32,
-                                                                                              torch.bfloat16):
+        if not use_kernels and cpu_kernels and self.device.type == "cpu" and _native_cpu_attention(kv):
             self.backend = CpuPagedAttention
         # Pure-decode steps in one native call when the decoder runs the native CPU modules (cpu_decode.py).
         self.decode_stack = (CpuDecodeStack(model, kv) if self.backend is CpuPagedAttention
@@ -42,7 +41,7 @@ class ModelRunner:
         ids_t = torch.tensor(ids, dtype=torch.int64, device=self.device)
         embeds = self.model.model.embed_tokens(ids_t)
         positions_t = torch.tensor(positions, device=self.device)
-        if self.decode_stack is not None and not step.prefills:
+        if self.decode_stack is not None and step.decodes and not step.prefills:
             text = self.model.model
             cos, sin = rope_cos_sin(positions_t, text.inv_freq)
             hidden = text.norm(self.decode_stack.run(embeds, cos, sin, meta.slot_mapping, cpu_cascade_tables(meta)))
@@ -111,6 +110,14 @@ class ModelRunner:
             meta.prefills.append(PrefillChunk(q, work.length, work.start + work.length, work.seq.block_table))
             q += work.length
         return meta
+
+
+def _native_cpu_attention(kv: KVCache) -> bool:
+    """The C++ cascade kernel: fp32 / bf16 caches, and only where its AVX-512 path runs (its portable loop is a
+    correctness fallback, slower than the PyTorch path)."""
+    import step3vl_native
+
+    return kv.k[0].dtype in (torch.float32, torch.bfloat16) and step3vl_native.cpu_has_avx512()
 
 
 def _default_vision_attention():

@@ -16,8 +16,9 @@ def _llm(ckpt, dtype: str, cpu_kernels: bool) -> LLM:
     llm = LLM(ckpt, dtype=dtype, device="cpu", kv_cache_memory=256 * 8192, block_size=16,
               max_num_batched_tokens=24, cpu_kernels=cpu_kernels)
     runner = llm.engine.runner
-    assert runner.backend is (CpuPagedAttention if cpu_kernels else TorchPagedAttention)
-    fused = cpu_kernels and dtype == "float32" and step3vl_native.cpu_has_avx512()
+    native = cpu_kernels and step3vl_native.cpu_has_avx512()
+    assert runner.backend is (CpuPagedAttention if native else TorchPagedAttention)
+    fused = native and dtype == "float32"
     assert (runner.decode_stack is not None) == fused
     return llm
 
