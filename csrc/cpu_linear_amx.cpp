@@ -15,6 +15,7 @@ namespace {
 
 constexpr int kCols = kLinearColumns;
 constexpr int kRows = 16;  // rows of x per tile
+constexpr int64_t kBandRows = 128;  // rows of x per pass over the weights (prefill)
 constexpr int64_t kFewRows = 2;  // up to here the AVX-512 path reads the AMX layout faster (measured)
 
 struct TileConfig {
@@ -70,12 +71,13 @@ void store_block(const float *tile, const PackedLinearArgs &a, int64_t m0, int64
       a.y[(m0 + r) * a.n + col0 + c] = tile[r * kCols + c] + (a.bias ? a.bias[col0 + c] : 0.0f);
 }
 
+// Output blocks nb (and nb + 1 when pair) for rows [m_begin, m_end).
 __attribute__((target("amx-tile,amx-bf16"))) void column_pair(const PackedLinearArgs &a, const uint16_t *xs,
                                                               int64_t m_pad, int64_t kp, int64_t nb, bool pair,
-                                                              float *tile) {
+                                                              int64_t m_begin, int64_t m_end, float *tile) {
   const int64_t plane = m_pad * kp, block = kp * kCols;  // bf16 elements per x term / per weight block
   const uint16_t *w0 = static_cast<const uint16_t *>(a.w) + nb * block, *w1 = w0 + block;
-  for (int64_t m0 = 0; m0 < a.m; m0 += kRows) {
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += kRows) {
     _tile_zero(0);
     _tile_zero(1);
     for (int64_t k0 = 0; k0 < kp; k0 += kAmxK) {
@@ -181,9 +183,14 @@ void linear_amx(const PackedLinearArgs &a) {
     for (int t : {5, 6}) cfg.rows[t] = kAmxK / 2, cfg.colsb[t] = kCols * 4;  // B: 16 k-pairs x 16 cols x 2
     alignas(64) float tile[kRows * kCols];
     amx_begin(&cfg);
+    // Rows in bands of kBandRows: a band's split activations stay in L2 while every column pair passes over
+    // them (one band over all columns re-read the whole x from memory per column pair).
+    for (int64_t band = 0; band < a.m; band += kBandRows) {
+      const int64_t band_end = std::min(a.m, band + kBandRows);
 #pragma omp for schedule(static)
-    for (int64_t pair = 0; pair < (blocks + 1) / 2; ++pair)
-      column_pair(a, xsp, m_pad, kp, 2 * pair, 2 * pair + 1 < blocks, tile);
+      for (int64_t pair = 0; pair < (blocks + 1) / 2; ++pair)
+        column_pair(a, xsp, m_pad, kp, 2 * pair, 2 * pair + 1 < blocks, band, band_end, tile);
+    }
     amx_end();
   }
 }
