@@ -187,13 +187,21 @@ __attribute__((target("avx512f"))) void tile_avx512(const float *qt, int m_count
 
 // ---- tasks ------------------------------------------------------------------------------------------------
 // A task streams one range of keys for all kv heads, so it reads whole [token, Hkv, D] rows of the pool
-// (contiguous within a block) instead of one head's slice of each. Prefixes are split into chunks of
-// kChunk tokens (the threads share a long prefix); every task leaves a partial (max, sum, unnormalized
-// output) per query, and a last pass merges each row's partials (its group's prefix chunks + its suffix).
+// (contiguous within a block) instead of one head's slice of each. Prefixes and suffixes are split into
+// chunks of kChunk tokens (the threads share a long prefix, or one long generation); every task leaves a
+// partial (max, sum, unnormalized output) per query it serves, and a last pass merges each row's partials in a
+// fixed order (its group's prefix chunks, then its suffix chunks), so a row's result never depends on the
+// rest of the batch.
 constexpr int64_t kChunk = 4 * kTile;
 
-struct Partials {  // slot-major: [slots, B, Hq] for m and l, [slots, B, Hq, D] for acc
+struct Partials {  // entries: one per (task, row of the task, q head); acc holds D floats per entry
   std::vector<float> m, l, acc;
+};
+
+struct Item {
+  int64_t group_or_row, t0, t1;  // a group's prefix tokens [t0, t1), or a row's suffix tokens
+  bool suffix;
+  int64_t offset;  // its first partial entry
 };
 
 struct Task {
@@ -283,34 +291,33 @@ struct Task {
     }
   }
 
-  // Copies the task's state into partial slot `slot` of each of its rows.
-  void store(const int32_t *rows, int64_t nrows, const Scratch &w, int64_t slot, Partials &p) const {
+  // Copies the task's state into its partial entries: offset + (row index within the task) * Hq + q head.
+  void store(int64_t nrows, const Scratch &w, int64_t offset, Partials &p) const {
     const int64_t d = a.head_dim, hkv = a.num_kv_heads, hq = a.num_q_heads, r = hq / hkv, ms = w.mp + 16;
     for (int64_t h = 0; h < hkv; ++h)
       for (int64_t i = 0; i < nrows; ++i)
         for (int64_t j = 0; j < r; ++j) {
-          const int64_t mi = i * r + j, at = (slot * a.batch + rows[i]) * hq + h * r + j;
+          const int64_t mi = i * r + j, at = offset + i * hq + h * r + j;
           p.m[at] = w.mrun[h * ms + mi];
           p.l[at] = w.lrun[h * ms + mi];
           std::copy_n(w.acc.data() + (h * w.m + mi) * d, d, p.acc.data() + at * d);
         }
   }
 
-  // out[b, hq] = merge of the row's partial slots by their maxima (an empty part has l = 0).
-  void merge(int64_t b, int64_t slots, const Partials &p) const {
+  // out[b, :] = merge of the row's partials by their maxima (an empty part has l = 0). `entries` lists the
+  // first entry of each of the row's parts, in merge order.
+  void merge(int64_t b, const int64_t *entries, int64_t parts, const Partials &p) const {
     const int64_t d = a.head_dim, hq = a.num_q_heads;
     for (int64_t h = 0; h < hq; ++h) {
       float mx = kNegInf;
-      for (int64_t sl = 0; sl < slots; ++sl) {
-        const int64_t at = (sl * a.batch + b) * hq + h;
-        if (p.l[at] > 0.0f) mx = std::max(mx, p.m[at]);
-      }
+      for (int64_t i = 0; i < parts; ++i)
+        if (p.l[entries[i] + h] > 0.0f) mx = std::max(mx, p.m[entries[i] + h]);
       float *dst = a.out + (b * hq + h) * d;
       std::fill(dst, dst + d, 0.0f);
       if (mx == kNegInf) continue;  // no keys: output 0, as the reference
       float total = 0.0f;
-      for (int64_t sl = 0; sl < slots; ++sl) {
-        const int64_t at = (sl * a.batch + b) * hq + h;
+      for (int64_t i = 0; i < parts; ++i) {
+        const int64_t at = entries[i] + h;
         if (p.l[at] <= 0.0f) continue;
         const float wgt = std::exp(p.m[at] - mx);
         total += p.l[at] * wgt;
@@ -370,26 +377,35 @@ void check_cascade_decode(const CascadeDecodeArgs &a) {
 void cascade_decode(const CascadeDecodeArgs &a, bool simd) {
   simd = simd && a.head_dim % 16 == 0 && has_avx512();
   const Task task{a, simd};
-  // Work items: (group, prefix chunk) and (row's suffix). Slot of a prefix chunk = its index; suffix = last.
-  struct Item {
-    int64_t group_or_row, chunk;  // chunk < 0: a suffix
-  };
+  const int64_t hq = a.num_q_heads;
+  // Work items and where their partials go; then, per row, the first entry of each of its parts.
   std::vector<Item> items;
-  int64_t chunks = 0;
+  std::vector<int64_t> pos(a.batch, 0), group_of(a.batch, 0), group_first(a.num_groups + 1, 0);
+  int64_t entries = 0;
   for (int64_t g = 0; g < a.num_groups; ++g) {
-    if (a.group_ptr[g + 1] == a.group_ptr[g]) continue;
-    const int64_t c = (a.prefix_lens[g] + kChunk - 1) / kChunk;
-    chunks = std::max(chunks, c);
-    for (int64_t i = 0; i < c; ++i) items.push_back({g, i});
+    group_first[g] = static_cast<int64_t>(items.size());
+    const int64_t nrows = a.group_ptr[g + 1] - a.group_ptr[g];
+    for (int64_t i = 0; i < nrows; ++i) {
+      pos[a.group_rows[a.group_ptr[g] + i]] = i;
+      group_of[a.group_rows[a.group_ptr[g] + i]] = g;
+    }
+    if (nrows == 0) continue;
+    for (int64_t t0 = 0; t0 < a.prefix_lens[g]; t0 += kChunk, entries += nrows * hq)
+      items.push_back({g, t0, std::min<int64_t>(t0 + kChunk, a.prefix_lens[g]), false, entries});
   }
-  for (int64_t b = 0; b < a.batch; ++b)
-    if (a.suffix_lens[b] > 0) items.push_back({b, -1});
-  const int64_t slots = chunks + 1, per_slot = a.batch * a.num_q_heads;
+  group_first[a.num_groups] = static_cast<int64_t>(items.size());
+  std::vector<int64_t> row_first(a.batch + 1, 0);
+  for (int64_t b = 0; b < a.batch; ++b) {
+    row_first[b] = static_cast<int64_t>(items.size());
+    for (int64_t t0 = 0; t0 < a.suffix_lens[b]; t0 += kChunk, entries += hq)
+      items.push_back({b, t0, std::min<int64_t>(t0 + kChunk, a.suffix_lens[b]), true, entries});
+  }
+  row_first[a.batch] = static_cast<int64_t>(items.size());
   thread_local Partials tls;  // reused across calls; this thread's, shared with the workers below by reference
   Partials &p = tls;
-  p.m.assign(slots * per_slot, kNegInf);
-  p.l.assign(slots * per_slot, 0.0f);
-  p.acc.resize(slots * per_slot * a.head_dim);
+  p.m.resize(entries);
+  p.l.resize(entries);
+  p.acc.resize(entries * a.head_dim);
   const int n_items = static_cast<int>(items.size());
   // OpenMP, so the tasks run on the same runtime and threads as torch's intra-op pool (torch ships
   // libgomp.so.1 and the loader keeps one copy per process): a second pool would fight torch's spinning
@@ -399,23 +415,28 @@ void cascade_decode(const CascadeDecodeArgs &a, bool simd) {
     thread_local Scratch w;  // reused across calls: no allocation per tile or per layer
 #pragma omp for schedule(dynamic, 1)
     for (int t = 0; t < n_items; ++t) {
-      const Item it = items[t];
-      if (it.chunk >= 0) {
-        const int64_t g = it.group_or_row, t0 = it.chunk * kChunk;
-        const int32_t *rows = a.group_rows + a.group_ptr[g];
-        const int64_t nrows = a.group_ptr[g + 1] - a.group_ptr[g];
-        task.load_queries(rows, nrows, w);
-        task.stream(a.prefix_tables + g * a.prefix_stride, t0, std::min<int64_t>(t0 + kChunk, a.prefix_lens[g]), w);
-        task.store(rows, nrows, w, it.chunk, p);
+      const Item &it = items[t];
+      if (!it.suffix) {
+        const int64_t g = it.group_or_row, nrows = a.group_ptr[g + 1] - a.group_ptr[g];
+        task.load_queries(a.group_rows + a.group_ptr[g], nrows, w);
+        task.stream(a.prefix_tables + g * a.prefix_stride, it.t0, it.t1, w);
+        task.store(nrows, w, it.offset, p);
       } else {
         const int32_t row = static_cast<int32_t>(it.group_or_row);
         task.load_queries(&row, 1, w);
-        task.stream(a.suffix_tables + row * a.suffix_stride, 0, a.suffix_lens[row], w);
-        task.store(&row, 1, w, chunks, p);
+        task.stream(a.suffix_tables + row * a.suffix_stride, it.t0, it.t1, w);
+        task.store(1, w, it.offset, p);
       }
     }
+    std::vector<int64_t> parts;
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < a.batch; ++b) task.merge(b, slots, p);
+    for (int64_t b = 0; b < a.batch; ++b) {
+      parts.clear();
+      const int64_t g = group_of[b];
+      for (int64_t i = group_first[g]; i < group_first[g + 1]; ++i) parts.push_back(items[i].offset + pos[b] * hq);
+      for (int64_t i = row_first[b]; i < row_first[b + 1]; ++i) parts.push_back(items[i].offset);
+      task.merge(b, parts.data(), static_cast<int64_t>(parts.size()), p);
+    }
   }
 }
 

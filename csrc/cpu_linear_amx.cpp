@@ -1,5 +1,7 @@
 // AMX-BF16 packed linear; see cpu_linear.h (linear_amx). Tiles: C0, C1 (two 16-column output blocks, fp32),
 // A0..A2 (the three bf16 terms of 16 rows x 32 k of x), B0, B1 (32 k x 16 columns of each block's weights).
+// Every row count takes the same tile path, and a tile row's result depends on that row alone, so a sequence's
+// logits do not change with the batch it shares a step with (the engine's seeded-sampling promise).
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -16,7 +18,6 @@ namespace {
 constexpr int kCols = kLinearColumns;
 constexpr int kRows = 16;  // rows of x per tile
 constexpr int64_t kBandRows = 128;  // rows of x per pass over the weights (prefill)
-constexpr int64_t kFewRows = 2;  // up to here the AVX-512 path reads the AMX layout faster (measured)
 
 struct TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -111,52 +112,6 @@ __attribute__((target("amx-tile,amx-bf16"))) void column_pair(const PackedLinear
   }
 }
 
-// A few rows (single-sequence decode): 16-row tiles would mostly multiply zeros, so read the same packed
-// weights with AVX-512 FMAs instead; one 32-bit lane holds a k-pair, widened with a shift and a mask.
-template <int MR>
-__attribute__((target("avx512f"))) void few_rows_block(const PackedLinearArgs &a, int64_t kp, int64_t m0,
-                                                       int64_t nb) {
-  // Four partial sums per row (two k-pairs x two halves): one chain per row would be FMA-latency bound.
-  __m512 acc[MR][4];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-  const uint16_t *w = static_cast<const uint16_t *>(a.w) + nb * kp * kCols;
-  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
-  const float *x = a.x + m0 * a.k;
-  int64_t k = 0;
-  for (; k + 4 <= a.k; k += 4) {
-    for (int h = 0; h < 2; ++h) {
-      const __m512i v = _mm512_loadu_si512(w + (k + 2 * h) * kCols);
-      const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-      const __m512 w1 = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
-      for (int r = 0; r < MR; ++r) {
-        acc[r][2 * h] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * a.k + k + 2 * h]), w0, acc[r][2 * h]);
-        acc[r][2 * h + 1] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * a.k + k + 2 * h + 1]), w1, acc[r][2 * h + 1]);
-      }
-    }
-  }
-  for (; k < a.k; ++k) {  // the last 1-3 k: a pair's low half is k even, high half k odd
-    const __m512i v = _mm512_loadu_si512(w + (k & ~int64_t{1}) * kCols);
-    const __m512 wk = _mm512_castsi512_ps((k & 1) ? _mm512_and_si512(v, hi) : _mm512_slli_epi32(v, 16));
-    for (int r = 0; r < MR; ++r) acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * a.k + k]), wk, acc[r][0]);
-  }
-  alignas(64) float tile[MR * kCols];
-  for (int r = 0; r < MR; ++r)
-    _mm512_store_ps(tile + r * kCols, _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
-                                                    _mm512_add_ps(acc[r][2], acc[r][3])));
-  store_block(tile, a, m0, MR, nb * kCols);
-}
-
-__attribute__((target("avx512f"))) void few_rows(const PackedLinearArgs &a, int64_t kp) {
-  const int64_t blocks = (a.n + kCols - 1) / kCols;
-#pragma omp parallel for schedule(static)
-  for (int64_t nb = 0; nb < blocks; ++nb) {
-    int64_t m = 0;
-    for (; m + 2 <= a.m; m += 2) few_rows_block<2>(a, kp, m, nb);
-    if (m < a.m) few_rows_block<1>(a, kp, m, nb);
-  }
-}
-
 __attribute__((target("amx-tile"))) void amx_begin(const TileConfig *cfg) { _tile_loadconfig(cfg); }
 __attribute__((target("amx-tile"))) void amx_end() { _tile_release(); }
 
@@ -169,7 +124,6 @@ bool has_amx() {
 
 void linear_amx(const PackedLinearArgs &a) {
   const int64_t kp = (a.k + kAmxK - 1) / kAmxK * kAmxK, m_pad = (a.m + kRows - 1) / kRows * kRows;
-  if (a.m <= kFewRows) return few_rows(a, kp);
   const int64_t blocks = (a.n + kCols - 1) / kCols;
   thread_local std::vector<uint16_t> xs;  // the calling thread's split of x, shared with the workers below
   xs.resize(3 * m_pad * kp);
@@ -177,9 +131,12 @@ void linear_amx(const PackedLinearArgs &a) {
   const uint16_t *xsp = xs.data();
 #pragma omp parallel
   {
+    // Fewer than 16 rows: tiles of that many rows (a tile op's cost follows its rows; the rows computed are
+    // the same either way, so results do not depend on the row count).
+    const uint8_t rows = static_cast<uint8_t>(std::min<int64_t>(kRows, a.m));
     TileConfig cfg;
-    for (int t : {0, 1}) cfg.rows[t] = kRows, cfg.colsb[t] = kCols * 4;  // C: 16 x 16 fp32
-    for (int t : {2, 3, 4}) cfg.rows[t] = kRows, cfg.colsb[t] = kAmxK * 2;  // A: 16 rows x 32 bf16
+    for (int t : {0, 1}) cfg.rows[t] = rows, cfg.colsb[t] = kCols * 4;  // C: rows x 16 fp32
+    for (int t : {2, 3, 4}) cfg.rows[t] = rows, cfg.colsb[t] = kAmxK * 2;  // A: rows x 32 bf16
     for (int t : {5, 6}) cfg.rows[t] = kAmxK / 2, cfg.colsb[t] = kCols * 4;  // B: 16 k-pairs x 16 cols x 2
     alignas(64) float tile[kRows * kCols];
     amx_begin(&cfg);

@@ -46,7 +46,9 @@ def cascade_decode_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_block
 
     check_cascade(q, k_cache, prefix_block_tables, prefix_lens, seq_group, suffix_block_tables, suffix_lens)
     check_cache(k_cache, v_cache, q.shape[1], q.shape[2], "cascade_decode_cpu")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("prefix_block_tables", prefix_block_tables),
+                    ("prefix_lens", prefix_lens), ("seq_group", seq_group), ("suffix_block_tables", suffix_block_tables),
+                    ("suffix_lens", suffix_lens)):
         if t.device.type != "cpu":
             raise ValueError(f"cascade_decode_cpu: {name} is on {t.device}; this kernel runs on the CPU")
     if k_cache.dtype not in _KV_DTYPES or v_cache.dtype != k_cache.dtype:

@@ -72,7 +72,8 @@ def linear_packed(x: Tensor, packed: Tensor, n: int, bias: Tensor | None = None,
     import step3vl_native
 
     layout = weight_layout(packed)
-    if packed.shape[2] != COLUMNS or packed.shape[0] * COLUMNS < n or not packed.is_contiguous():
+    amx_shape_ok = layout != 2 or (packed.shape[3] == 2 and packed.shape[1] % (AMX_K // 2) == 0)
+    if packed.shape[2] != COLUMNS or packed.shape[0] * COLUMNS < n or not packed.is_contiguous() or not amx_shape_ok:
         raise ValueError(f"linear_packed: packed weights must come from pack_weight for {n} outputs, got "
                          f"{tuple(packed.shape)}")
     k = x.shape[-1]

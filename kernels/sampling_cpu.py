@@ -27,10 +27,15 @@ def uniforms(key: Tensor, vocab: int) -> Tensor:
 
 
 def stream_key(seeds: Tensor, sample_index: Tensor, step: Tensor) -> Tensor:
-    """As sampling_ref.stream_key for [B] int64 tensors."""
+    """As sampling_ref.stream_key for [B] tensors (scalars broadcast)."""
     import step3vl_native
 
-    seeds, sample_index, step = (t.to(torch.int64).contiguous() for t in (seeds, sample_index, step))
+    seeds, sample_index, step = (t.to(torch.int64) for t in torch.broadcast_tensors(
+        torch.as_tensor(seeds), torch.as_tensor(sample_index), torch.as_tensor(step)))
+    if seeds.dim() != 1 or seeds.device.type != "cpu":
+        raise ValueError(f"sampling_cpu.stream_key: needs 1-D CPU tensors (after broadcasting), got "
+                         f"{tuple(seeds.shape)} on {seeds.device}")
+    seeds, sample_index, step = seeds.contiguous(), sample_index.contiguous(), step.contiguous()
     keys = torch.empty_like(seeds)
     step3vl_native.cpu_sampling_stream_keys(seeds.data_ptr(), sample_index.data_ptr(), step.data_ptr(),
                                             seeds.shape[0], keys.data_ptr())

@@ -20,8 +20,8 @@ from step3vl_kernels.linear_cpu import bf16_exact, linear_packed, pack_weight
 
 
 class PackedLinear(nn.Module):
-    """amx: pack bf16-exact weights for the AMX tile kernel (fp32-accurate, faster from 3 rows up) rather
-    than for the AVX-512 FMA kernel (bit-for-bit an fp32 FMA loop)."""
+    """amx: pack bf16-exact weights for the AMX tile kernel (fp32-accurate, faster for batches) rather than for
+    the AVX-512 FMA kernel (bit-for-bit an fp32 FMA loop, faster for a single row)."""
 
     def __init__(self, linear: nn.Linear, amx: bool = False):
         super().__init__()

@@ -47,6 +47,7 @@ CASES = {
     "block32-many-rows": (40, 3, 8, 2, 64, 32, [2, 1, 3], [(7 * i) % 70 for i in range(40)]),
     "no-prefix": (3, 1, 8, 4, 64, 16, [0], [5, 1, 70]),
     "head-dim-not-16": (3, 2, 4, 2, 24, 16, [1, 2], [5, 17, 2]),
+    "long-prefix-and-suffixes": (3, 1, 8, 2, 32, 16, [45], [700, 1, 257]),  # several 256-token chunks each
 }
 
 
@@ -97,3 +98,15 @@ def test_avx512_is_detected_consistently():
     if not cpuinfo.exists():
         pytest.skip("no /proc/cpuinfo on this platform to compare with")
     assert step3vl_native.cpu_has_avx512() == (" avx512f" in cpuinfo.read_text())
+
+
+def test_a_row_does_not_depend_on_its_batch():
+    """Seeded sampling must not change with batch composition: the same row alone or among others, bit for bit."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v, pt, pl, sg, st, sl = _case(g, batch=6, groups=2, hq=8, hkv=2, d=64, bs=16, prefix_blocks=[20, 3],
+                                        suffix_lens=[300, 5, 1, 70, 260, 9], dtype=torch.float32)
+    full = cascade_decode_cpu(q, k, v, pt, pl, sg, st, sl, 0.125)
+    for b in range(6):
+        one = cascade_decode_cpu(q[b:b + 1], k, v, pt[sg[b]:sg[b] + 1], pl[sg[b]:sg[b] + 1],
+                                 torch.zeros(1, dtype=torch.int32), st[b:b + 1], sl[b:b + 1], 0.125)
+        assert torch.equal(one[0], full[b]), f"row {b} changed with its batch"

@@ -39,6 +39,20 @@ def test_leading_dims_and_dtype():
     torch.testing.assert_close(y, x @ w.T, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_a_row_does_not_depend_on_its_batch(packing):
+    """The engine's seeded-sampling promise: a sequence's logits are the same alone or beside others."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(70, 96, generator=g)
+    if packing != "fp32":
+        w = w.bfloat16().float()
+    packed = pack_weight(w, torch.float32 if packing == "fp32" else torch.bfloat16, amx=packing == "bf16-amx")
+    x = torch.randn(40, 96, generator=g)
+    alone = linear_packed(x[:1], packed, 70)
+    for rows in (2, 3, 16, 17, 40):
+        assert torch.equal(linear_packed(x[:rows], packed, 70)[:1], alone), f"row 0 changed in a batch of {rows}"
+
+
 @AMX
 def test_amx_is_fp32_accurate():
     """The three-term split keeps the AMX product as close to the exact (float64) result as fp32 FMAs get."""
@@ -69,5 +83,8 @@ def test_bad_inputs_are_clear_errors():
         linear_packed(torch.randn(3, 9), packed, 20)
     with pytest.raises(ValueError, match=r"must come from pack_weight for 40 outputs"):
         linear_packed(torch.randn(3, 8), packed, 40)
+    bad_amx = torch.zeros(2, 5, 16, 2, dtype=torch.bfloat16)  # K not padded to 32
+    with pytest.raises(ValueError, match="must come from pack_weight"):
+        linear_packed(torch.randn(3, 10), bad_amx, 20)
     with pytest.raises(ValueError, match="bias must be a contiguous fp32"):
         linear_packed(torch.randn(3, 8), packed, 20, torch.randn(19))

@@ -24,6 +24,12 @@ def test_stream_keys_equal_reference():
     assert torch.equal(sampling_cpu.stream_key(seeds, idx, step), sampling_ref.stream_key(seeds, idx, step))
 
 
+def test_stream_keys_broadcast_scalars_like_reference():
+    seeds = torch.tensor([1, 2**40, -5, 7])
+    assert torch.equal(sampling_cpu.stream_key(seeds, torch.tensor(3), torch.tensor(9)),
+                       sampling_ref.stream_key(seeds, torch.tensor(3), torch.tensor(9)))
+
+
 def test_uniforms_by_hand():
     # One value computed with Python ints from the definition (lowbias32 finalizer).
     def mix(x):
