@@ -72,6 +72,18 @@ def _visible_text(seq) -> str:
 
 
 class LLM:
+    """An in-process engine over one checkpoint directory (vLLM's names).
+
+    dtype: "auto" (bf16 on CUDA, fp32 on the CPU), "float32", "bfloat16", "float16" or a torch.dtype.
+    device: "cuda" when available, else "cpu". kv_cache_memory: bytes or "4GiB"-style (default: 60% of free GPU
+    memory, 1 GiB on the CPU). block_size: tokens per KV block (a power of two). max_model_len: prompt + output
+    limit (default: what the model and the pool allow). max_num_batched_tokens: per-step token budget (chunked
+    prefill). max_num_seqs: sequences per step. seed: the default for requests without one.
+    use_kernels: Triton/CUDA kernels (default on CUDA). cascade_attention: the shared-prefix cascade decode kernel on
+    CUDA (default off until measured there). cpu_kernels: on the CPU, the native decoder (packed linears, C++
+    paged attention, in fp32 one native call per decode step); False keeps the plain PyTorch path.
+    """
+
     def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", device: str | None = None,
                  kv_cache_memory: int | str | None = None, block_size: int = 16, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, max_num_seqs: int = 256, seed: int = 0,
