@@ -9,6 +9,7 @@
 
 #include "cpu_attention.h"
 #include "cpu_decoder.h"
+#include "cpu_features.h"
 #include "cpu_linear.h"
 #include "cpu_ops.h"
 #include "cpu_sampling.h"
@@ -25,7 +26,8 @@ T *ptr(uint64_t address) {
 }  // namespace
 
 void bind_cpu_kernels(py::module_ &m) {
-  m.def("cpu_has_avx512", &step3vl::cpu::has_avx512);
+  m.def("cpu_has_avx512", &step3vl::cpu::has_avx512, "The AVX-512 paths are compiled in and this CPU runs them.");
+  m.def("cpu_simd_compiled", [] { return STEP3VL_X86 == 1; }, "This build has the x86 SIMD paths.");
   m.def("cpu_has_amx", &step3vl::cpu::has_amx, "AMX-BF16 present and granted to this process.");
 
   m.def(

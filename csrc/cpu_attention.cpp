@@ -2,8 +2,7 @@
 // path compute the same thing; tests run both against kernels/paged_decode_ref.py.
 #include "cpu_attention.h"
 
-#include <immintrin.h>
-
+#include "cpu_features.h"
 #include "simd_math.h"
 
 #include <algorithm>
@@ -94,6 +93,7 @@ void tile_portable(const float *q, int m_count, int64_t d, const float *const *k
 }
 
 // ---- AVX-512 path --------------------------------------------------------------------------------------
+#if STEP3VL_X86
 // Scores are key-major, s[j * mp + m] (mp = queries padded to 16), so the online softmax runs across 16
 // queries per vector with no horizontal reductions.
 
@@ -184,6 +184,8 @@ __attribute__((target("avx512f"))) void tile_avx512(const float *qt, int m_count
   for (; m + 2 <= m_count; m += 2) pv_rows<2>(s, mp, m, alpha, vr, n, d, acc);
   for (; m < m_count; ++m) pv_rows<1>(s, mp, m, alpha, vr, n, d, acc);
 }
+
+#endif  // STEP3VL_X86
 
 // ---- tasks ------------------------------------------------------------------------------------------------
 // A task streams one range of keys for all kv heads, so it reads whole [token, Hkv, D] rows of the pool
@@ -279,12 +281,15 @@ struct Task {
         }
         for (int j = n; j < kTile; ++j) w.kr[j] = w.vr[j] = w.zero.data();
         float *acc = w.acc.data() + h * w.m * d, *mrun = w.mrun.data() + h * ms, *lrun = w.lrun.data() + h * ms;
-        if (simd)
+#if STEP3VL_X86
+        if (simd) {
           tile_avx512(w.qt.data() + h * d * w.mp, static_cast<int>(w.m), d, w.kr.data(), w.vr.data(), n,
                       w.s.data(), w.alpha.data() + h * ms, acc, mrun, lrun);
-        else
-          tile_portable(w.q.data() + h * w.m * d, static_cast<int>(w.m), d, w.kr.data(), w.vr.data(), n, acc, mrun,
-                        lrun);
+          continue;
+        }
+#endif
+        tile_portable(w.q.data() + h * w.m * d, static_cast<int>(w.m), d, w.kr.data(), w.vr.data(), n, acc, mrun,
+                      lrun);
       }
       std::copy(next, next + n_next, cur);
       n = n_next;
@@ -347,7 +352,13 @@ void check_table(const char *name, const int32_t *table, int64_t stride, int64_t
 
 }  // namespace
 
-bool has_avx512() { return __builtin_cpu_supports("avx512f"); }
+bool has_avx512() {
+#if STEP3VL_X86
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
 
 void check_cascade_decode(const CascadeDecodeArgs &a) {
   if (a.num_kv_heads <= 0 || a.num_q_heads % a.num_kv_heads != 0)

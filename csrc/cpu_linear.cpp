@@ -1,7 +1,7 @@
 // CPU packed linear; see cpu_linear.h. An AVX-512 path (selected at run time) and a portable path.
 #include "cpu_linear.h"
 
-#include <immintrin.h>
+#include "cpu_features.h"
 
 #include <algorithm>
 #include <cstring>
@@ -40,6 +40,7 @@ void block_portable(const PackedLinearArgs &a, int64_t nb) {
   }
 }
 
+#if STEP3VL_X86
 __attribute__((target("avx512f"))) inline __m512 load_weights(const void *w, bool bf16, int64_t at) {
   if (bf16) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(static_cast<const uint16_t *>(w) + at));
@@ -102,24 +103,30 @@ __attribute__((target("avx512f"))) void group_avx512(const PackedLinearArgs &a, 
     block_avx512<1, BF16>(a, nb);
 }
 
+#endif  // STEP3VL_X86
+
 }  // namespace
 
 void linear_packed(const PackedLinearArgs &a, bool simd) {
   if (simd && a.layout == kBf16Amx && has_amx()) return linear_amx(a);
-  simd = simd && a.layout != kBf16Amx && has_avx512();
+  simd = STEP3VL_X86 && simd && a.layout != kBf16Amx && has_avx512();
+  (void)simd;  // only read by the x86 paths
   const int64_t blocks = (a.n + kCols - 1) / kCols;
   // Pairs of column blocks split over torch's OpenMP threads (see cpu_attention.cpp); each thread streams its
   // own slice of the weights, which stays in cache across the row chunks.
 #pragma omp parallel for schedule(static)
   for (int64_t group = 0; group < (blocks + 2) / 3; ++group) {
     const int64_t nb = 3 * group;
-    if (!simd) {
-      for (int64_t b = nb; b < std::min(nb + 3, blocks); ++b) block_portable(a, b);
-    } else if (a.layout == kBf16) {
-      group_avx512<true>(a, nb, blocks);
-    } else {
-      group_avx512<false>(a, nb, blocks);
+#if STEP3VL_X86
+    if (simd) {
+      if (a.layout == kBf16)
+        group_avx512<true>(a, nb, blocks);
+      else
+        group_avx512<false>(a, nb, blocks);
+      continue;
     }
+#endif
+    for (int64_t b = nb; b < std::min(nb + 3, blocks); ++b) block_portable(a, b);
   }
 }
 

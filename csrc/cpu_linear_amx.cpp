@@ -2,15 +2,18 @@
 // A0..A2 (the three bf16 terms of 16 rows x 32 k of x), B0, B1 (32 k x 16 columns of each block's weights).
 // Every row count takes the same tile path, and a tile row's result depends on that row alone, so a sequence's
 // logits do not change with the batch it shares a step with (the engine's seeded-sampling promise).
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "cpu_linear.h"
 
 #include <algorithm>
 #include <cstring>
+#include <stdexcept>
 #include <vector>
 
-#include "cpu_linear.h"
+#include "cpu_features.h"
+
+#if STEP3VL_X86
+#include <sys/syscall.h>
+#include <unistd.h>
 
 namespace step3vl::cpu {
 namespace {
@@ -26,13 +29,9 @@ struct TileConfig {
 };
 
 bool request_amx() {
-#if defined(__x86_64__)
   if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("avx512bf16")) return false;
   constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
   return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-#else
-  return false;
-#endif
 }
 
 // x [m, k] fp32 -> three bf16 terms [3, m_pad, kp] (zero-padded rows and columns), hi + mid + lo == x to
@@ -153,3 +152,17 @@ void linear_amx(const PackedLinearArgs &a) {
 }
 
 }  // namespace step3vl::cpu
+
+#else  // no AMX in this build
+
+namespace step3vl::cpu {
+
+bool has_amx() { return false; }
+
+void linear_amx(const PackedLinearArgs &) {
+  throw std::runtime_error("linear_amx: this build of step3vl_native has no AMX path");
+}
+
+}  // namespace step3vl::cpu
+
+#endif  // STEP3VL_X86

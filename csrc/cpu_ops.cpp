@@ -1,16 +1,14 @@
 // See cpu_ops.h. Plain loops, vectorized by the compiler (one clone per ISA).
 #include "cpu_ops.h"
 
-#include <immintrin.h>
-
 #include <cmath>
 
 #include "cpu_attention.h"  // has_avx512
+#include "cpu_features.h"
 #include "simd_math.h"
 
 namespace step3vl::cpu {
 
-#define STEP3VL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 STEP3VL_CLONES void rms_norm(const float *x, const float *w, float eps, int64_t rows, int64_t h, float *out) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -39,6 +37,7 @@ STEP3VL_CLONES void rope_rotate_half(float *x, int64_t tokens, int64_t heads, in
   }
 }
 
+#if STEP3VL_X86
 namespace {
 
 __attribute__((target("avx512f"))) void silu_mul_avx512(const float *g, const float *u, int64_t n, float *o) {
@@ -53,17 +52,20 @@ __attribute__((target("avx512f"))) void silu_mul_avx512(const float *g, const fl
 }
 
 }  // namespace
+#endif
 
 void silu_mul(const float *gate, const float *up, int64_t tokens, int64_t inter, int64_t in_stride, float *out) {
-  const bool simd = has_avx512();
+  [[maybe_unused]] const bool simd = has_avx512();
   for (int64_t t = 0; t < tokens; ++t) {
     const float *g = gate + t * in_stride, *u = up + t * in_stride;
     float *o = out + t * inter;
+#if STEP3VL_X86
     if (simd) {
       silu_mul_avx512(g, u, inter, o);
-    } else {
-      for (int64_t i = 0; i < inter; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+      continue;
     }
+#endif
+    for (int64_t i = 0; i < inter; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
   }
 }
 

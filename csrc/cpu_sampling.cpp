@@ -1,6 +1,8 @@
 // See cpu_sampling.h. Plain loops over uint32 lanes: the compiler vectorizes them (one clone per ISA).
 #include "cpu_sampling.h"
 
+#include "cpu_features.h"
+
 namespace step3vl::cpu {
 namespace {
 
@@ -12,8 +14,7 @@ inline uint32_t mix32(uint32_t x) {  // lowbias32, as sampling_ref.mix32
   return x ^ (x >> 16);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void row_uniforms(uint32_t key, int64_t vocab,
-                                                                               double *out) {
+STEP3VL_CLONES void row_uniforms(uint32_t key, int64_t vocab, double *out) {
   for (int64_t v = 0; v < vocab; ++v) {
     const uint32_t h = mix32(key ^ mix32(static_cast<uint32_t>(v) + 0x632BE5ABu));
     out[v] = (static_cast<double>(h >> 8) + 0.5) * (1.0 / 16777216.0);

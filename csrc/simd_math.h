@@ -1,8 +1,9 @@
 // Vector math shared by the CPU kernels (AVX-512; callers dispatch on has_avx512()).
 #pragma once
 
-#include <immintrin.h>
+#include "cpu_features.h"
 
+#if STEP3VL_X86
 namespace step3vl::cpu {
 
 // expf on 16 lanes, Cephes polynomial: ~1 ulp; below -87 gives exactly 0 (so exp(-inf) = 0), above ~88 inf.
@@ -25,3 +26,4 @@ __attribute__((target("avx512f"))) inline __m512 exp512(__m512 x) {
 }
 
 }  // namespace step3vl::cpu
+#endif
