@@ -1,7 +1,8 @@
 // CPU cascade (shared-prefix) decode attention over the paged KV cache: the engine's CPU decode path.
-// Semantics: kernels/paged_decode_ref.py (cascade_decode). Each (group, kv head) task streams the group's
-// prefix once for all of the group's rows x GQA heads, then continues the same online softmax over each
-// row's own suffix, so no LSE merge and no dense copy of any context.
+// Semantics: kernels/paged_decode_ref.py (cascade_decode). Tasks stream 256-token chunks of the pool in place
+// (no dense copy of any context): a chunk of a group's shared prefix against all of the group's rows x heads
+// at once (so the prefix is read once per group), or a chunk of one row's own suffix; each leaves online-softmax
+// partials that a last pass merges per row in a fixed order.
 #pragma once
 
 #include <cstdint>

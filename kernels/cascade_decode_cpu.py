@@ -1,10 +1,12 @@
 """CPU cascade (shared-prefix) decode attention: the C++ kernel in csrc/cpu_attention.cpp.
 
 Same contract as paged_decode_ref.cascade_decode (its reference): row b attends to its group's prefix
-followed by its own suffix. One task per (group, kv head) streams the prefix from the paged pool once for
-all of the group's rows x GQA heads, then continues the same online softmax over each row's suffix blocks,
-so nothing is gathered into a dense copy. AVX-512 where the CPU has it (checked at run time), a portable
-loop elsewhere. Tasks run on OpenMP threads: the runtime torch itself uses, so torch.set_num_threads applies.
+followed by its own suffix. Tasks stream 256-token chunks straight from the paged pool, whole
+[token, Hkv, D] rows at a time: a chunk of a group's prefix for all of the group's rows x heads (the prefix is
+read once per group), or a chunk of one row's suffix; their online-softmax partials are merged per row in a
+fixed order, so a row's result does not depend on the rest of the batch. AVX-512 where the CPU has it
+(checked at run time), a portable loop elsewhere. Tasks run on OpenMP threads: the runtime torch itself uses,
+so torch.set_num_threads applies.
 """
 from __future__ import annotations
 
