@@ -52,3 +52,12 @@ def test_native_logprobs_match_torch_path(qwen3_ckpt):
             assert a.keys() == b.keys()
             for t in a:
                 assert abs(a[t] - b[t]) < 1e-4
+
+
+def test_long_generations_match_torch_path(qwen3_ckpt):
+    """Suffixes past 256 tokens are split into chunks across threads; the tokens stay those of the torch path."""
+    ckpt, _ = qwen3_ckpt
+    params = SamplingParams(n=3, temperature=0.8, max_tokens=300, ignore_eos=True, seed=11)
+    want, got = (_run(ckpt, "float32", k, [list(range(3, 40))], params) for k in (False, True))
+    assert got == want
+    assert all(len(t) == 300 for t in got[0])
