@@ -23,6 +23,33 @@ T *ptr(uint64_t address) {
   return reinterpret_cast<T *>(static_cast<uintptr_t>(address));
 }
 
+// The step's cascade metadata (tables are int32 addresses); q, out and the caches are the caller's to fill.
+step3vl::cpu::CascadeDecodeArgs cascade_metadata(int64_t num_blocks, int64_t block_size, int64_t num_kv_heads,
+                                                 int64_t num_q_heads, int64_t head_dim, int64_t batch,
+                                                 int64_t num_groups, uint64_t prefix_tables, int64_t prefix_stride,
+                                                 uint64_t prefix_lens, uint64_t group_rows, uint64_t group_ptr,
+                                                 uint64_t suffix_tables, int64_t suffix_stride,
+                                                 uint64_t suffix_lens, float scale) {
+  step3vl::cpu::CascadeDecodeArgs a;
+  a.num_blocks = num_blocks;
+  a.block_size = block_size;
+  a.num_kv_heads = num_kv_heads;
+  a.num_q_heads = num_q_heads;
+  a.head_dim = head_dim;
+  a.batch = batch;
+  a.num_groups = num_groups;
+  a.prefix_tables = ptr<const int32_t>(prefix_tables);
+  a.prefix_stride = prefix_stride;
+  a.prefix_lens = ptr<const int32_t>(prefix_lens);
+  a.group_rows = ptr<const int32_t>(group_rows);
+  a.group_ptr = ptr<const int32_t>(group_ptr);
+  a.suffix_tables = ptr<const int32_t>(suffix_tables);
+  a.suffix_stride = suffix_stride;
+  a.suffix_lens = ptr<const int32_t>(suffix_lens);
+  a.scale = scale;
+  return a;
+}
+
 }  // namespace
 
 void bind_cpu_kernels(py::module_ &m) {
@@ -37,27 +64,13 @@ void bind_cpu_kernels(py::module_ &m) {
          uint64_t prefix_tables, int64_t prefix_stride, uint64_t prefix_lens, uint64_t group_rows,
          uint64_t group_ptr, uint64_t suffix_tables, int64_t suffix_stride, uint64_t suffix_lens, float scale,
          uint64_t out, bool simd) {
-        step3vl::cpu::CascadeDecodeArgs a;
+        step3vl::cpu::CascadeDecodeArgs a = cascade_metadata(
+            num_blocks, block_size, num_kv_heads, num_q_heads, head_dim, batch, num_groups, prefix_tables,
+            prefix_stride, prefix_lens, group_rows, group_ptr, suffix_tables, suffix_stride, suffix_lens, scale);
         a.q = ptr<const float>(q);
         a.k_cache = ptr<const void>(k_cache);
         a.v_cache = ptr<const void>(v_cache);
         a.kv_bf16 = kv_bf16;
-        a.num_blocks = num_blocks;
-        a.block_size = block_size;
-        a.num_kv_heads = num_kv_heads;
-        a.num_q_heads = num_q_heads;
-        a.head_dim = head_dim;
-        a.batch = batch;
-        a.num_groups = num_groups;
-        a.prefix_tables = ptr<const int32_t>(prefix_tables);
-        a.prefix_stride = prefix_stride;
-        a.prefix_lens = ptr<const int32_t>(prefix_lens);
-        a.group_rows = ptr<const int32_t>(group_rows);
-        a.group_ptr = ptr<const int32_t>(group_ptr);
-        a.suffix_tables = ptr<const int32_t>(suffix_tables);
-        a.suffix_stride = suffix_stride;
-        a.suffix_lens = ptr<const int32_t>(suffix_lens);
-        a.scale = scale;
         a.out = ptr<float>(out);
         step3vl::cpu::check_cascade_decode(a);
         py::gil_scoped_release release;
@@ -145,23 +158,9 @@ void bind_cpu_kernels(py::module_ &m) {
         d.head_dim = head_dim;
         d.inter = inter;
         d.eps = eps;
-        step3vl::cpu::CascadeDecodeArgs a;
-        a.num_blocks = num_blocks;
-        a.block_size = block_size;
-        a.num_kv_heads = kv_heads;
-        a.num_q_heads = heads;
-        a.head_dim = head_dim;
-        a.batch = batch;
-        a.num_groups = num_groups;
-        a.prefix_tables = ptr<const int32_t>(prefix_tables);
-        a.prefix_stride = prefix_stride;
-        a.prefix_lens = ptr<const int32_t>(prefix_lens);
-        a.group_rows = ptr<const int32_t>(group_rows);
-        a.group_ptr = ptr<const int32_t>(group_ptr);
-        a.suffix_tables = ptr<const int32_t>(suffix_tables);
-        a.suffix_stride = suffix_stride;
-        a.suffix_lens = ptr<const int32_t>(suffix_lens);
-        a.scale = scale;
+        const step3vl::cpu::CascadeDecodeArgs a = cascade_metadata(
+            num_blocks, block_size, kv_heads, heads, head_dim, batch, num_groups, prefix_tables, prefix_stride,
+            prefix_lens, group_rows, group_ptr, suffix_tables, suffix_stride, suffix_lens, scale);
         step3vl::cpu::check_cascade_decode(a);
         const int64_t *sl = ptr<const int64_t>(slots);
         for (int64_t i = 0; i < batch; ++i)

@@ -223,7 +223,6 @@ struct Task {
     }
   }
 
-  // The next tile is fetched while the current one computes.
   void prefetch(const int64_t *at, int n) const {
     const int64_t es = a.kv_bf16 ? 2 : 4, bytes = a.num_kv_heads * a.head_dim * es;
     const char *k = static_cast<const char *>(a.k_cache), *v = static_cast<const char *>(a.v_cache);
@@ -255,20 +254,17 @@ struct Task {
   // Streams tokens [t_begin, t_end) of a block table through every head's running softmax.
   void stream(const int32_t *table, int64_t t_begin, int64_t t_end, Scratch &w) const {
     const int64_t d = a.head_dim, hkv = a.num_kv_heads, row = hkv * d, ms = w.mp + 16;
-    int64_t cur[kTile], next[kTile];
-    // Ask for the whole range up front: its rows are cold (the weights streamed through the caches since the
-    // last layer), so all of their fetches should be in flight at once, not one tile ahead.
+    int64_t cur[kTile];
+    // Ask for the whole range (at most kChunk tokens) up front: its rows are cold (the weights streamed through
+    // the caches since the last layer), so all of their fetches should be in flight at once.
     for (int64_t t0 = t_begin; t0 < t_end; t0 += kTile) {
       const int cnt = static_cast<int>(std::min<int64_t>(kTile, t_end - t0));
       tile_offsets(table, t0, cnt, cur);
       prefetch(cur, cnt);
     }
-    int n = static_cast<int>(std::min<int64_t>(kTile, t_end - t_begin));
-    tile_offsets(table, t_begin, n, cur);
     for (int64_t t0 = t_begin; t0 < t_end; t0 += kTile) {
-      const int n_next = static_cast<int>(std::clamp<int64_t>(t_end - t0 - kTile, 0, kTile));
-      tile_offsets(table, t0 + kTile, n_next, next);
-      prefetch(next, n_next);
+      const int n = static_cast<int>(std::min<int64_t>(kTile, t_end - t0));
+      tile_offsets(table, t0, n, cur);
       if (a.kv_bf16)
         for (int j = 0; j < n; ++j) {
           load_row(a.k_cache, true, cur[j], row, w.kf.data() + j * row);
@@ -291,8 +287,6 @@ struct Task {
         tile_portable(w.q.data() + h * w.m * d, static_cast<int>(w.m), d, w.kr.data(), w.vr.data(), n, acc, mrun,
                       lrun);
       }
-      std::copy(next, next + n_next, cur);
-      n = n_next;
     }
   }
 

@@ -42,21 +42,13 @@ def stream_key(seeds: Tensor, sample_index: Tensor, step: Tensor) -> Tensor:
     return keys
 
 
-def _gumbel_argmax(z: Tensor, threshold: Tensor, u: Tensor) -> Tensor:
-    """sampling_ref.gumbel_argmax with the same arithmetic done in place (fewer [B, V] float64 passes)."""
-    noise = torch.log(u).neg_().log_()  # log(-log u)
-    score = z.double().sub_(noise)
-    score.masked_fill_(~(z >= threshold[:, None]), float("-inf"))
-    return score.argmax(dim=-1)
-
-
 def sample(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor,
            seeds: Tensor, sample_index: Tensor, step: Tensor) -> Tensor:
     """Same contract and same tokens as sampling_ref.sample."""
     sampling_ref.check_sampling_args(logits, temperature, top_k, top_p, min_p, seeds, sample_index, step)
     z, _ = sampling_ref.scaled_logits(logits, temperature)
     thr = sampling_ref.filter_threshold(z, top_k, top_p, min_p)
-    drawn = _gumbel_argmax(z, thr, uniforms(stream_key(seeds, sample_index, step), logits.shape[1]))
+    drawn = sampling_ref.gumbel_argmax(z, thr, uniforms(stream_key(seeds, sample_index, step), logits.shape[1]))
     greedy = temperature <= 0
     if not bool(greedy.any()):
         return drawn

@@ -134,8 +134,9 @@ def uniforms(key: Tensor, vocab: int) -> Tensor:
 
 def gumbel_argmax(z: Tensor, threshold: Tensor, u: Tensor) -> Tensor:
     """argmax over the kept tokens (z >= threshold) of z + Gumbel(u), in float64 -> [B]."""
-    score = z.double() - torch.log(-torch.log(u))
-    score = torch.where(z >= threshold[:, None], score, torch.full_like(score, float("-inf")))
+    noise = torch.log(u).neg_().log_()  # log(-log u), in place: one [B, V] float64 buffer
+    score = z.double().sub_(noise)
+    score.masked_fill_(~(z >= threshold[:, None]), float("-inf"))
     return score.argmax(dim=-1)
 
 

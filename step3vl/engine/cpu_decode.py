@@ -16,6 +16,12 @@ from step3vl.engine.kv_cache import KVCache
 from step3vl_kernels.linear_cpu import weight_layout
 
 
+def _linears(layer) -> list:
+    """A decoder layer's linears in the order of the native layer table (cpu_decoder.h)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+
+
 class CpuDecodeStack:
     def __init__(self, model, kv: KVCache):
         import step3vl_native
@@ -27,8 +33,8 @@ class CpuDecodeStack:
                      cfg.head_dim, cfg.intermediate_size, float(cfg.rms_norm_eps), cfg.head_dim ** -0.5)
         rows = []
         for i, layer in enumerate(text.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+            attn = layer.self_attn
+            linears = _linears(layer)
             q, k, v, o, gate, up, down = (lin.packed.data_ptr() for lin in linears)
             rows.append([layer.input_layernorm.weight.data_ptr(), q, k, v, attn.q_norm.weight.data_ptr(),
                          attn.k_norm.weight.data_ptr(), o, layer.post_attention_layernorm.weight.data_ptr(), gate,
@@ -44,10 +50,9 @@ class CpuDecodeStack:
         if kv.k[0].dtype != torch.float32 or kv.k[0].device.type != "cpu":
             return False
         for layer in model.model.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+            attn = layer.self_attn
             norms = [layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm]
-            if not all(isinstance(m, PackedLinear) and m.bias is None for m in linears):
+            if not all(isinstance(m, PackedLinear) and m.bias is None for m in _linears(layer)):
                 return False
             if not all(isinstance(m, NativeRMSNorm) for m in norms):
                 return False
