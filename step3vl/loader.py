@@ -183,3 +183,46 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     with torch.device(device):
         model.reset_buffers()
     return model.eval()
+
+
+def check_state(cfg: Step3VLConfig, state: dict[str, torch.Tensor], where: str = "state") -> dict[str, torch.Tensor]:
+    """Canonical names → tensors, checked against the model `cfg` describes (names, shapes, float dtypes)
+    without building it; raises CheckpointError naming the key."""
+    with torch.device("meta"):
+        expected = dict(Step3VLForCausalLM(cfg).named_parameters())
+    skip = {"lm_head.weight"} if cfg.text.tie_word_embeddings else set()
+    out = {}
+    for key, value in state.items():
+        name = canonical_key(key)
+        if name in skip:
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{where}: unexpected key {key!r}")
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise CheckpointError(f"{where}: key {key!r} has shape {list(value.shape)}, the model expects "
+                                  f"{list(expected[name].shape)}")
+        if not value.is_floating_point():
+            raise CheckpointError(f"{where}: key {key!r} has dtype {value.dtype}, expected a float tensor")
+        out[name] = value
+    missing = sorted(set(expected) - skip - set(out))
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} missing key(s), e.g. {missing[:5]}")
+    return out
+
+
+def model_from_state(cfg: Step3VLConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16,
+                     device: str | torch.device = "cpu", where: str = "state") -> Step3VLForCausalLM:
+    """Build the model from in-memory tensors (official or remote-code names), copying each into `dtype` on
+    `device`: e.g. a trainer's weights handed to an inference engine."""
+    checked = check_state(cfg, state, where)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Step3VLForCausalLM(cfg)
+    for name, value in checked.items():
+        _set_tensor(model, name, value.detach().to(device=device, dtype=dtype, copy=True), False)
+    if cfg.text.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.device(device):
+        model.reset_buffers()
+    return model.eval()
+

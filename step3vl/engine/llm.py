@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -88,17 +88,13 @@ class LLM:
                  kv_cache_memory: int | str | None = None, block_size: int = 16, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, max_num_seqs: int = 256, seed: int = 0,
                  use_kernels: bool | None = None, cascade_attention: bool | None = None, cpu_kernels: bool = True):
-        from step3vl_native import BlockManager
-
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size {block_size}: must be a power of two")
         self.dtype = _resolve_dtype(dtype, dev)
         self.model_path = Path(model)
         self.processor = Step3VLProcessor.from_pretrained(model)
-        self.model = load_model(model, dtype=self.dtype, device=dev)
-        if cpu_kernels and should_use_native(self.model, self.dtype):
-            use_native_decoder(self.model)
+        self.model = self._prepare(load_model(model, dtype=self.dtype, device=dev), cpu_kernels)
         cfg = self.model.cfg.text
         per_block = block_bytes(cfg, block_size, self.dtype)
         budget = parse_bytes(kv_cache_memory) if kv_cache_memory is not None else self._default_kv_bytes(dev)
@@ -113,9 +109,8 @@ class LLM:
                              f"{cfg.max_position_embeddings}")
         eos = set(self.processor.tokenizer.eos_token_ids) | set(cfg.eos_token_id)
         tok = self.processor.tokenizer
-        self.engine = EngineCore(
-            model=self.model, kv=kv, block_manager=BlockManager(num_blocks, block_size),
-            max_model_len=min(max_model_len or limit, cfg.max_position_embeddings), eos_token_ids=eos,
+        self._engine_args = dict(
+            kv=kv, max_model_len=min(max_model_len or limit, cfg.max_position_embeddings), eos_token_ids=eos,
             detokenizer_factory=lambda skip: tok.stream_decoder(skip),
             max_num_batched_tokens=max_num_batched_tokens or max(2048, block_size),
             max_num_seqs=max_num_seqs, use_kernels=dev.type == "cuda" if use_kernels is None else use_kernels,
@@ -124,8 +119,43 @@ class LLM:
             cascade_attention=dev.type != "cuda" if cascade_attention is None else cascade_attention,
             cpu_kernels=cpu_kernels,
             seed=seed)
+        self.engine = self._new_engine()
         self._ids = itertools.count()
         self._stats_base = (0, 0)  # (prefix_hit_tokens, preemptions) at the last reset_stats()
+
+    def _prepare(self, model, cpu_kernels: bool):
+        if cpu_kernels and should_use_native(model, self.dtype):
+            use_native_decoder(model)
+        return model
+
+    def _new_engine(self) -> EngineCore:
+        from step3vl_native import BlockManager
+
+        kv = self._engine_args["kv"]
+        return EngineCore(model=self.model, block_manager=BlockManager(kv.num_blocks, kv.block_size),
+                          **self._engine_args)
+
+    def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the model's weights (e.g. a trainer's, after an optimizer step); vLLM's load_weights.
+
+        `weights`: every checkpoint tensor by its official (or remote-code) name, e.g. `model.state_dict()` of a
+        Step3VLForCausalLM; copied into the engine's dtype and device. Needs an idle engine (no request in flight).
+        The prefix cache and pinned prefixes are dropped (their KV came from the old weights); the KV pool itself
+        is kept. Checked before anything changes: a wrong name or shape raises and leaves the engine as it was.
+        """
+        from step3vl.loader import check_state, model_from_state
+
+        if self.has_unfinished_requests():
+            raise RuntimeError(f"update_weights: {len(self.engine.requests)} request(s) in flight; let them finish "
+                               f"or abort them first")
+        state = dict(weights)
+        cfg = self.model.cfg
+        check_state(cfg, state, "update_weights")
+        self.model = self.engine = None  # release the old weights before the new ones are built
+        self.model = self._prepare(model_from_state(cfg, state, self.dtype, self._engine_args["kv"].k[0].device,
+                                                    "update_weights"), self._engine_args["cpu_kernels"])
+        self.engine = self._new_engine()
+        self._stats_base = (0, 0)
 
     @staticmethod
     def _default_kv_bytes(dev: torch.device) -> int:

@@ -68,24 +68,26 @@ class Step3VLForCausalLM(nn.Module):
             start += n
         return out
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with `image_features` [N, hidden] written over the N `<im_patch>` positions."""
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None,
+              image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with `image_features` [N, hidden] written over the N image positions: `image_mask`
+        [T] bool when given (a generated `<im_patch>` id is then an ordinary token), else every `<im_patch>` id."""
         x = self.model.embed_tokens(input_ids)
-        slots = input_ids == self.cfg.image_token_id
+        slots = input_ids == self.cfg.image_token_id if image_mask is None else image_mask.to(x.device)
         n = int(slots.sum())
         given = 0 if image_features is None else image_features.shape[0]
         if n != given:
-            raise ValueError(f"prompt has {n} <im_patch> tokens (id {self.cfg.image_token_id}) but {given} image "
-                             f"feature rows were given")
+            what = f"<im_patch> tokens (id {self.cfg.image_token_id})" if image_mask is None else "image positions"
+            raise ValueError(f"prompt has {n} {what} but {given} image feature rows were given")
         if n:
             x = x.clone()
             x[slots] = image_features.to(x.dtype)
         return x
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attention: AttentionBackend,
-                image_features: torch.Tensor | None = None) -> torch.Tensor:
+                image_features: torch.Tensor | None = None, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Packed tokens [T] at positions [T] → final hidden states [T, hidden] (call `compute_logits` next)."""
-        return self.model(self.embed(input_ids, image_features), positions, attention)
+        return self.model(self.embed(input_ids, image_features, image_mask), positions, attention)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

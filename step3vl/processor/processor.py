@@ -18,6 +18,7 @@ class ProcessedInput:
     input_ids: list[int]
     images: list[ImageViews] = field(default_factory=list)
     image_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each image's tokens
+    image_positions: list[int] = field(default_factory=list)  # the `<im_patch>` slots inside those spans
     prompt: str = ""  # the text before placeholder expansion
 
     @property
@@ -51,10 +52,13 @@ class Step3VLProcessor:
     ) -> tuple[str, list[Any]]:
         """Messages → (prompt text with one placeholder per image, the image sources in order)."""
         plain, images = split_images(messages)
+        return self.render_split(plain, add_generation_prompt, **kwargs), images
+
+    def render_split(self, plain: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        """Render messages whose images `split_images` already took out (image parts are bare placeholders)."""
         kwargs.setdefault("eos_token", self.tokenizer.eos_token)
         kwargs.setdefault("bos_token", _special(self.tokenizer.config.get("bos_token")))
-        text = render_chat(plain, self.tokenizer.chat_template, add_generation_prompt, **kwargs)
-        return text, images
+        return render_chat(plain, self.tokenizer.chat_template, add_generation_prompt, **kwargs)
 
     def __call__(
         self, text_or_messages: str | list[dict], images: Any = None, add_generation_prompt: bool = True
@@ -83,7 +87,9 @@ class Step3VLProcessor:
             ids += image_token_ids(v.grid, self.tokenizer.image_ids, self.layout)
             spans.append((start, len(ids)))
             ids += self.tokenizer.encode(piece)
-        return ProcessedInput(input_ids=ids, images=views, image_spans=spans, prompt=prompt)
+        patch = self.tokenizer.image_ids.im_patch
+        slots = [i for s, e in spans for i in range(s, e) if ids[i] == patch]
+        return ProcessedInput(input_ids=ids, images=views, image_spans=spans, image_positions=slots, prompt=prompt)
 
 
 def _as_list(images: Any) -> list[Any]:

@@ -16,11 +16,11 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from step3vl.config import Step3VLConfig
 from step3vl.model.vlm import Step3VLForCausalLM
+from step3vl.saver import write_shards
 from step3vl.tools.tiny_tokenizer import write_tiny_tokenizer
 
 PRESETS = {
@@ -67,21 +67,6 @@ def random_state_dict(cfg: Step3VLConfig, seed: int) -> dict[str, torch.Tensor]:
             value = torch.randn_like(t) * 0.02
         state[name] = value.to(torch.bfloat16).contiguous()
     return state
-
-
-def write_shards(state: dict[str, torch.Tensor], out: Path, shards: int) -> None:
-    names = list(state)
-    per = math.ceil(len(names) / shards)
-    weight_map, total = {}, 0
-    for i in range(shards):
-        part = names[i * per:(i + 1) * per]
-        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({n: state[n] for n in part}, str(out / file), metadata={"format": "pt"})
-        for n in part:
-            weight_map[n] = file
-            total += state[n].numel() * state[n].element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def make_tiny_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, shards: int = 2) -> Path:

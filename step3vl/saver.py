@@ -1,0 +1,75 @@
+"""Model → checkpoint directory in the official format (the inverse of loader.py): sharded safetensors with the
+official flat key names and an index, plus the source checkpoint's config, generation config and tokenizer files,
+so the result loads anywhere the original does (`load_model`, `LLM`, transformers-style readers).
+
+Written into a temporary sibling directory and renamed into place: a crash never leaves a half-written
+checkpoint under the target name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from step3vl.loader import INDEX_FILE
+
+_WEIGHT_SUFFIXES = (".safetensors",)
+
+
+def write_shards(state: dict[str, torch.Tensor], out: Path, shards: int) -> None:
+    """`state` split into `shards` files (by key order) plus the index."""
+    names = list(state)
+    per = max(1, math.ceil(len(names) / shards))
+    count = max(1, math.ceil(len(names) / per))
+    weight_map, total = {}, 0
+    for i in range(count):
+        part = names[i * per:(i + 1) * per]
+        file = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        save_file({n: state[n].contiguous() for n in part}, str(out / file), metadata={"format": "pt"})
+        for n in part:
+            weight_map[n] = file
+            total += state[n].numel() * state[n].element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
+def export_state(model: nn.Module, dtype: torch.dtype | None = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of `model` under their official names (a tied LM head is written once, as the
+    embedding), detached, on the CPU, cast to `dtype` (None keeps each tensor's own)."""
+    tied = getattr(model.cfg.text, "tie_word_embeddings", False)
+    state = {}
+    for name, t in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        t = t.detach().cpu()
+        state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return state
+
+
+def save_checkpoint(model: nn.Module, out: str | Path, source: str | Path, dtype: torch.dtype | None = torch.bfloat16,
+                    shards: int = 1) -> Path:
+    """Write `model` as a checkpoint directory at `out`, taking config.json and the tokenizer files from
+    `source` (the checkpoint it was loaded from). An existing `out` is replaced."""
+    out, source = Path(out), Path(source)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source}: no config.json to copy (source must be the checkpoint the model came from)")
+    if out.resolve() == source.resolve():
+        raise ValueError(f"{out}: refusing to overwrite the source checkpoint in place")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name != INDEX_FILE:
+            shutil.copy2(f, tmp / f.name)
+    write_shards(export_state(model, dtype), tmp, shards)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,128 @@
+"""Next-token training on image-text and chat examples: packed micro-batches (no padding), gradient
+accumulation with the loss averaged over every target of the optimizer step, AdamW + warm-up cosine,
+gradient clipping, optional activation checkpointing and autocast."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from step3vl.model.vlm import Step3VLForCausalLM
+from step3vl.train.data import TrainExample, pack, token_budget_batches
+from step3vl.train.logprobs import next_token_loss
+from step3vl.train.optim import OptimConfig, build_optimizer, clip_and_step
+
+
+@dataclass
+class PretrainConfig:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    max_tokens_per_batch: int = 8192  # tokens of one packed micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps
+    train_vision: bool = True  # False freezes the vision encoder and the projector
+    shuffle: bool = True
+    seed: int = 0
+    chunk_rows: int = 1024  # rows of logits alive at once
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
+    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 on a GPU, with fp32 weights
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens_per_batch", "grad_accum", "epochs", "chunk_rows"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"PretrainConfig.{name} = {getattr(self, name)!r}: must be an int >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"PretrainConfig.max_steps = {self.max_steps!r}: must be >= 1 or None")
+
+
+@dataclass
+class StepLog:
+    step: int  # optimizer steps done, 1-based
+    loss: float  # mean cross-entropy over the step's targets
+    lr: float
+    grad_norm: float
+    tokens: int
+    targets: int
+    seconds: float
+
+
+def set_trainable(model: Step3VLForCausalLM, train_vision: bool) -> None:
+    model.requires_grad_(True)
+    if not train_vision:
+        for name in ("vision_model", "vit_large_projector"):
+            if hasattr(model, name):
+                getattr(model, name).requires_grad_(False)
+
+
+def enable_activation_checkpointing(model: Step3VLForCausalLM) -> None:
+    """Each decoder layer keeps only its input; its activations are recomputed in the backward pass."""
+    for layer in model.model.layers:
+        if not getattr(layer, "_checkpointed", False):
+            layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+            layer._checkpointed = True
+
+
+class Pretrainer:
+    def __init__(self, model: Step3VLForCausalLM, cfg: PretrainConfig | None = None):
+        self.model = model
+        self.cfg = cfg or PretrainConfig()
+        set_trainable(model, self.cfg.train_vision)
+        if self.cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
+
+    def _micro_batches(self, examples: list[TrainExample]) -> list[list[TrainExample]]:
+        order = list(range(len(examples)))
+        out: list[list[TrainExample]] = []
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        for _ in range(self.cfg.epochs):
+            if self.cfg.shuffle:
+                order = torch.randperm(len(examples), generator=gen).tolist()
+            out += token_budget_batches((examples[i] for i in order), self.cfg.max_tokens_per_batch)
+        return out
+
+    def _autocast(self):
+        if self.cfg.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.model.device.type, dtype=self.cfg.autocast_dtype)
+
+    def fit(self, examples: list[TrainExample], on_step: Callable[[StepLog], None] | None = None) -> list[StepLog]:
+        """Train over `examples` for cfg.epochs (or cfg.max_steps); returns one log per optimizer step."""
+        if not examples:
+            raise ValueError("Pretrainer.fit: no training examples")
+        micro = self._micro_batches(examples)
+        steps = -(-len(micro) // self.cfg.grad_accum)
+        if self.cfg.max_steps is not None:
+            steps = min(steps, self.cfg.max_steps)
+        opt, sched = build_optimizer(self.model, self.cfg.optim, steps)
+        self.model.train()
+        logs = []
+        for step in range(steps):
+            group = micro[step * self.cfg.grad_accum:(step + 1) * self.cfg.grad_accum]
+            logs.append(self._step(step + 1, group, opt, sched))
+            if on_step is not None:
+                on_step(logs[-1])
+        self.model.eval()
+        return logs
+
+    def _step(self, step: int, group: list[list[TrainExample]], opt, sched) -> StepLog:
+        t0 = time.perf_counter()
+        batches = [pack(g) for g in group]
+        targets = sum(b.num_targets for b in batches)
+        if targets == 0:
+            raise ValueError(f"optimizer step {step}: its examples have no target tokens")
+        total = 0.0
+        for b in batches:
+            with self._autocast():
+                loss_sum, _ = next_token_loss(self.model, b, self.cfg.chunk_rows)
+            (loss_sum / targets).backward()
+            total += loss_sum.item()
+        lr = opt.param_groups[0]["lr"]
+        norm = clip_and_step(self.model, opt, sched, self.cfg.optim.max_grad_norm)
+        return StepLog(step, total / targets, lr, norm, sum(len(b.input_ids) for b in batches), targets,
+                       time.perf_counter() - t0)

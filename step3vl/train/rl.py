@@ -1,0 +1,248 @@
+"""Reinforcement learning with outcome rewards: the engine samples a group of responses per prompt, a reward
+function scores each finished response, and the policy takes a clipped policy-gradient (PPO) step on
+group-normalised advantages (GRPO). No value model, no KL term (PaCoRe's recipe, PACORE.md: strict on-policy,
+no KL; GRPO-style advantages are its lighter common variant).
+
+One iteration:
+1. rollout: every prompt goes to the `LLM` with n = group_size and a seed of its own (reproducible);
+2. reward: reward_fn(response text, answer) in [0, 1];
+3. advantage: per group, r - mean (and / std with "grpo"); a group whose rewards are all equal carries no signal
+   and is left out of the update;
+4. update: token-level PPO loss over the packed (prompt + response) sequences, loss on response tokens only,
+   averaged over every response token of the iteration; `ppo_epochs` > 1 reuses the rollouts with the ratio
+   against the policy that sampled them (clipped at 1 ± clip_eps);
+5. sync: the engine receives the new weights (`LLM.update_weights`).
+
+The sampled distribution is softmax(logits / temperature); the policy's log-probabilities are taken at the same
+temperature. top_p / top_k truncation is not modelled in the ratio (keep them off for RL, as the recipes do).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from step3vl.engine import LLM, SamplingParams
+from step3vl.model.vlm import Step3VLForCausalLM
+from step3vl.train.data import IGNORE, TrainExample, pack, token_budget_batches
+from step3vl.train.logprobs import target_logprobs
+from step3vl.train.optim import OptimConfig, build_optimizer, clip_and_step
+from step3vl.train.pretrain import set_trainable
+
+ADVANTAGES = ("grpo", "mean")
+
+
+@dataclass
+class RLConfig:
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.0))
+    total_steps: int = 100  # for the lr schedule
+    group_size: int = 8  # responses per prompt
+    temperature: float = 1.0
+    max_tokens: int = 1024  # per response
+    advantage: str = "grpo"  # "grpo": (r - mean) / (std + eps); "mean": r - mean (no std scaling)
+    clip_eps: float = 0.2
+    ppo_epochs: int = 1  # 1 = strict on-policy
+    max_tokens_per_batch: int = 8192  # packed micro-batch size in the update
+    train_vision: bool = False
+    seed: int = 0
+    chunk_rows: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"RLConfig.advantage = {self.advantage!r}: choose from {ADVANTAGES}")
+        for name in ("group_size", "max_tokens", "ppo_epochs", "max_tokens_per_batch", "total_steps", "chunk_rows"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"RLConfig.{name} = {getattr(self, name)!r}: must be an int >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"RLConfig.temperature = {self.temperature!r}: must be > 0 (RL samples)")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"RLConfig.clip_eps = {self.clip_eps!r}: must be in (0, 1)")
+
+
+@dataclass
+class RLPrompt:
+    messages: list[dict]  # a chat; images as content parts
+    answer: Any  # what reward_fn compares against
+    id: str = ""
+
+
+@dataclass
+class Rollout:
+    prompt_index: int
+    sample_index: int
+    example: TrainExample  # prompt + response ids; targets on the response only
+    text: str
+    reward: float
+    advantage: float = 0.0
+    finish_reason: str | None = None
+    engine_logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def num_response_tokens(self) -> int:
+        return len(self.engine_logprobs)
+
+
+@dataclass
+class RLStepLog:
+    step: int
+    reward_mean: float
+    solved_fraction: float  # responses with reward >= 0.5
+    trained_groups: int  # groups with a non-zero advantage
+    loss: float
+    grad_norm: float
+    lr: float
+    response_tokens: int
+    clip_fraction: float  # response tokens whose ratio was clipped
+    logprob_gap: float | None  # mean |policy - engine| log-prob of the sampled tokens (temperature 1 only)
+    rollout_seconds: float
+    update_seconds: float
+
+
+def group_advantages(rewards: torch.Tensor, kind: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
+    """rewards [G, n] -> advantages [G, n]: minus the group mean, and for "grpo" over the group's (unbiased)
+    standard deviation; all-equal groups give zeros."""
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if kind == "mean":
+        return centred
+    std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(centred[:, :1])
+    return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
+
+
+def ppo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                   clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate -min(ratio A, clip(ratio) A) and whether each token was clipped."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
+    return -torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+def _stable_seed(*parts: Any) -> int:
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
+class RLTrainer:
+    """`model`: the policy being trained (fp32 weights; its own copy, not the engine's). `llm`: the engine that
+    samples, loaded from the same checkpoint. reward_fn(text, answer) -> float in [0, 1]."""
+
+    def __init__(self, model: Step3VLForCausalLM, llm: LLM, reward_fn: Callable[[str, Any], float],
+                 cfg: RLConfig | None = None):
+        self.model, self.llm, self.reward_fn = model, llm, reward_fn
+        self.cfg = cfg or RLConfig()
+        set_trainable(model, self.cfg.train_vision)
+        self.opt, self.sched = build_optimizer(model, self.cfg.optim, self.cfg.total_steps)
+        self.steps_done = 0
+
+    # -- rollout ------------------------------------------------------------------------------------
+
+    def rollout(self, prompts: list[RLPrompt]) -> list[Rollout]:
+        proc = self.llm.processor
+        requests, inputs, params = [], [], []
+        for i, p in enumerate(prompts):
+            text, sources = proc.apply_chat_template(p.messages, add_generation_prompt=True)
+            inputs.append(proc.process(text, sources))
+            requests.append({"prompt": text, "images": sources})
+            params.append(SamplingParams(n=self.cfg.group_size, temperature=self.cfg.temperature,
+                                         max_tokens=self.cfg.max_tokens, logprobs=0,
+                                         seed=_stable_seed(self.cfg.seed, self.steps_done, i, p.id)))
+        outs = self.llm.generate(requests, params, use_tqdm=False)
+        rollouts = []
+        for i, (p, inp, out) in enumerate(zip(prompts, inputs, outs)):
+            if out.prompt_token_ids != inp.input_ids:
+                raise RuntimeError(f"prompt {i}: the engine tokenised the prompt differently from the processor")
+            for c in out.outputs:
+                ids = inp.input_ids + list(c.token_ids)
+                labels = [IGNORE] * len(inp.input_ids) + list(c.token_ids)
+                reward = float(self.reward_fn(c.text, p.answer))
+                if not 0.0 <= reward <= 1.0 or math.isnan(reward):
+                    raise ValueError(f"prompt {i} sample {c.index}: reward_fn returned {reward}, expected [0, 1]")
+                lps = [d[t] for d, t in zip(c.logprobs or [], c.token_ids)]
+                rollouts.append(Rollout(i, c.index, TrainExample(ids, labels, inp.images, inp.image_positions), c.text, reward,
+                                        finish_reason=c.finish_reason, engine_logprobs=lps))
+        return rollouts
+
+    def assign_advantages(self, rollouts: list[Rollout], num_prompts: int) -> None:
+        n = self.cfg.group_size
+        rewards = torch.zeros(num_prompts, n, dtype=torch.float64)
+        for r in rollouts:
+            rewards[r.prompt_index, r.sample_index] = r.reward
+        adv = group_advantages(rewards, self.cfg.advantage)
+        for r in rollouts:
+            r.advantage = float(adv[r.prompt_index, r.sample_index])
+
+    # -- update -------------------------------------------------------------------------------------
+
+    def _token_advantages(self, batch_rollouts: list[Rollout], targets: torch.Tensor) -> torch.Tensor:
+        """[T] advantage of each packed position's target (0 where there is none)."""
+        per_pos = [torch.full((len(r.example),), r.advantage, dtype=torch.float32) for r in batch_rollouts]
+        return torch.cat(per_pos).to(targets.device) * (targets != IGNORE)
+
+    def update(self, rollouts: list[Rollout]) -> tuple[float, float, float, float | None]:
+        """PPO epochs over the rollouts with a non-zero advantage -> (loss, grad norm, clip fraction, gap)."""
+        active = [r for r in rollouts if r.advantage != 0.0 and r.num_response_tokens > 0]
+        if not active:  # every group's rewards were equal: nothing to learn from this batch
+            return 0.0, 0.0, 0.0, None
+        groups = list(token_budget_batches(active, self.cfg.max_tokens_per_batch, key=lambda r: len(r.example)))
+        batches = [pack([r.example for r in g]) for g in groups]
+        self.model.train()
+        with torch.no_grad():
+            old = [target_logprobs(self.model, b, self.cfg.chunk_rows, self.cfg.temperature) for b in batches]
+        gap = self._logprob_gap(groups, batches, old)
+        loss = clip_frac = norm = 0.0
+        for _ in range(self.cfg.ppo_epochs):
+            loss, clip_frac = self.accumulate_gradients(groups, batches, old)
+            norm = clip_and_step(self.model, self.opt, self.sched, self.cfg.optim.max_grad_norm)
+        self.model.eval()
+        return loss, norm, clip_frac, gap
+
+    def accumulate_gradients(self, groups: list[list[Rollout]], batches: list, old: list[torch.Tensor]
+                             ) -> tuple[float, float]:
+        """Backward of the PPO loss, averaged over every response token of all batches (no optimizer step);
+        returns (loss, fraction of tokens clipped)."""
+        n_tokens = sum(b.num_targets for b in batches)
+        total_loss, clipped = 0.0, 0
+        for g, b, old_lp in zip(groups, batches, old):
+            adv = self._token_advantages(g, b.targets)
+            mask = (b.targets != IGNORE).to(adv.device)
+            logp = target_logprobs(self.model, b, self.cfg.chunk_rows, self.cfg.temperature)
+            loss_tok, was_clipped = ppo_token_loss(logp, old_lp, adv, self.cfg.clip_eps)
+            loss = (loss_tok * mask).sum() / n_tokens
+            loss.backward()
+            total_loss += loss.item()
+            clipped += int((was_clipped & mask).sum())
+        return total_loss, clipped / n_tokens
+
+    def _logprob_gap(self, groups: list[list[Rollout]], batches, old: list[torch.Tensor]) -> float | None:
+        if self.cfg.temperature != 1.0:
+            return None
+        diffs = []
+        for g, b, lp in zip(groups, batches, old):
+            mine = lp[b.targets != IGNORE].cpu()
+            theirs = torch.tensor([x for r in g for x in r.engine_logprobs], dtype=torch.float32)
+            if theirs.numel() == mine.numel():
+                diffs.append((mine - theirs).abs())
+        return float(torch.cat(diffs).mean()) if diffs else None
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def step(self, prompts: list[RLPrompt]) -> RLStepLog:
+        if not prompts:
+            raise ValueError("RLTrainer.step: no prompts")
+        t0 = time.perf_counter()
+        rollouts = self.rollout(prompts)
+        self.assign_advantages(rollouts, len(prompts))
+        t1 = time.perf_counter()
+        lr = self.opt.param_groups[0]["lr"]
+        loss, norm, clip_frac, gap = self.update(rollouts)
+        self.llm.update_weights(self.model.state_dict())
+        self.steps_done += 1
+        rewards = torch.tensor([r.reward for r in rollouts])
+        trained = {r.prompt_index for r in rollouts if r.advantage != 0.0}
+        return RLStepLog(self.steps_done, float(rewards.mean()), float((rewards >= 0.5).float().mean()),
+                         len(trained), loss, norm, lr, sum(r.num_response_tokens for r in rollouts), clip_frac, gap,
+                         t1 - t0, time.perf_counter() - t1)

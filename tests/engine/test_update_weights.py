@@ -1,0 +1,76 @@
+"""LLM.update_weights: the engine takes a trainer's weights in place of its own, drops the KV it cached under
+the old ones, and refuses bad input without losing its current weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from step3vl.engine import LLM, SamplingParams
+from step3vl.loader import CheckpointError, load_model
+from step3vl.saver import save_checkpoint
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, logprobs=0)
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
+
+
+def _perturbed(ckpt, seed: int = 0):
+    model = load_model(ckpt, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _greedy(llm: LLM, prompt: str = PROMPT):
+    return llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+
+
+def test_update_matches_a_fresh_engine_on_the_saved_weights(tiny_ckpt, tmp_path):
+    llm = LLM(tiny_ckpt, kv_cache_memory="8MiB")
+    before = _greedy(llm).outputs[0]
+    model = _perturbed(tiny_ckpt)
+    llm.update_weights(model.state_dict())
+    after = _greedy(llm).outputs[0]
+    fresh = LLM(save_checkpoint(model, tmp_path / "new", tiny_ckpt, dtype=None), kv_cache_memory="8MiB")
+    want = _greedy(fresh).outputs[0]
+    assert after.token_ids == want.token_ids
+    assert after.cumulative_logprob == pytest.approx(want.cumulative_logprob, abs=1e-5)
+    assert after.cumulative_logprob != pytest.approx(before.cumulative_logprob, abs=1e-3)
+
+
+def test_update_drops_the_prefix_cache(tiny_ckpt):
+    llm = LLM(tiny_ckpt, kv_cache_memory="8MiB", block_size=8)
+    _greedy(llm)
+    assert _greedy(llm).num_cached_tokens > 0  # the prompt's blocks were cached
+    assert llm.kv_stats()["blocks_cached"] > 0
+    llm.update_weights(_perturbed(tiny_ckpt).state_dict())
+    assert llm.kv_stats()["blocks_cached"] == 0
+    assert _greedy(llm).num_cached_tokens == 0  # KV of the old weights is never reused
+
+
+def test_update_refuses_bad_weights_and_keeps_the_old_ones(tiny_ckpt):
+    llm = LLM(tiny_ckpt, kv_cache_memory="8MiB")
+    before = _greedy(llm).outputs[0].token_ids
+    state = _perturbed(tiny_ckpt).state_dict()
+    wrong_shape = dict(state, **{"model.norm.weight": torch.ones(3)})
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight.*shape \[3\]"):
+        llm.update_weights(wrong_shape)
+    with pytest.raises(CheckpointError, match="unexpected key 'model.extra'"):
+        llm.update_weights(dict(state, **{"model.extra": torch.zeros(1)}))
+    missing = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    with pytest.raises(CheckpointError, match="missing key"):
+        llm.update_weights(missing)
+    assert _greedy(llm).outputs[0].token_ids == before
+
+
+def test_update_refuses_while_requests_are_in_flight(tiny_ckpt):
+    llm = LLM(tiny_ckpt, kv_cache_memory="8MiB")
+    rid = llm.add_request(PROMPT, SamplingParams(max_tokens=50))
+    llm.step()
+    with pytest.raises(RuntimeError, match="in flight"):
+        llm.update_weights(_perturbed(tiny_ckpt).state_dict())
+    llm.abort(rid)
+    llm.update_weights(_perturbed(tiny_ckpt).state_dict())
+    assert len(_greedy(llm).outputs[0].token_ids) == 10
