@@ -1,4 +1,4 @@
-"""`step3vl` command line: demo, pacore (one question or a JSONL batch), generate, make-checkpoint.
+"""`step3vl` command line: demo, pacore (one question or a JSONL batch), generate, train, rl, make-checkpoint.
 
 PaCoRe sits on top of the engine, so this module (the top of the house) imports it only inside the
 commands that use it.
@@ -85,6 +85,39 @@ def _parser() -> argparse.ArgumentParser:
     _engine_args(g)
     g.set_defaults(func=_cmd_generate)
 
+    t = sub.add_parser("train", help="next-token training (image-text / chat JSONL) of a checkpoint")
+    t.add_argument("--model", required=True, type=Path, help="the checkpoint to start from")
+    t.add_argument("--data", required=True, type=Path,
+                   help='JSONL: {"messages": [...]} (loss on assistant turns) or {"text": ..., "images": [...]}')
+    t.add_argument("--out", required=True, type=Path, help="where to write the trained checkpoint")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--max-tokens-per-batch", type=int, default=8192)
+    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--freeze-vision", action="store_true", help="train the decoder only")
+    t.add_argument("--activation-checkpointing", action="store_true")
+    _optim_args(t, lr=1e-5)
+    t.set_defaults(func=_cmd_train)
+
+    r = sub.add_parser("rl", help="RL with outcome rewards (math answers) on problems, or on PaCoRe synthesis episodes")
+    r.add_argument("--model", required=True, type=Path)
+    r.add_argument("--problems", required=True, type=Path, help='JSONL problems: {"id", "messages", "ground_truth"}')
+    r.add_argument("--pacore-results", type=Path, default=None,
+                   help="PaCoRe results JSONL (from `step3vl pacore --output`): train on synthesis episodes whose "
+                        "references are drawn from these messages")
+    r.add_argument("--out", required=True, type=Path)
+    r.add_argument("--steps", type=int, default=10)
+    r.add_argument("--batch-size", type=int, default=4, help="prompts per step")
+    r.add_argument("--group-size", type=int, default=8, help="responses per prompt")
+    r.add_argument("--max-tokens", type=int, default=1024, help="new tokens per response")
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--ppo-epochs", type=int, default=1)
+    r.add_argument("--min-refs", type=int, default=16)
+    r.add_argument("--max-refs", type=int, default=24)
+    _optim_args(r, lr=1e-6)
+    r.add_argument("--kv-cache-memory", default=None, help="the rollout engine's KV pool, e.g. 2GiB")
+    r.set_defaults(func=_cmd_rl)
+
     m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the official format")
     m.add_argument("dir", type=Path)
     m.add_argument("--preset", default="tiny", choices=["tiny", "small"])
@@ -100,6 +133,25 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--kv-cache-memory", default=None, help="e.g. 2GiB (default: 60%% of free GPU memory, 1GiB on CPU)")
     e.add_argument("--max-model-len", type=int, default=None)
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _optim_args(p: argparse.ArgumentParser, lr: float) -> None:
+    o = p.add_argument_group("optimizer")
+    o.add_argument("--lr", type=float, default=lr)
+    o.add_argument("--warmup-steps", type=int, default=0)
+    o.add_argument("--weight-decay", type=float, default=0.0)
+    o.add_argument("--max-grad-norm", type=float, default=1.0)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--device", default=None)
+    o.add_argument("--log", type=Path, default=None, help="append one JSON line per step to this file")
+    o.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _optim_config(args):
+    from step3vl.train.optim import OptimConfig
+
+    return OptimConfig(lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                       max_grad_norm=args.max_grad_norm)
 
 
 def _load_llm(args, model: Path):
@@ -290,6 +342,52 @@ def _cmd_generate(args) -> int:
         print(f"{head}{c.text}")
         print(f"{head}({len(c.token_ids)} tokens, finish_reason={c.finish_reason})", file=sys.stderr)
     return 0
+
+
+def _cmd_train(args) -> int:
+    from step3vl.train.pretrain import PretrainConfig
+    from step3vl.train.run import pretrain
+
+    cfg = PretrainConfig(optim=_optim_config(args), max_tokens_per_batch=args.max_tokens_per_batch,
+                         grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
+                         train_vision=not args.freeze_vision, seed=args.seed,
+                         activation_checkpointing=args.activation_checkpointing)
+    logs = pretrain(args.model, args.data, args.out, cfg, device=args.device, log_path=args.log)
+    print(f"{len(logs)} steps, loss {logs[0].loss:.4f} -> {logs[-1].loss:.4f}; wrote {args.out}")
+    return 0
+
+
+def _cmd_rl(args) -> int:
+    from step3vl.train.rl import RLConfig
+    from step3vl.train.run import read_rl_prompts, reinforce
+
+    prompts = read_rl_prompts(args.problems)
+    if args.pacore_results is not None:
+        prompts = _synthesis_prompts(args, prompts)
+    cfg = RLConfig(optim=_optim_config(args), total_steps=args.steps, group_size=args.group_size,
+                   temperature=args.temperature, max_tokens=args.max_tokens, ppo_epochs=args.ppo_epochs, seed=args.seed)
+    engine = {"kv_cache_memory": args.kv_cache_memory} if args.kv_cache_memory else {}
+    logs = reinforce(args.model, prompts, args.out, args.steps, args.batch_size, cfg, device=args.device,
+                     engine_kwargs=engine, log_path=args.log)
+    print(f"{len(logs)} steps, mean reward {logs[0].reward_mean:.3f} -> {logs[-1].reward_mean:.3f}; wrote {args.out}")
+    return 0
+
+
+def _synthesis_prompts(args, prompts):
+    """PaCoRe synthesis episodes: each problem with references drawn from its PaCoRe result's messages."""
+    from pacore import EpisodeConfig, Problem, make_episodes, pool_from_result
+    from step3vl.train.data import read_jsonl
+
+    pools = {str(rec.get("request_id")): pool_from_result(rec) for rec in read_jsonl(args.pacore_results)}
+    problems = [Problem(p.id, p.messages, ground_truth=p.answer) for p in prompts if pools.get(p.id)]
+    if not problems:
+        raise ValueError(f"{args.pacore_results}: no result's request_id matches a problem id in {args.problems}")
+    cfg = EpisodeConfig(min_refs=args.min_refs, max_refs=args.max_refs, seed=args.seed)
+    episodes = make_episodes(problems, {p.id: pools[p.id] for p in problems}, cfg)
+    if not episodes:
+        raise ValueError("every synthesis episode was filtered out (their references are mostly right already)")
+    print(f"{len(episodes)} synthesis episodes from {len(problems)} problems", file=sys.stderr)
+    return [e.rl_prompt() for e in episodes]
 
 
 def _cmd_make_checkpoint(args) -> int:
