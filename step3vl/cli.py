@@ -378,7 +378,7 @@ def _synthesis_prompts(args, prompts):
     from pacore import EpisodeConfig, Problem, make_episodes, pool_from_result
     from step3vl.train.data import read_jsonl
 
-    pools = {str(rec.get("request_id")): pool_from_result(rec) for rec in read_jsonl(args.pacore_results)}
+    pools = {str(rec.get("request_id")): pool_from_result(rec) for _, rec in read_jsonl(args.pacore_results)}
     problems = [Problem(p.id, p.messages, ground_truth=p.answer) for p in prompts if pools.get(p.id)]
     if not problems:
         raise ValueError(f"{args.pacore_results}: no result's request_id matches a problem id in {args.problems}")

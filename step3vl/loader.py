@@ -198,6 +198,8 @@ def check_state(cfg: Step3VLConfig, state: dict[str, torch.Tensor], where: str =
             continue
         if name not in expected:
             raise CheckpointError(f"{where}: unexpected key {key!r}")
+        if name in out:
+            raise CheckpointError(f"{where}: key {key!r} duplicates {name!r} (the same tensor under both spellings)")
         if tuple(value.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{where}: key {key!r} has shape {list(value.shape)}, the model expects "
                                   f"{list(expected[name].shape)}")

@@ -76,7 +76,11 @@ def _pieces(processor: Step3VLProcessor, text: str, images: list[Any], is_target
 
 def chat_example(processor: Step3VLProcessor, messages: list[dict]) -> TrainExample:
     """Loss on each assistant turn: the text the template adds for that turn beyond the conversation before
-    it plus the generation prompt (so the role header is context, the content and end-of-turn are targets)."""
+    it plus the generation prompt (so the role header is context, the content and end-of-turn are targets).
+
+    The context and the reply are tokenised separately, as at inference (the prompt is tokenised alone, the
+    model then writes the reply's tokens), so a BPE merge across the header/reply boundary never appears in
+    training data; the ids may therefore differ from tokenising the whole rendered chat at once."""
     plain, sources = split_images(messages)
     if not any(m.get("role") == "assistant" for m in plain):
         raise ValueError("a chat example needs at least one assistant turn to learn from")
@@ -132,20 +136,21 @@ def example_from_record(processor: Step3VLProcessor, record: dict, where: str = 
         raise ValueError(f"{where}: {e}") from None
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict]:
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) for each non-blank line; a bad line raises naming file:line."""
     path = Path(path)
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: invalid JSON ({e})") from None
 
 
 def load_examples(processor: Step3VLProcessor, path: str | Path) -> list[TrainExample]:
-    return [example_from_record(processor, r, f"{path}:{i + 1}") for i, r in enumerate(read_jsonl(path))]
+    return [example_from_record(processor, r, f"{path}:{n}") for n, r in read_jsonl(path)]
 
 
 def pack(examples: list[TrainExample]) -> PackedBatch:

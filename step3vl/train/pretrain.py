@@ -112,7 +112,8 @@ class Pretrainer:
 
     def _step(self, step: int, group: list[list[TrainExample]], opt, sched) -> StepLog:
         t0 = time.perf_counter()
-        batches = [pack(g) for g in group]
+        # A micro-batch without targets (e.g. an image with an empty caption) adds nothing to the loss.
+        batches = [b for b in map(pack, group) if b.num_targets]
         targets = sum(b.num_targets for b in batches)
         if targets == 0:
             raise ValueError(f"optimizer step {step}: its examples have no target tokens")
@@ -124,5 +125,5 @@ class Pretrainer:
             total += loss_sum.item()
         lr = opt.param_groups[0]["lr"]
         norm = clip_and_step(self.model, opt, sched, self.cfg.optim.max_grad_norm)
-        return StepLog(step, total / targets, lr, norm, sum(len(b.input_ids) for b in batches), targets,
+        return StepLog(step, total / targets, lr, norm, sum(len(ex) for g in group for ex in g), targets,
                        time.perf_counter() - t0)

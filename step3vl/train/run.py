@@ -69,10 +69,10 @@ def pretrain(ckpt: str | Path, data: str | Path, out: str | Path, cfg: PretrainC
 def read_rl_prompts(path: str | Path) -> list[RLPrompt]:
     """Problems in the official PaCoRe format ({"id", "messages", "ground_truth"}) as RL prompts."""
     prompts = []
-    for i, rec in enumerate(read_jsonl(path)):
+    for n, rec in read_jsonl(path):
         if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list) or rec.get("ground_truth") is None:
-            raise ValueError(f"{path}:{i + 1}: a problem needs 'messages' (a list) and a 'ground_truth'")
-        prompts.append(RLPrompt(rec["messages"], rec["ground_truth"], id=str(rec.get("id", i))))
+            raise ValueError(f"{path}:{n}: a problem needs 'messages' (a list) and a 'ground_truth'")
+        prompts.append(RLPrompt(rec["messages"], rec["ground_truth"], id=str(rec.get("id", f"line{n}"))))
     return prompts
 
 
