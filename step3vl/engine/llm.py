@@ -124,37 +124,47 @@ class LLM:
         self._stats_base = (0, 0)  # (prefix_hit_tokens, preemptions) at the last reset_stats()
 
     def _prepare(self, model, cpu_kernels: bool):
-        if cpu_kernels and should_use_native(model, self.dtype):
+        self._native = cpu_kernels and should_use_native(model, self.dtype)
+        if self._native:
             use_native_decoder(model)
         return model
 
-    def _new_engine(self) -> EngineCore:
+    def _new_engine(self, rng=None) -> EngineCore:
         from step3vl_native import BlockManager
 
         kv = self._engine_args["kv"]
-        return EngineCore(model=self.model, block_manager=BlockManager(kv.num_blocks, kv.block_size),
+        core = EngineCore(model=self.model, block_manager=BlockManager(kv.num_blocks, kv.block_size),
                           **self._engine_args)
+        if rng is not None:
+            core._rng = rng  # requests without a seed keep drawing fresh seeds across weight updates
+        return core
 
     def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace the model's weights (e.g. a trainer's, after an optimizer step); vLLM's load_weights.
 
         `weights`: every checkpoint tensor by its official (or remote-code) name, e.g. `model.state_dict()` of a
         Step3VLForCausalLM; copied into the engine's dtype and device. Needs an idle engine (no request in flight).
-        The prefix cache and pinned prefixes are dropped (their KV came from the old weights); the KV pool itself
-        is kept. Checked before anything changes: a wrong name or shape raises and leaves the engine as it was.
+        The prefix cache and pinned prefixes are dropped (their KV came from the old weights; pin again after the
+        update); the KV pool itself is kept. Checked before anything changes: a wrong name, shape or dtype raises
+        and leaves the engine as it was. The weights are copied in place (no second copy of the model), except on
+        the native CPU path, whose packed layers are rebuilt beside the old ones and swapped in when complete.
         """
         from step3vl.loader import check_state, model_from_state
 
         if self.has_unfinished_requests():
             raise RuntimeError(f"update_weights: {len(self.engine.requests)} request(s) in flight; let them finish "
                                f"or abort them first")
-        state = dict(weights)
         cfg = self.model.cfg
-        check_state(cfg, state, "update_weights")
-        self.model = self.engine = None  # release the old weights before the new ones are built
-        self.model = self._prepare(model_from_state(cfg, state, self.dtype, self._engine_args["kv"].k[0].device,
-                                                    "update_weights"), self._engine_args["cpu_kernels"])
-        self.engine = self._new_engine()
+        state = check_state(cfg, dict(weights), "update_weights")
+        if self._native:
+            self.model = self._prepare(model_from_state(cfg, state, self.dtype, self.model.device, "update_weights"),
+                                       True)
+        else:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, value in state.items():
+                    params[name].copy_(value)
+        self.engine = self._new_engine(rng=self.engine._rng)
         self._stats_base = (0, 0)
 
     @staticmethod
@@ -270,13 +280,15 @@ class LLM:
         wanted, done = set(request_ids), {}
         bar = tqdm(total=len(request_ids), desc="generate", disable=not use_tqdm)
         while len(done) < len(wanted):
-            outs = self.step()
-            if not outs and not self.engine.scheduler.has_work():
+            changed = self.engine.step()
+            if not changed and not self.engine.scheduler.has_work():
                 raise RuntimeError("engine stalled with unfinished requests (this is a bug)")
-            for o in outs:
-                if o.finished and o.request_id in wanted:
-                    done[o.request_id] = o
-                    bar.update(1)
+            for req in changed:  # outputs only for finished requests: no per-step copies of long outputs
+                if req.finished:
+                    self.engine.requests.pop(req.request_id, None)
+                    if req.request_id in wanted:
+                        done[req.request_id] = self._output(req)
+                        bar.update(1)
         bar.close()
         return [done[r] for r in request_ids]
 

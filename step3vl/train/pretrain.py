@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -95,7 +96,13 @@ class Pretrainer:
         """Train over `examples` for cfg.epochs (or cfg.max_steps); returns one log per optimizer step."""
         if not examples:
             raise ValueError("Pretrainer.fit: no training examples")
-        micro = self._micro_batches(examples)
+        # An example without targets (an image with an empty caption, a one-token text) adds nothing to the loss.
+        usable = [ex for ex in examples if ex.num_targets]
+        if not usable:
+            raise ValueError(f"Pretrainer.fit: none of the {len(examples)} examples has a target token")
+        if len(usable) < len(examples):
+            warnings.warn(f"Pretrainer.fit: skipped {len(examples) - len(usable)} example(s) without target tokens")
+        micro = self._micro_batches(usable)
         steps = -(-len(micro) // self.cfg.grad_accum)
         if self.cfg.max_steps is not None:
             steps = min(steps, self.cfg.max_steps)
@@ -112,11 +119,8 @@ class Pretrainer:
 
     def _step(self, step: int, group: list[list[TrainExample]], opt, sched) -> StepLog:
         t0 = time.perf_counter()
-        # A micro-batch without targets (e.g. an image with an empty caption) adds nothing to the loss.
-        batches = [b for b in map(pack, group) if b.num_targets]
+        batches = [pack(g) for g in group]
         targets = sum(b.num_targets for b in batches)
-        if targets == 0:
-            raise ValueError(f"optimizer step {step}: its examples have no target tokens")
         total = 0.0
         for b in batches:
             with self._autocast():

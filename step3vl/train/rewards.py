@@ -34,54 +34,67 @@ def final_message(text: str) -> str:
 # -- extraction ---------------------------------------------------------------------------------------
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_IS = re.compile(r"answer\s*(?:is\s*:?|:)\s*(.+)", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"answer(?:\*\*)?\s*(?:is\s*:?|:)\s*(.+)", re.IGNORECASE)
+# A sentence ends at ". " / "; " / ", because ..." (not inside "3.5" or a list "1, 2").
+_SENTENCE_END = re.compile(r"\.\s|;|,\s+(?:since|because|as|which|so|and|but)\b", re.IGNORECASE)
 
 
-def _braced(s: str, start: int) -> int | None:
-    """Index just past the `}` closing the `{` at s[start - 1]; None when unbalanced. `\\{` `\\}` are text."""
-    depth, i = 1, start
+def _matching_braces(s: str) -> dict[int, int]:
+    """Index of each `{` -> index just past its `}`, in one pass (a cut-off text costs O(n), not O(n^2));
+    unbalanced `{` are absent. `\\{` `\\}` (any backslash pair) are text."""
+    close, stack, i = {}, [], 0
     while i < len(s):
         c = s[i]
         if c == "\\":
             i += 2
             continue
         if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
+            stack.append(i)
+        elif c == "}" and stack:
+            close[stack.pop()] = i + 1
         i += 1
-    return None
+    return close
 
 
 def _last_box(s: str) -> str | None:
-    """Content of the last balanced outermost `\\boxed{...}` / `\\fbox{...}` in s."""
-    found, pos = None, 0
-    while (m := _BOX.search(s, pos)) is not None:
-        end = _braced(s, m.end())
-        if end is None:  # unbalanced (a cut-off box): look for later ones inside it
-            pos = m.end()
+    """Content of the last balanced outermost `\\boxed{...}` / `\\fbox{...}` in s (a cut-off box is skipped,
+    boxes inside it still count)."""
+    close = _matching_braces(s)
+    found, after = None, 0
+    for m in _BOX.finditer(s):
+        end = close.get(m.end() - 1)
+        if end is None or m.start() < after:  # unbalanced, or nested in the box already taken
             continue
-        found, pos = s[m.end():end - 1], end  # skip boxes nested in this one
+        found, after = s[m.end():end - 1], end
     return found
+
+
+def _answer_phrase(line: str) -> str | None:
+    """X of the innermost "answer is X" / "Answer: X" of a line, cut at the end of its sentence."""
+    found = None
+    while (m := _ANSWER_IS.search(line)) is not None:
+        found = line = m.group(1)  # "Final Answer: The final answer is 5" -> "5"
+    if found is None:
+        return None
+    found = _SENTENCE_END.split(found, 1)[0]
+    prev = None
+    while prev != found:  # markdown bold and a closing period, in any order: "**5**." / "5.**"
+        prev, found = found, found.strip().strip("*").rstrip(".").strip()
+    return found or None
 
 
 def extract_answer(text: str) -> str | None:
     """The answer of a trajectory, read from its final message: the last `\\boxed{...}` (or `\\fbox{...}`),
-    else the last "answer is X" / "Answer: X" (to the end of its line), else None."""
+    else the last "answer is X" / "Answer: X" (the innermost one of its line, up to the end of the sentence),
+    else None."""
     msg = final_message(text)
     box = _last_box(msg)
     if box is not None:
         return box.strip()
     found = None
     for line in msg.splitlines():
-        for m in _ANSWER_IS.finditer(line):
-            found = m.group(1)
-    if found is None:
-        return None
-    found = found.strip().strip("*").strip()  # markdown bold around the answer
-    return found.rstrip(".").strip() or None
+        found = _answer_phrase(line) or found
+    return found
 
 
 # -- normalization ------------------------------------------------------------------------------------
@@ -108,7 +121,7 @@ def _unwrap(s: str, left: str, right: str) -> str:
     if not (s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right)):
         return s
     if left == "{":
-        return s[1:-1] if _braced(s, 1) == len(s) else s
+        return s[1:-1] if _matching_braces(s).get(0) == len(s) else s
     return s[len(left):-len(right)]
 
 
@@ -129,7 +142,7 @@ def normalize_answer(s: str) -> str:
     s = _unwrap(s, r"\(", r"\)")
     s = _unwrap(s, r"\[", r"\]")
     s = _SPACING.sub(" ", s).strip()
-    if (m := _BOX.match(s)) is not None and _braced(s, m.end()) == len(s):
+    if (m := _BOX.match(s)) is not None and _matching_braces(s).get(m.end() - 1) == len(s):
         s = s[m.end():-1].strip()
     s = _FRAC_ALIASES.sub(r"\\frac", s)
     s = _FRAC_SHORT.sub(lambda m: r"\frac" + _arg(m.group(1)) + _arg(m.group(2)), s)

@@ -44,6 +44,9 @@ class RLConfig:
     group_size: int = 8  # responses per prompt
     temperature: float = 1.0
     max_tokens: int = 1024  # per response
+    # A response cut off at max_tokens gets this reward instead of reward_fn's (None: reward_fn decides). Its
+    # reasoning may hold a tentative boxed answer that must not be rewarded as a conclusion.
+    truncated_reward: float | None = 0.0
     advantage: str = "grpo"  # "grpo": (r - mean) / (std + eps); "mean": r - mean (no std scaling)
     clip_eps: float = 0.2
     ppo_epochs: int = 1  # 1 = strict on-policy
@@ -62,6 +65,8 @@ class RLConfig:
             raise ValueError(f"RLConfig.temperature = {self.temperature!r}: must be > 0 (RL samples)")
         if not 0 < self.clip_eps < 1:
             raise ValueError(f"RLConfig.clip_eps = {self.clip_eps!r}: must be in (0, 1)")
+        if self.truncated_reward is not None and not 0.0 <= self.truncated_reward <= 1.0:
+            raise ValueError(f"RLConfig.truncated_reward = {self.truncated_reward!r}: must be in [0, 1] or None")
 
 
 @dataclass
@@ -135,7 +140,8 @@ class RLTrainer:
         self.model, self.llm, self.reward_fn = model, llm, reward_fn
         self.cfg = cfg or RLConfig()
         set_trainable(model, self.cfg.train_vision)
-        self.opt, self.sched = build_optimizer(model, self.cfg.optim, self.cfg.total_steps)
+        # One optimizer update per PPO epoch: the schedule spans them all.
+        self.opt, self.sched = build_optimizer(model, self.cfg.optim, self.cfg.total_steps * self.cfg.ppo_epochs)
         self.steps_done = 0
 
     # -- rollout ------------------------------------------------------------------------------------
@@ -147,6 +153,10 @@ class RLTrainer:
             text, sources = proc.apply_chat_template(p.messages, add_generation_prompt=True)
             inputs.append(proc.process(text, sources))
             requests.append({"prompt": text, "images": sources})
+            longest = len(inputs[-1].input_ids) + self.cfg.max_tokens
+            if longest > self.cfg.max_tokens_per_batch:  # checked before any sampling work is spent
+                raise ValueError(f"prompt {i} ({p.id!r}): {len(inputs[-1].input_ids)} prompt tokens + max_tokens "
+                                 f"{self.cfg.max_tokens} exceed max_tokens_per_batch {self.cfg.max_tokens_per_batch}")
             params.append(SamplingParams(n=self.cfg.group_size, temperature=self.cfg.temperature,
                                          max_tokens=self.cfg.max_tokens, logprobs=0,
                                          seed=_stable_seed(self.cfg.seed, self.steps_done, i, p.id)))
@@ -158,7 +168,8 @@ class RLTrainer:
             for c in out.outputs:
                 ids = inp.input_ids + list(c.token_ids)
                 labels = [IGNORE] * len(inp.input_ids) + list(c.token_ids)
-                reward = float(self.reward_fn(c.text, p.answer))
+                truncated = c.finish_reason == "length" and self.cfg.truncated_reward is not None
+                reward = self.cfg.truncated_reward if truncated else float(self.reward_fn(c.text, p.answer))
                 if not 0.0 <= reward <= 1.0 or math.isnan(reward):
                     raise ValueError(f"prompt {i} sample {c.index}: reward_fn returned {reward}, expected [0, 1]")
                 lps = [d[t] for d, t in zip(c.logprobs or [], c.token_ids)]
@@ -190,32 +201,38 @@ class RLTrainer:
         groups = list(token_budget_batches(active, self.cfg.max_tokens_per_batch, key=lambda r: len(r.example)))
         batches = [pack([r.example for r in g]) for g in groups]
         self.model.train()
-        with torch.no_grad():
-            old = [target_logprobs(self.model, b, self.cfg.chunk_rows, self.cfg.temperature) for b in batches]
-        gap = self._logprob_gap(groups, batches, old)
+        old = None  # one epoch is on-policy: the training pass itself gives the old log-probs (ratio 1)
+        if self.cfg.ppo_epochs > 1:
+            with torch.no_grad():
+                old = [target_logprobs(self.model, b, self.cfg.chunk_rows, self.cfg.temperature) for b in batches]
         loss = clip_frac = norm = 0.0
         for _ in range(self.cfg.ppo_epochs):
-            loss, clip_frac = self.accumulate_gradients(groups, batches, old)
+            loss, clip_frac, seen = self.accumulate_gradients(groups, batches, old)
+            old = old or seen
             norm = clip_and_step(self.model, self.opt, self.sched, self.cfg.optim.max_grad_norm)
         self.model.eval()
+        gap = self._logprob_gap(groups, batches, old)
         return loss, norm, clip_frac, gap
 
-    def accumulate_gradients(self, groups: list[list[Rollout]], batches: list, old: list[torch.Tensor]
-                             ) -> tuple[float, float]:
-        """Backward of the PPO loss, averaged over every response token of all batches (no optimizer step);
-        returns (loss, fraction of tokens clipped)."""
+    def accumulate_gradients(self, groups: list[list[Rollout]], batches: list, old: list[torch.Tensor] | None
+                             ) -> tuple[float, float, list[torch.Tensor]]:
+        """Backward of the PPO loss, averaged over every response token of all batches (no optimizer step).
+        old: the sampling policy's log-probs per batch; None = this pass's own (on-policy, ratio 1).
+        Returns (loss, fraction of tokens clipped, this pass's log-probs, detached)."""
         n_tokens = sum(b.num_targets for b in batches)
-        total_loss, clipped = 0.0, 0
-        for g, b, old_lp in zip(groups, batches, old):
+        total_loss, clipped, seen = 0.0, 0, []
+        for k, (g, b) in enumerate(zip(groups, batches)):
             adv = self._token_advantages(g, b.targets)
             mask = (b.targets != IGNORE).to(adv.device)
             logp = target_logprobs(self.model, b, self.cfg.chunk_rows, self.cfg.temperature)
+            seen.append(logp.detach())
+            old_lp = seen[-1] if old is None else old[k]
             loss_tok, was_clipped = ppo_token_loss(logp, old_lp, adv, self.cfg.clip_eps)
             loss = (loss_tok * mask).sum() / n_tokens
             loss.backward()
             total_loss += loss.item()
             clipped += int((was_clipped & mask).sum())
-        return total_loss, clipped / n_tokens
+        return total_loss, clipped / n_tokens, seen
 
     def _logprob_gap(self, groups: list[list[Rollout]], batches, old: list[torch.Tensor]) -> float | None:
         if self.cfg.temperature != 1.0:

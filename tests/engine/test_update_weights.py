@@ -27,13 +27,15 @@ def _greedy(llm: LLM, prompt: str = PROMPT):
     return llm.generate([prompt], GREEDY, use_tqdm=False)[0]
 
 
-def test_update_matches_a_fresh_engine_on_the_saved_weights(tiny_ckpt, tmp_path):
-    llm = LLM(tiny_ckpt, kv_cache_memory="8MiB")
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["native-rebuild", "torch-in-place"])
+def test_update_matches_a_fresh_engine_on_the_saved_weights(tiny_ckpt, tmp_path, cpu_kernels):
+    llm = LLM(tiny_ckpt, kv_cache_memory="8MiB", cpu_kernels=cpu_kernels)
     before = _greedy(llm).outputs[0]
     model = _perturbed(tiny_ckpt)
     llm.update_weights(model.state_dict())
     after = _greedy(llm).outputs[0]
-    fresh = LLM(save_checkpoint(model, tmp_path / "new", tiny_ckpt, dtype=None), kv_cache_memory="8MiB")
+    fresh = LLM(save_checkpoint(model, tmp_path / "new", tiny_ckpt, dtype=None), kv_cache_memory="8MiB",
+                cpu_kernels=cpu_kernels)
     want = _greedy(fresh).outputs[0]
     assert after.token_ids == want.token_ids
     assert after.cumulative_logprob == pytest.approx(want.cumulative_logprob, abs=1e-5)
@@ -74,3 +76,29 @@ def test_update_refuses_while_requests_are_in_flight(tiny_ckpt):
     llm.abort(rid)
     llm.update_weights(_perturbed(tiny_ckpt).state_dict())
     assert len(_greedy(llm).outputs[0].token_ids) == 10
+
+
+def test_a_failed_rebuild_leaves_the_engine_as_it_was(tiny_ckpt, monkeypatch):
+    import step3vl.loader
+
+    llm = LLM(tiny_ckpt, kv_cache_memory="8MiB")
+    before = _greedy(llm).outputs[0].token_ids
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("simulated: no room for the new weights")
+
+    monkeypatch.setattr(step3vl.loader, "model_from_state", out_of_memory)
+    with pytest.raises(MemoryError):
+        llm.update_weights(_perturbed(tiny_ckpt).state_dict())
+    assert _greedy(llm).outputs[0].token_ids == before
+
+
+def test_unseeded_requests_keep_drawing_fresh_seeds_across_updates(tiny_ckpt):
+    llm = LLM(tiny_ckpt, kv_cache_memory="8MiB", seed=7)
+    state = load_model(tiny_ckpt, dtype=torch.float32).state_dict()  # the same weights: only seeds can differ
+    sample = SamplingParams(n=4, max_tokens=8, temperature=1.0)
+    runs = []
+    for _ in range(3):
+        runs.append([c.token_ids for c in llm.generate([PROMPT], sample, use_tqdm=False)[0].outputs])
+        llm.update_weights(state)
+    assert runs[0] != runs[1] and runs[1] != runs[2]

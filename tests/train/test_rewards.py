@@ -152,3 +152,25 @@ def test_fraction_reward_is_exact(n, i, j, pad, equal, scale, p, q, as_int, form
         latex = ("-" if p < 0 else "") + f"\\{form}{{{abs(p)}}}{{{q}}}"
     text = f"<think>work</think>So the result is \\boxed{{{latex}}}."
     assert math_reward(text, gold) == (1.0 if Fraction(p, q) == gold_value else 0.0)
+
+
+@pytest.mark.parametrize("text, want", [
+    ("The answer is **5**.", "5"),
+    ("**Final Answer**: 5", "5"),
+    ("Final Answer: The final answer is 5. I hope it is correct.", "5"),
+    ("The answer is 5, since 2 + 3 = 5", "5"),
+    ("The answer is 1, 2", "1, 2"),
+    ("answer: 3.5", "3.5"),
+])
+def test_answer_phrases_common_formats(text, want):
+    assert extract_answer(text) == want
+
+
+def test_extraction_is_linear_on_cut_off_boxes():
+    """A repetition loop of unclosed boxes (a truncated 64K-token response) must not take quadratic time."""
+    import time
+
+    text = "\\boxed{" * 100_000 + " \\boxed{7}"
+    t0 = time.perf_counter()
+    assert extract_answer(text) == "7"
+    assert time.perf_counter() - t0 < 2.0

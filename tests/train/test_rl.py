@@ -99,8 +99,9 @@ def _rollout(i, prompt_ids, response, adv) -> Rollout:
     return Rollout(i, 0, ex, "", 0.0, adv, "length", [0.0] * len(response))
 
 
+@pytest.mark.parametrize("on_policy", [True, False], ids=["old-from-this-pass", "old-given"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_update_gradient_matches_per_sequence_reference(ckpt, temperature):
+def test_update_gradient_matches_per_sequence_reference(ckpt, temperature, on_policy):
     model = load_model(ckpt, dtype=torch.float32)
     model.requires_grad_(True)
     g = torch.Generator().manual_seed(0)
@@ -116,8 +117,10 @@ def test_update_gradient_matches_per_sequence_reference(ckpt, temperature):
     assert len(groups) == 2
     batches = [pack([r.example for r in grp]) for grp in groups]
     from step3vl.train.logprobs import target_logprobs
-    with torch.no_grad():
-        old = [target_logprobs(model, b, temperature=temperature) for b in batches]
+    old = None
+    if not on_policy:
+        with torch.no_grad():
+            old = [target_logprobs(model, b, temperature=temperature) for b in batches]
     trainer.accumulate_gradients(groups, batches, old)
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(got) == set(want)
@@ -130,8 +133,9 @@ def test_update_gradient_matches_per_sequence_reference(ckpt, temperature):
 def _trainer(ckpt, **kw) -> RLTrainer:
     llm = LLM(ckpt, kv_cache_memory="16MiB")
     model = load_model(ckpt, dtype=torch.float32)
+    # The random-weight model rarely ends a response by itself: the toy rewards judge truncated text too.
     cfg = RLConfig(**{"optim": OptimConfig(lr=3e-3, weight_decay=0.0), "group_size": 8, "max_tokens": 8,
-                      "total_steps": 20, **kw})
+                      "total_steps": 20, "truncated_reward": None, **kw})
     return RLTrainer(model, llm, _contains, cfg)
 
 
@@ -195,3 +199,35 @@ def test_bad_reward_is_an_error(ckpt):
     tr.reward_fn = lambda text, answer: 2.0
     with pytest.raises(ValueError, match=r"reward_fn returned 2.0"):
         tr.step(PROMPTS)
+
+
+def test_ppo_epochs_reuse_rollouts_and_the_schedule_spans_every_update(ckpt):
+    tr = _trainer(ckpt, ppo_epochs=3, total_steps=2, clip_eps=0.05,
+                  optim=OptimConfig(lr=3e-2, weight_decay=0.0, min_lr_ratio=0.0))
+    rollouts = tr.rollout(PROMPTS)
+    tr.assign_advantages(rollouts, 2)
+    lrs = []
+    tr.opt.register_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    loss, norm, clip_frac, gap = tr.update(rollouts)
+    assert len(lrs) == 3  # one optimizer update per epoch
+    # 2 iterations x 3 epochs = 6 updates on the cosine: the first iteration's three are the top half of it.
+    from step3vl.train.optim import lr_factor
+    assert lrs == pytest.approx([3e-2 * lr_factor(i, 0, 6, 0.0) for i in range(3)])
+    assert clip_frac > 0  # later epochs moved away from the sampling policy by more than clip_eps
+    assert gap < 1e-4  # measured against the sampling policy, not the updated one
+
+
+def test_truncated_responses_get_the_truncation_reward(ckpt):
+    tr = _trainer(ckpt, max_tokens=2, truncated_reward=0.0)  # every response is cut off
+    tr.reward_fn = lambda text, answer: 1.0
+    rollouts = tr.rollout(PROMPTS)
+    assert all(r.finish_reason == "length" and r.reward == 0.0 for r in rollouts)
+    tr.cfg.truncated_reward = None  # reward_fn decides
+    assert all(r.reward == 1.0 for r in tr.rollout(PROMPTS))
+
+
+def test_prompt_over_the_batch_budget_fails_before_sampling(ckpt):
+    tr = _trainer(ckpt, max_tokens_per_batch=16)
+    with pytest.raises(ValueError, match=r"prompt 0 \('p0'\): \d+ prompt tokens \+ max_tokens 8 exceed max_tokens_per_batch 16"):
+        tr.rollout(PROMPTS)
+    assert tr.llm.kv_stats()["decode_tokens_computed"] == 0
