@@ -112,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-tokens", type=int, default=1024, help="new tokens per response")
     r.add_argument("--temperature", type=float, default=1.0)
     r.add_argument("--ppo-epochs", type=int, default=1)
+    r.add_argument("--clip-eps", type=float, default=0.2)
+    r.add_argument("--advantage", default="grpo", choices=["grpo", "mean"])
+    r.add_argument("--truncated-reward", type=float, default=0.0,
+                   help="reward of a response cut off at --max-tokens (default 0)")
+    r.add_argument("--max-tokens-per-batch", type=int, default=16384, help="packed tokens per update micro-batch")
     r.add_argument("--min-refs", type=int, default=16)
     r.add_argument("--max-refs", type=int, default=24)
     _optim_args(r, lr=1e-6)
@@ -144,6 +149,9 @@ def _optim_args(p: argparse.ArgumentParser, lr: float) -> None:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default=None)
     o.add_argument("--log", type=Path, default=None, help="append one JSON line per step to this file")
+    o.add_argument("--save-every", type=int, default=None, help="also write <out>-step<k> every k steps")
+    o.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="dtype of the written checkpoints (float32 keeps updates smaller than a bf16 step)")
     o.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -352,42 +360,63 @@ def _cmd_train(args) -> int:
                          grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
                          train_vision=not args.freeze_vision, seed=args.seed,
                          activation_checkpointing=args.activation_checkpointing)
-    logs = pretrain(args.model, args.data, args.out, cfg, device=args.device, log_path=args.log)
+    logs = pretrain(args.model, args.data, args.out, cfg, device=args.device, log_path=args.log,
+                    save_every=args.save_every, save_dtype=_save_dtype(args))
     print(f"{len(logs)} steps, loss {logs[0].loss:.4f} -> {logs[-1].loss:.4f}; wrote {args.out}")
     return 0
 
 
 def _cmd_rl(args) -> int:
     from step3vl.train.rl import RLConfig
-    from step3vl.train.run import read_rl_prompts, reinforce
+    from step3vl.train.run import Cycle, read_rl_prompts, reinforce
 
     prompts = read_rl_prompts(args.problems)
-    if args.pacore_results is not None:
-        prompts = _synthesis_prompts(args, prompts)
+    cycle = Cycle(prompts, args.seed)
+    batches = (_synthesis_batches(args, cycle) if args.pacore_results is not None
+               else lambda step: cycle.take(args.batch_size))
     cfg = RLConfig(optim=_optim_config(args), total_steps=args.steps, group_size=args.group_size,
-                   temperature=args.temperature, max_tokens=args.max_tokens, ppo_epochs=args.ppo_epochs, seed=args.seed)
+                   temperature=args.temperature, max_tokens=args.max_tokens, advantage=args.advantage,
+                   clip_eps=args.clip_eps, ppo_epochs=args.ppo_epochs, truncated_reward=args.truncated_reward,
+                   max_tokens_per_batch=args.max_tokens_per_batch, seed=args.seed)
     engine = {"kv_cache_memory": args.kv_cache_memory} if args.kv_cache_memory else {}
-    logs = reinforce(args.model, prompts, args.out, args.steps, args.batch_size, cfg, device=args.device,
-                     engine_kwargs=engine, log_path=args.log)
+    logs = reinforce(args.model, batches, args.out, args.steps, cfg, device=args.device, engine_kwargs=engine,
+                     log_path=args.log, save_every=args.save_every, save_dtype=_save_dtype(args))
     print(f"{len(logs)} steps, mean reward {logs[0].reward_mean:.3f} -> {logs[-1].reward_mean:.3f}; wrote {args.out}")
     return 0
 
 
-def _synthesis_prompts(args, prompts):
-    """PaCoRe synthesis episodes: each problem with references drawn from its PaCoRe result's messages."""
+def _save_dtype(args):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.save_dtype]
+
+
+def _synthesis_batches(args, cycle):
+    """PaCoRe synthesis episodes, drawn afresh each step (|M| ~ U(min, max) references from the problem's PaCoRe
+    messages, seeded by step); instances whose references are mostly right are skipped."""
     from pacore import EpisodeConfig, Problem, make_episodes, pool_from_result
     from step3vl.train.data import read_jsonl
 
     pools = {str(rec.get("request_id")): pool_from_result(rec) for _, rec in read_jsonl(args.pacore_results)}
-    problems = [Problem(p.id, p.messages, ground_truth=p.answer) for p in prompts if pools.get(p.id)]
-    if not problems:
+    usable = [p for p in cycle.items if pools.get(p.id)]
+    if not usable:
         raise ValueError(f"{args.pacore_results}: no result's request_id matches a problem id in {args.problems}")
-    cfg = EpisodeConfig(min_refs=args.min_refs, max_refs=args.max_refs, seed=args.seed)
-    episodes = make_episodes(problems, {p.id: pools[p.id] for p in problems}, cfg)
-    if not episodes:
-        raise ValueError("every synthesis episode was filtered out (their references are mostly right already)")
-    print(f"{len(episodes)} synthesis episodes from {len(problems)} problems", file=sys.stderr)
-    return [e.rl_prompt() for e in episodes]
+    cycle.items = usable
+    print(f"synthesis episodes for {len(usable)} problems", file=sys.stderr)
+
+    def batch(step: int):
+        cfg = EpisodeConfig(min_refs=args.min_refs, max_refs=args.max_refs, seed=args.seed * 1_000_003 + step)
+        episodes = []
+        for _ in range(len(usable)):  # at most one pass of problems per batch
+            if len(episodes) == args.batch_size:
+                break
+            (p,) = cycle.take(1)
+            problem = Problem(p.id, p.messages, ground_truth=p.answer)
+            episodes += make_episodes([problem], {p.id: pools[p.id]}, cfg)
+        if not episodes:
+            raise ValueError(f"step {step}: every synthesis episode was filtered out (references mostly right)")
+        return [e.rl_prompt() for e in episodes]
+    return batch
 
 
 def _cmd_make_checkpoint(args) -> int:

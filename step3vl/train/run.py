@@ -41,19 +41,32 @@ class _JsonlLog:
             self.file.close()
 
 
+def _saver(ckpt: str | Path, out: str | Path, every: int | None, dtype: torch.dtype):
+    """on_step(step, model): a checkpoint `<out>-step<k>` every `every` steps (beside the final one at out)."""
+    out = Path(out)
+
+    def save(step: int, model) -> None:
+        if every and step % every == 0:
+            save_checkpoint(model, out.with_name(f"{out.name}-step{step}"), ckpt, dtype=dtype)
+    return save
+
+
 def pretrain(ckpt: str | Path, data: str | Path, out: str | Path, cfg: PretrainConfig | None = None,
-             device: str | None = None, log_path: str | Path | None = None, progress: bool = True) -> list:
+             device: str | None = None, log_path: str | Path | None = None, progress: bool = True,
+             save_every: int | None = None, save_dtype: torch.dtype = torch.bfloat16) -> list:
     """Next-token training of the checkpoint at `ckpt` on the JSONL examples in `data` (see data.py); the
-    result is written to `out` as a checkpoint (bf16, the official format). Returns the step logs."""
+    result is written to `out` as a checkpoint (official format, `save_dtype`). Returns the step logs."""
     cfg = cfg or PretrainConfig()
     processor = Step3VLProcessor.from_pretrained(ckpt)
     examples = load_examples(processor, data)
     model = load_model(ckpt, dtype=torch.float32, device=_device(device))
     log = _JsonlLog(log_path)
+    save = _saver(ckpt, out, save_every, save_dtype)
     bar = tqdm(desc="train", unit="step", disable=not progress)
 
     def on_step(s) -> None:
         log(s)
+        save(s.step, model)
         bar.update(1)
         bar.set_postfix(loss=f"{s.loss:.4f}", lr=f"{s.lr:.2e}", tok_s=f"{s.tokens / max(s.seconds, 1e-9):.0f}")
 
@@ -62,7 +75,7 @@ def pretrain(ckpt: str | Path, data: str | Path, out: str | Path, cfg: PretrainC
     finally:
         bar.close()
         log.close()
-    save_checkpoint(model, out, ckpt)
+    save_checkpoint(model, out, ckpt, dtype=save_dtype)
     return logs
 
 
@@ -76,34 +89,45 @@ def read_rl_prompts(path: str | Path) -> list[RLPrompt]:
     return prompts
 
 
-def reinforce(ckpt: str | Path, prompts: list[RLPrompt], out: str | Path, steps: int, batch_size: int,
+class Cycle:
+    """Items in passes, each pass reshuffled (seeded): take(k) returns the next k."""
+
+    def __init__(self, items: list, seed: int):
+        if not items:
+            raise ValueError("nothing to draw from")
+        self.items, self.rng, self.queue = items, random.Random(seed), []
+
+    def take(self, k: int) -> list:
+        while len(self.queue) < k:
+            fresh = list(self.items)
+            self.rng.shuffle(fresh)
+            self.queue += fresh
+        out, self.queue = self.queue[:k], self.queue[k:]
+        return out
+
+
+def reinforce(ckpt: str | Path, batches: Callable[[int], list[RLPrompt]], out: str | Path, steps: int,
               cfg: RLConfig | None = None, reward_fn: Callable[[str, Any], float] = math_reward,
               device: str | None = None, engine_kwargs: dict | None = None, log_path: str | Path | None = None,
-              progress: bool = True) -> list:
-    """`steps` RL iterations on batches of `batch_size` prompts drawn (reshuffled each pass, cfg.seed) from
-    `prompts`; the policy is written to `out` as a checkpoint. Returns the step logs."""
+              progress: bool = True, save_every: int | None = None, save_dtype: torch.dtype = torch.bfloat16) -> list:
+    """`steps` RL iterations; `batches(step)` gives the prompts of iteration `step` (0-based), e.g.
+    `Cycle(prompts, seed).take` bound to a batch size, or fresh PaCoRe synthesis episodes each step. The policy is
+    written to `out` as a checkpoint. Returns the step logs."""
     from step3vl.engine import LLM
 
-    if not prompts:
-        raise ValueError("reinforce: no prompts")
     cfg = cfg or RLConfig(total_steps=steps)
     dev = _device(device)
     llm = LLM(ckpt, device=str(dev), **(engine_kwargs or {}))
     trainer = RLTrainer(load_model(ckpt, dtype=torch.float32, device=dev), llm, reward_fn, cfg)
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
     log = _JsonlLog(log_path)
+    save = _saver(ckpt, out, save_every, save_dtype)
     logs = []
     try:
-        for _ in tqdm(range(steps), desc="rl", unit="step", disable=not progress):
-            while len(order) < batch_size:
-                fresh = list(range(len(prompts)))
-                rng.shuffle(fresh)
-                order += fresh
-            batch, order = [prompts[i] for i in order[:batch_size]], order[batch_size:]
-            logs.append(trainer.step(batch))
+        for step in tqdm(range(steps), desc="rl", unit="step", disable=not progress):
+            logs.append(trainer.step(batches(step)))
             log(logs[-1])
+            save(logs[-1].step, trainer.model)
     finally:
         log.close()
-    save_checkpoint(trainer.model, out, ckpt)
+    save_checkpoint(trainer.model, out, ckpt, dtype=save_dtype)
     return logs

@@ -63,8 +63,14 @@ def test_rl_command_on_pacore_synthesis_episodes(ckpt, tmp_path, capsys):
     out, log = tmp_path / "policy", tmp_path / "rl.jsonl"
     rc = main(["rl", "--model", str(ckpt), "--problems", str(problems), "--pacore-results", str(results),
                "--out", str(out), "--steps", "2", "--batch-size", "2", "--group-size", "2", "--max-tokens", "4",
-               "--min-refs", "2", "--max-refs", "3", "--kv-cache-memory", "8MiB", "--log", str(log), "--threads", "1"])
+               "--min-refs", "2", "--max-refs", "3", "--kv-cache-memory", "8MiB", "--log", str(log), "--threads", "1",
+               "--save-every", "1", "--save-dtype", "float32"])
     assert rc == 0, capsys.readouterr().err
-    assert "2 synthesis episodes from 2 problems" in capsys.readouterr().err
+    assert "synthesis episodes for 2 problems" in capsys.readouterr().err
     assert [s["step"] for s in _logs(log)] == [1, 2]
-    load_model(out)  # a complete checkpoint
+    final = load_model(out, dtype=torch.float32)  # complete checkpoints, in fp32 as asked
+    step2 = load_model(tmp_path / "policy-step2", dtype=torch.float32)
+    assert (tmp_path / "policy-step1" / "config.json").is_file()
+    from step3vl.loader import checkpoint_files, read_safetensors_header
+    assert {e.dtype for f in checkpoint_files(out) for e in read_safetensors_header(f)} == {"F32"}
+    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), step2.state_dict().values()))
