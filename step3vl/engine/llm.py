@@ -156,6 +156,9 @@ class LLM:
                                f"or abort them first")
         cfg = self.model.cfg
         state = check_state(cfg, dict(weights), "update_weights")
+        bad = next((k for k, v in state.items() if not bool(torch.isfinite(v).all())), None)
+        if bad is not None:  # a diverged trainer must not silently poison the sampler
+            raise ValueError(f"update_weights: key {bad!r} holds non-finite values (NaN/inf)")
         if self._native:
             self.model = self._prepare(model_from_state(cfg, state, self.dtype, self.model.device, "update_weights"),
                                        True)

@@ -61,6 +61,9 @@ def test_update_refuses_bad_weights_and_keeps_the_old_ones(tiny_ckpt):
         llm.update_weights(wrong_shape)
     with pytest.raises(CheckpointError, match="unexpected key 'model.extra'"):
         llm.update_weights(dict(state, **{"model.extra": torch.zeros(1)}))
+    nan = dict(state, **{"model.norm.weight": torch.full_like(state["model.norm.weight"], float("nan"))})
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' holds non-finite values"):
+        llm.update_weights(nan)
     missing = {k: v for k, v in state.items() if k != "lm_head.weight"}
     with pytest.raises(CheckpointError, match="missing key"):
         llm.update_weights(missing)
