@@ -21,7 +21,11 @@ def hidden_states(model: Step3VLForCausalLM, batch: PackedBatch) -> torch.Tensor
     dev = model.device
     feats = None
     if batch.images:
-        feats = torch.cat(model.encode_images(batch.images))
+        # The samples of one RL group share their prompt's image objects: encode each image once per batch
+        # (autograd sums the gradients of its uses).
+        unique = list({id(im): im for im in batch.images}.values())
+        encoded = dict(zip(map(id, unique), model.encode_images(unique)))
+        feats = torch.cat([encoded[id(im)] for im in batch.images])
     return model(batch.input_ids.to(dev), batch.positions.to(dev), DenseAttention(batch.seq_lens), feats,
                  batch.image_mask.to(dev))
 

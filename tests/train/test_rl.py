@@ -231,3 +231,32 @@ def test_prompt_over_the_batch_budget_fails_before_sampling(ckpt):
     with pytest.raises(ValueError, match=r"prompt 0 \('p0'\): \d+ prompt tokens \+ max_tokens 8 exceed max_tokens_per_batch 16"):
         tr.rollout(PROMPTS)
     assert tr.llm.kv_stats()["decode_tokens_computed"] == 0
+
+
+def test_a_groups_shared_image_is_encoded_once_with_the_same_result(ckpt):
+    from step3vl.processor import Step3VLProcessor
+    from step3vl.train.data import chat_example, pack
+    from step3vl.train.logprobs import target_logprobs
+
+    proc = Step3VLProcessor.from_pretrained(ckpt)
+    img = Image.new("RGB", (60, 40), (10, 200, 30))
+    ex = chat_example(proc, [{"role": "user", "content": [{"type": "image", "image": img},
+                                                          {"type": "text", "text": "Colour?"}]},
+                             {"role": "assistant", "content": "Green."}])
+    twin = TrainExample(ex.input_ids, ex.labels, copy.deepcopy(ex.images), ex.image_positions)
+    model = load_model(ckpt, dtype=torch.float32)
+    model.requires_grad_(True)
+    seen = []
+    encode = model.encode_images
+    model.encode_images = lambda images, *a: seen.append(len(images)) or encode(images, *a)
+    first_vision = next(model.vision_model.parameters())
+    shared = target_logprobs(model, pack([ex, ex]))
+    shared.sum().backward()
+    g_shared = first_vision.grad.clone()
+    model.zero_grad()
+    separate = target_logprobs(model, pack([ex, twin]))
+    separate.sum().backward()
+    g_separate = first_vision.grad
+    assert seen == [1, 2]
+    torch.testing.assert_close(shared, separate, rtol=0, atol=1e-6)
+    torch.testing.assert_close(g_shared, g_separate, rtol=1e-5, atol=1e-7)
