@@ -137,3 +137,40 @@ def make_episodes(problems: Iterable[Problem | dict], pools: dict[str, list[str]
         if ep is not None:
             out.append(ep)
     return out
+
+
+class EpisodeBatches:
+    """The prompts of an RL run on synthesis episodes: each step, up to `batch_size` episodes drawn afresh (new
+    reference sets, seeded by (cfg.seed, step, problem id)) from problems taken in reshuffled passes; problems whose
+    draw is filtered are passed over, at most one pass per step. Resumable (state_dict / load_state_dict)."""
+
+    def __init__(self, problems: list[Problem], pools: dict[str, list[str]], cfg: EpisodeConfig, batch_size: int,
+                 reward_fn: RewardFn = math_reward):
+        from step3vl.train.run import PromptBatches
+
+        usable = [p for p in problems if pools.get(p.id)]
+        if not usable:
+            raise ValueError("no problem has a pool of cached responses (match the results' request_id to the ids)")
+        self.pools, self.cfg, self.batch_size, self.reward_fn = pools, cfg, batch_size, reward_fn
+        self.order = PromptBatches(usable, 1, cfg.seed)
+
+    def __call__(self, step: int) -> list[RLPrompt]:
+        seed = episode_seed(self.cfg.seed, f"step{step}")
+        episodes = []
+        for _ in range(len(self.order.prompts)):
+            if len(episodes) == self.batch_size:
+                break
+            (p,) = self.order.take(1)
+            ep = make_episode(p, self.pools[p.id], self.cfg, random.Random(episode_seed(seed, p.id)), self.reward_fn)
+            if ep is not None:
+                episodes.append(ep)
+        if not episodes:
+            raise ValueError(f"step {step}: every synthesis episode was filtered out (its references were mostly "
+                             f"right already)")
+        return [e.rl_prompt() for e in episodes]
+
+    def state_dict(self) -> dict:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state)

@@ -149,7 +149,10 @@ def _optim_args(p: argparse.ArgumentParser, lr: float) -> None:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default=None)
     o.add_argument("--log", type=Path, default=None, help="append one JSON line per step to this file")
-    o.add_argument("--save-every", type=int, default=None, help="also write <out>-step<k> every k steps")
+    o.add_argument("--save-every", type=int, default=None,
+                   help="also write a resumable <out>-step<k> (fp32 weights + optimizer state) every k steps")
+    o.add_argument("--resume", type=Path, default=None,
+                   help="continue from a <out>-step<k> checkpoint (same data and options as the run that wrote it)")
     o.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="dtype of the written checkpoints (float32 keeps updates smaller than a bf16 step)")
     o.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -361,27 +364,29 @@ def _cmd_train(args) -> int:
                          train_vision=not args.freeze_vision, seed=args.seed,
                          activation_checkpointing=args.activation_checkpointing)
     logs = pretrain(args.model, args.data, args.out, cfg, device=args.device, log_path=args.log,
-                    save_every=args.save_every, save_dtype=_save_dtype(args))
-    print(f"{len(logs)} steps, loss {logs[0].loss:.4f} -> {logs[-1].loss:.4f}; wrote {args.out}")
+                    save_every=args.save_every, save_dtype=_save_dtype(args), resume=args.resume)
+    if logs:
+        print(f"{len(logs)} steps, loss {logs[0].loss:.4f} -> {logs[-1].loss:.4f}; wrote {args.out}")
     return 0
 
 
 def _cmd_rl(args) -> int:
     from step3vl.train.rl import RLConfig
-    from step3vl.train.run import Cycle, read_rl_prompts, reinforce
+    from step3vl.train.run import PromptBatches, read_rl_prompts, reinforce
 
     prompts = read_rl_prompts(args.problems)
-    cycle = Cycle(prompts, args.seed)
-    batches = (_synthesis_batches(args, cycle) if args.pacore_results is not None
-               else lambda step: cycle.take(args.batch_size))
+    batches = (_synthesis_batches(args, prompts) if args.pacore_results is not None
+               else PromptBatches(prompts, args.batch_size, args.seed))
     cfg = RLConfig(optim=_optim_config(args), total_steps=args.steps, group_size=args.group_size,
                    temperature=args.temperature, max_tokens=args.max_tokens, advantage=args.advantage,
                    clip_eps=args.clip_eps, ppo_epochs=args.ppo_epochs, truncated_reward=args.truncated_reward,
                    max_tokens_per_batch=args.max_tokens_per_batch, seed=args.seed)
     engine = {"kv_cache_memory": args.kv_cache_memory} if args.kv_cache_memory else {}
     logs = reinforce(args.model, batches, args.out, args.steps, cfg, device=args.device, engine_kwargs=engine,
-                     log_path=args.log, save_every=args.save_every, save_dtype=_save_dtype(args))
-    print(f"{len(logs)} steps, mean reward {logs[0].reward_mean:.3f} -> {logs[-1].reward_mean:.3f}; wrote {args.out}")
+                     log_path=args.log, save_every=args.save_every, save_dtype=_save_dtype(args), resume=args.resume)
+    if logs:
+        print(f"{len(logs)} steps, mean reward {logs[0].reward_mean:.3f} -> {logs[-1].reward_mean:.3f}; "
+              f"wrote {args.out}")
     return 0
 
 
@@ -391,32 +396,18 @@ def _save_dtype(args):
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.save_dtype]
 
 
-def _synthesis_batches(args, cycle):
-    """PaCoRe synthesis episodes, drawn afresh each step (|M| ~ U(min, max) references from the problem's PaCoRe
-    messages, seeded by step); instances whose references are mostly right are skipped."""
-    from pacore import EpisodeConfig, Problem, make_episodes, pool_from_result
+def _synthesis_batches(args, prompts):
+    """PaCoRe synthesis episodes over the messages of the problems' PaCoRe results, drawn afresh each step."""
+    from pacore import EpisodeConfig, Problem, pool_from_result
+    from pacore.episodes import EpisodeBatches
     from step3vl.train.data import read_jsonl
 
     pools = {str(rec.get("request_id")): pool_from_result(rec) for _, rec in read_jsonl(args.pacore_results)}
-    usable = [p for p in cycle.items if pools.get(p.id)]
-    if not usable:
-        raise ValueError(f"{args.pacore_results}: no result's request_id matches a problem id in {args.problems}")
-    cycle.items = usable
-    print(f"synthesis episodes for {len(usable)} problems", file=sys.stderr)
-
-    def batch(step: int):
-        cfg = EpisodeConfig(min_refs=args.min_refs, max_refs=args.max_refs, seed=args.seed * 1_000_003 + step)
-        episodes = []
-        for _ in range(len(usable)):  # at most one pass of problems per batch
-            if len(episodes) == args.batch_size:
-                break
-            (p,) = cycle.take(1)
-            problem = Problem(p.id, p.messages, ground_truth=p.answer)
-            episodes += make_episodes([problem], {p.id: pools[p.id]}, cfg)
-        if not episodes:
-            raise ValueError(f"step {step}: every synthesis episode was filtered out (references mostly right)")
-        return [e.rl_prompt() for e in episodes]
-    return batch
+    problems = [Problem(p.id, p.messages, ground_truth=p.answer) for p in prompts]
+    batches = EpisodeBatches(problems, pools, EpisodeConfig(min_refs=args.min_refs, max_refs=args.max_refs,
+                                                           seed=args.seed), args.batch_size)
+    print(f"synthesis episodes for {len(batches.order.prompts)} problems", file=sys.stderr)
+    return batches
 
 
 def _cmd_make_checkpoint(args) -> int:

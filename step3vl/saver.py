@@ -53,9 +53,10 @@ def export_state(model: nn.Module, dtype: torch.dtype | None = torch.bfloat16) -
 
 
 def save_checkpoint(model: nn.Module, out: str | Path, source: str | Path, dtype: torch.dtype | None = torch.bfloat16,
-                    shards: int = 1) -> Path:
+                    shards: int = 1, extra: dict[str, object] | None = None) -> Path:
     """Write `model` as a checkpoint directory at `out`, taking config.json and the tokenizer files from
-    `source` (the checkpoint it was loaded from). An existing `out` is replaced."""
+    `source` (the checkpoint it was loaded from). An existing `out` is replaced. `extra`: file name -> object,
+    written with torch.save inside the same atomic rename (e.g. a trainer's optimizer state)."""
     out, source = Path(out), Path(source)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source}: no config.json to copy (source must be the checkpoint the model came from)")
@@ -69,6 +70,8 @@ def save_checkpoint(model: nn.Module, out: str | Path, source: str | Path, dtype
         if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name != INDEX_FILE:
             shutil.copy2(f, tmp / f.name)
     write_shards(export_state(model, dtype), tmp, shards)
+    for name, obj in (extra or {}).items():
+        torch.save(obj, tmp / name)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

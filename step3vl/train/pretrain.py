@@ -73,6 +73,8 @@ class Pretrainer:
     def __init__(self, model: Step3VLForCausalLM, cfg: PretrainConfig | None = None):
         self.model = model
         self.cfg = cfg or PretrainConfig()
+        self.steps_done = 0
+        self.opt = self.sched = None
         set_trainable(model, self.cfg.train_vision)
         if self.cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
@@ -92,8 +94,17 @@ class Pretrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.model.device.type, dtype=self.cfg.autocast_dtype)
 
-    def fit(self, examples: list[TrainExample], on_step: Callable[[StepLog], None] | None = None) -> list[StepLog]:
-        """Train over `examples` for cfg.epochs (or cfg.max_steps); returns one log per optimizer step."""
+    def state_dict(self) -> dict:
+        """What resuming needs besides the weights: optimizer moments, schedule position, steps done."""
+        return {"kind": "pretrain", "steps_done": self.steps_done, "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict()}
+
+    def fit(self, examples: list[TrainExample], on_step: Callable[[StepLog], None] | None = None,
+            resume: dict | None = None) -> list[StepLog]:
+        """Train over `examples` for cfg.epochs (or cfg.max_steps); returns one log per optimizer step.
+        resume: a `state_dict()` saved by an earlier run of the same data and config (with its weights loaded
+        into the model): training continues at the next step, with the same batches and schedule as an
+        uninterrupted run."""
         if not examples:
             raise ValueError("Pretrainer.fit: no training examples")
         # An example without targets (an image with an empty caption, a one-token text) adds nothing to the loss.
@@ -106,16 +117,30 @@ class Pretrainer:
         steps = -(-len(micro) // self.cfg.grad_accum)
         if self.cfg.max_steps is not None:
             steps = min(steps, self.cfg.max_steps)
-        opt, sched = build_optimizer(self.model, self.cfg.optim, steps)
+        self.opt, self.sched = build_optimizer(self.model, self.cfg.optim, steps)
+        self.steps_done = 0
+        if resume is not None:
+            self._load_state(resume, steps)
         self.model.train()
         logs = []
-        for step in range(steps):
+        for step in range(self.steps_done, steps):
             group = micro[step * self.cfg.grad_accum:(step + 1) * self.cfg.grad_accum]
-            logs.append(self._step(step + 1, group, opt, sched))
+            logs.append(self._step(step + 1, group, self.opt, self.sched))
+            self.steps_done = step + 1
             if on_step is not None:
                 on_step(logs[-1])
         self.model.eval()
         return logs
+
+    def _load_state(self, state: dict, steps: int) -> None:
+        if state.get("kind") != "pretrain":
+            raise ValueError(f"resume: not a pre-training state (kind {state.get('kind')!r})")
+        if not 0 <= state["steps_done"] <= steps:
+            raise ValueError(f"resume: the state is at step {state['steps_done']}, this run has {steps} steps "
+                             f"(resume with the same data and config)")
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.steps_done = state["steps_done"]
 
     def _step(self, step: int, group: list[list[TrainExample]], opt, sched) -> StepLog:
         t0 = time.perf_counter()

@@ -144,6 +144,19 @@ class RLTrainer:
         self.opt, self.sched = build_optimizer(model, self.cfg.optim, self.cfg.total_steps * self.cfg.ppo_epochs)
         self.steps_done = 0
 
+    def state_dict(self) -> dict:
+        """What resuming needs besides the weights: optimizer moments, schedule position, steps done (which
+        also seed the rollouts)."""
+        return {"kind": "rl", "steps_done": self.steps_done, "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "rl":
+            raise ValueError(f"resume: not an RL state (kind {state.get('kind')!r})")
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.steps_done = state["steps_done"]
+
     # -- rollout ------------------------------------------------------------------------------------
 
     def rollout(self, prompts: list[RLPrompt]) -> list[Rollout]:

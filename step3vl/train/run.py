@@ -41,37 +41,57 @@ class _JsonlLog:
             self.file.close()
 
 
-def _saver(ckpt: str | Path, out: str | Path, every: int | None, dtype: torch.dtype):
-    """on_step(step, model): a checkpoint `<out>-step<k>` every `every` steps (beside the final one at out)."""
+STATE_FILE = "trainer_state.pt"
+
+
+def _saver(ckpt: str | Path, out: str | Path, every: int | None, trainer, sampler=None):
+    """on_step(step): every `every` steps a resumable checkpoint `<out>-step<k>`: fp32 weights (exact) plus the
+    trainer's state (and the prompt sampler's) in one atomic write."""
     out = Path(out)
 
-    def save(step: int, model) -> None:
+    def save(step: int) -> None:
         if every and step % every == 0:
-            save_checkpoint(model, out.with_name(f"{out.name}-step{step}"), ckpt, dtype=dtype)
+            state = trainer.state_dict()
+            if sampler is not None and hasattr(sampler, "state_dict"):
+                state["sampler"] = sampler.state_dict()
+            save_checkpoint(trainer.model, out.with_name(f"{out.name}-step{step}"), ckpt, dtype=torch.float32,
+                            extra={STATE_FILE: state})
     return save
+
+
+def load_resume(path: str | Path) -> dict:
+    """The trainer state saved beside a `--save-every` checkpoint."""
+    f = Path(path) / STATE_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{path}: no {STATE_FILE} (resume from a <out>-step<k> checkpoint of --save-every)")
+    return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def pretrain(ckpt: str | Path, data: str | Path, out: str | Path, cfg: PretrainConfig | None = None,
              device: str | None = None, log_path: str | Path | None = None, progress: bool = True,
-             save_every: int | None = None, save_dtype: torch.dtype = torch.bfloat16) -> list:
+             save_every: int | None = None, save_dtype: torch.dtype = torch.bfloat16,
+             resume: str | Path | None = None) -> list:
     """Next-token training of the checkpoint at `ckpt` on the JSONL examples in `data` (see data.py); the
-    result is written to `out` as a checkpoint (official format, `save_dtype`). Returns the step logs."""
+    result is written to `out` as a checkpoint (official format, `save_dtype`). resume: a `<out>-step<k>`
+    checkpoint of an earlier run with the same data and config. Returns the step logs."""
     cfg = cfg or PretrainConfig()
     processor = Step3VLProcessor.from_pretrained(ckpt)
     examples = load_examples(processor, data)
-    model = load_model(ckpt, dtype=torch.float32, device=_device(device))
+    state = load_resume(resume) if resume else None
+    model = load_model(resume or ckpt, dtype=torch.float32, device=_device(device))
+    trainer = Pretrainer(model, cfg)
     log = _JsonlLog(log_path)
-    save = _saver(ckpt, out, save_every, save_dtype)
+    save = _saver(ckpt, out, save_every, trainer)
     bar = tqdm(desc="train", unit="step", disable=not progress)
 
     def on_step(s) -> None:
         log(s)
-        save(s.step, model)
+        save(s.step)
         bar.update(1)
         bar.set_postfix(loss=f"{s.loss:.4f}", lr=f"{s.lr:.2e}", tok_s=f"{s.tokens / max(s.seconds, 1e-9):.0f}")
 
     try:
-        logs = Pretrainer(model, cfg).fit(examples, on_step)
+        logs = trainer.fit(examples, on_step, resume=state)
     finally:
         bar.close()
         log.close()
@@ -89,44 +109,67 @@ def read_rl_prompts(path: str | Path) -> list[RLPrompt]:
     return prompts
 
 
-class Cycle:
-    """Items in passes, each pass reshuffled (seeded): take(k) returns the next k."""
+class PromptBatches:
+    """`batch_size` prompts per step, in passes over `prompts`, each pass reshuffled (seeded); resumable."""
 
-    def __init__(self, items: list, seed: int):
-        if not items:
-            raise ValueError("nothing to draw from")
-        self.items, self.rng, self.queue = items, random.Random(seed), []
+    def __init__(self, prompts: list, batch_size: int, seed: int):
+        if not prompts:
+            raise ValueError("no prompts to draw from")
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size}: must be >= 1")
+        self.prompts, self.batch_size = prompts, batch_size
+        self.rng, self.queue = random.Random(seed), []
 
     def take(self, k: int) -> list:
         while len(self.queue) < k:
-            fresh = list(self.items)
+            fresh = list(range(len(self.prompts)))
             self.rng.shuffle(fresh)
             self.queue += fresh
         out, self.queue = self.queue[:k], self.queue[k:]
-        return out
+        return [self.prompts[i] for i in out]
+
+    def __call__(self, step: int) -> list:
+        return self.take(self.batch_size)
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "queue": list(self.queue)}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.queue = list(state["queue"])
 
 
 def reinforce(ckpt: str | Path, batches: Callable[[int], list[RLPrompt]], out: str | Path, steps: int,
               cfg: RLConfig | None = None, reward_fn: Callable[[str, Any], float] = math_reward,
               device: str | None = None, engine_kwargs: dict | None = None, log_path: str | Path | None = None,
-              progress: bool = True, save_every: int | None = None, save_dtype: torch.dtype = torch.bfloat16) -> list:
-    """`steps` RL iterations; `batches(step)` gives the prompts of iteration `step` (0-based), e.g.
-    `Cycle(prompts, seed).take` bound to a batch size, or fresh PaCoRe synthesis episodes each step. The policy is
-    written to `out` as a checkpoint. Returns the step logs."""
+              progress: bool = True, save_every: int | None = None, save_dtype: torch.dtype = torch.bfloat16,
+              resume: str | Path | None = None) -> list:
+    """RL iterations up to `steps` in all; `batches(step)` gives the prompts of iteration `step` (0-based), e.g. a
+    `PromptBatches`, or fresh PaCoRe synthesis episodes each step (an object with state_dict/load_state_dict
+    is saved and restored with the trainer). The policy is written to `out` as a checkpoint. resume: a
+    `<out>-step<k>` checkpoint of an earlier run. Returns the step logs of this run."""
     from step3vl.engine import LLM
 
     cfg = cfg or RLConfig(total_steps=steps)
     dev = _device(device)
-    llm = LLM(ckpt, device=str(dev), **(engine_kwargs or {}))
-    trainer = RLTrainer(load_model(ckpt, dtype=torch.float32, device=dev), llm, reward_fn, cfg)
+    start = resume or ckpt
+    llm = LLM(start, device=str(dev), **(engine_kwargs or {}))
+    trainer = RLTrainer(load_model(start, dtype=torch.float32, device=dev), llm, reward_fn, cfg)
+    if resume:
+        state = load_resume(resume)
+        trainer.load_state_dict(state)
+        if "sampler" in state and hasattr(batches, "load_state_dict"):
+            batches.load_state_dict(state["sampler"])
     log = _JsonlLog(log_path)
-    save = _saver(ckpt, out, save_every, save_dtype)
+    save = _saver(ckpt, out, save_every, trainer, batches)
     logs = []
     try:
-        for step in tqdm(range(steps), desc="rl", unit="step", disable=not progress):
+        for step in tqdm(range(trainer.steps_done, steps), desc="rl", unit="step", disable=not progress):
             logs.append(trainer.step(batches(step)))
             log(logs[-1])
-            save(logs[-1].step, trainer.model)
+            save(logs[-1].step)
     finally:
         log.close()
     save_checkpoint(trainer.model, out, ckpt, dtype=save_dtype)
