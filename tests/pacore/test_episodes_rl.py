@@ -35,3 +35,25 @@ def test_synthesis_episodes_train_on_the_template_prompt(tiny_dir):
         assert render_synthesis(original, ep.ref_responses) in tok.decode(prompt_ids)
     log = trainer.step(prompts)
     assert log.step == 1 and log.response_tokens > 0
+
+
+def test_episode_batches_draw_fresh_references_each_step_and_resume():
+    from pacore.episodes import EpisodeBatches
+
+    problems = [Problem(f"q{i}", [{"role": "user", "content": f"{i}+{i}?"}], ground_truth=str(2 * i))
+                for i in range(4)]
+    pools = {p.id: [f"\\boxed{{{v}}}" for v in range(20)] for p in problems}
+    pools["q3"] = [f"\\boxed{{{6}}}"] * 5  # every reference right: always filtered
+    cfg = EpisodeConfig(min_refs=3, max_refs=5, max_correct_fraction=0.5, seed=2)
+    batches = EpisodeBatches(problems, pools, cfg, batch_size=2)
+    first = batches(0)
+    state = batches.state_dict()
+    rest = [batches(k) for k in range(1, 6)]
+    assert all(len(b) == 2 for b in [first, *rest])
+    assert all(p.id != "q3" for b in [first, *rest] for p in b)
+    texts = [p.messages[-1]["content"] for b in [first, *rest] for p in b if p.id == "q0"]
+    assert len(texts) >= 2 and len(set(texts)) == len(texts)  # a new reference set at every draw
+    again = EpisodeBatches(problems, pools, cfg, batch_size=2)
+    again.load_state_dict(state)
+    assert [[(p.id, p.messages[-1]["content"]) for p in again(k)] for k in range(1, 6)] == \
+        [[(p.id, p.messages[-1]["content"]) for p in b] for b in rest]
