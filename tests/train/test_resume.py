@@ -10,14 +10,8 @@ import torch
 
 from step3vl.cli import main
 from step3vl.loader import load_model
-from step3vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
 from step3vl.train.run import PromptBatches
 
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.set_num_threads(1)
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("resume"), preset="tiny", seed=9, shards=1)
 
 
 def _jsonl(path, records):
@@ -30,9 +24,9 @@ def _same_weights(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(ma.state_dict().values(), mb.state_dict().values()))
 
 
-def test_pretrain_resume_equals_an_uninterrupted_run(ckpt, tmp_path):
+def test_pretrain_resume_equals_an_uninterrupted_run(tiny_ckpt, tmp_path):
     data = _jsonl(tmp_path / "d.jsonl", [{"text": f"sample number {i} of the corpus"} for i in range(6)])
-    common = ["--model", str(ckpt), "--data", str(data), "--epochs", "2", "--max-tokens-per-batch", "24",
+    common = ["--model", str(tiny_ckpt), "--data", str(data), "--epochs", "2", "--max-tokens-per-batch", "24",
               "--lr", "1e-2", "--warmup-steps", "2", "--save-dtype", "float32", "--threads", "1"]
     assert main(["train", *common, "--out", str(tmp_path / "full")]) == 0
     assert main(["train", *common, "--out", str(tmp_path / "part"), "--save-every", "3", "--max-steps", "100"]) == 0
@@ -42,11 +36,11 @@ def test_pretrain_resume_equals_an_uninterrupted_run(ckpt, tmp_path):
     assert not _same_weights(tmp_path / "full", tmp_path / "part-step3")
 
 
-def test_rl_resume_equals_an_uninterrupted_run(ckpt, tmp_path):
+def test_rl_resume_equals_an_uninterrupted_run(tiny_ckpt, tmp_path):
     problems = _jsonl(tmp_path / "p.jsonl", [
         {"id": str(i), "messages": [{"role": "user", "content": f"Say {w}."}], "ground_truth": w}
         for i, w in enumerate(["a", "e", "o"])])
-    common = ["--model", str(ckpt), "--problems", str(problems), "--steps", "3", "--batch-size", "2",
+    common = ["--model", str(tiny_ckpt), "--problems", str(problems), "--steps", "3", "--batch-size", "2",
               "--group-size", "4", "--max-tokens", "6", "--truncated-reward", "0.5", "--lr", "1e-2",
               "--kv-cache-memory", "8MiB", "--save-dtype", "float32", "--threads", "1"]
     assert main(["rl", *common, "--out", str(tmp_path / "full"), "--save-every", "1"]) == 0
@@ -54,9 +48,9 @@ def test_rl_resume_equals_an_uninterrupted_run(ckpt, tmp_path):
     assert _same_weights(tmp_path / "full", tmp_path / "resumed")
 
 
-def test_resume_needs_a_trainer_state(ckpt, tmp_path, capsys):
+def test_resume_needs_a_trainer_state(tiny_ckpt, tmp_path, capsys):
     data = _jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
-    rc = main(["train", "--model", str(ckpt), "--data", str(data), "--out", str(tmp_path / "o"), "--resume", str(ckpt)])
+    rc = main(["train", "--model", str(tiny_ckpt), "--data", str(data), "--out", str(tmp_path / "o"), "--resume", str(tiny_ckpt)])
     assert rc == 2 and "no trainer_state.pt" in capsys.readouterr().err
 
 

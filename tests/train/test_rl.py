@@ -14,23 +14,11 @@ from step3vl.engine import LLM, SamplingParams
 from step3vl.loader import load_model
 from step3vl.model.attention import DenseAttention
 from step3vl.saver import save_checkpoint
-from step3vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
 from step3vl.train.data import IGNORE, TrainExample
 from step3vl.train.optim import OptimConfig
 from step3vl.train.rl import RLConfig, RLPrompt, RLTrainer, Rollout, group_advantages, ppo_token_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("rl-tiny"), preset="tiny", seed=3, shards=1)
 
 
 def _contains(text: str, answer: str) -> float:
@@ -101,8 +89,8 @@ def _rollout(i, prompt_ids, response, adv) -> Rollout:
 
 @pytest.mark.parametrize("on_policy", [True, False], ids=["old-from-this-pass", "old-given"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_update_gradient_matches_per_sequence_reference(ckpt, temperature, on_policy):
-    model = load_model(ckpt, dtype=torch.float32)
+def test_update_gradient_matches_per_sequence_reference(tiny_ckpt, temperature, on_policy):
+    model = load_model(tiny_ckpt, dtype=torch.float32)
     model.requires_grad_(True)
     g = torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, 400, (n,), generator=g).tolist()  # noqa: E731
@@ -139,8 +127,8 @@ def _trainer(ckpt, **kw) -> RLTrainer:
     return RLTrainer(model, llm, _contains, cfg)
 
 
-def test_rollout_groups_rewards_and_engine_logprobs(ckpt):
-    tr = _trainer(ckpt)
+def test_rollout_groups_rewards_and_engine_logprobs(tiny_ckpt):
+    tr = _trainer(tiny_ckpt)
     rollouts = tr.rollout(PROMPTS)
     assert len(rollouts) == 2 * 8
     for r in rollouts:
@@ -155,15 +143,15 @@ def test_rollout_groups_rewards_and_engine_logprobs(ckpt):
     assert gap is not None and gap < 1e-4
     assert clip_frac == 0.0  # one epoch: ratio exactly 1
     # Same seeds, same step -> same rollouts (reproducible runs).
-    tr2 = _trainer(ckpt)
+    tr2 = _trainer(tiny_ckpt)
     assert [r.example.input_ids for r in tr2.rollout(PROMPTS)] == [r.example.input_ids for r in rollouts]
 
 
-def test_image_prompt_rollouts_train(ckpt):
+def test_image_prompt_rollouts_train(tiny_ckpt):
     img = Image.new("RGB", (60, 40), (10, 200, 30))
     prompt = RLPrompt([{"role": "user", "content": [{"type": "image", "image": img},
                                                      {"type": "text", "text": "Colour?"}]}], "a", id="img")
-    tr = _trainer(ckpt, group_size=4, train_vision=True)
+    tr = _trainer(tiny_ckpt, group_size=4, train_vision=True)
     before = {n: p.detach().clone() for n, p in tr.model.vision_model.named_parameters()}
     log = tr.step([prompt])
     assert log.trained_groups == 1, "the fixed seeds give this group mixed rewards"
@@ -172,11 +160,11 @@ def test_image_prompt_rollouts_train(ckpt):
     assert log.logprob_gap < 1e-4
 
 
-def test_step_syncs_the_engine_with_the_policy(ckpt, tmp_path):
-    tr = _trainer(ckpt)
+def test_step_syncs_the_engine_with_the_policy(tiny_ckpt, tmp_path):
+    tr = _trainer(tiny_ckpt)
     for _ in range(2):
         tr.step(PROMPTS)
-    saved = save_checkpoint(tr.model, tmp_path / "policy", ckpt, dtype=None)
+    saved = save_checkpoint(tr.model, tmp_path / "policy", tiny_ckpt, dtype=None)
     fresh = LLM(saved, kv_cache_memory="16MiB")
     greedy = SamplingParams(max_tokens=12, temperature=0.0, logprobs=0)
     a = tr.llm.generate(["Say cat."], greedy, use_tqdm=False)[0].outputs[0]
@@ -185,24 +173,24 @@ def test_step_syncs_the_engine_with_the_policy(ckpt, tmp_path):
     assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-5)
 
 
-def test_rl_raises_the_reward(ckpt):
+def test_rl_raises_the_reward(tiny_ckpt):
     """A deterministic run (fixed seeds, one thread): the mean reward of the last steps beats the first."""
-    tr = _trainer(ckpt)
+    tr = _trainer(tiny_ckpt)
     logs = [tr.step(PROMPTS) for _ in range(12)]
     first = sum(l.reward_mean for l in logs[:3]) / 3
     last = sum(l.reward_mean for l in logs[-3:]) / 3
     assert last > first + 0.15, [round(l.reward_mean, 3) for l in logs]
 
 
-def test_bad_reward_is_an_error(ckpt):
-    tr = _trainer(ckpt)
+def test_bad_reward_is_an_error(tiny_ckpt):
+    tr = _trainer(tiny_ckpt)
     tr.reward_fn = lambda text, answer: 2.0
     with pytest.raises(ValueError, match=r"reward_fn returned 2.0"):
         tr.step(PROMPTS)
 
 
-def test_ppo_epochs_reuse_rollouts_and_the_schedule_spans_every_update(ckpt):
-    tr = _trainer(ckpt, ppo_epochs=3, total_steps=2, clip_eps=0.05,
+def test_ppo_epochs_reuse_rollouts_and_the_schedule_spans_every_update(tiny_ckpt):
+    tr = _trainer(tiny_ckpt, ppo_epochs=3, total_steps=2, clip_eps=0.05,
                   optim=OptimConfig(lr=3e-2, weight_decay=0.0, min_lr_ratio=0.0))
     rollouts = tr.rollout(PROMPTS)
     tr.assign_advantages(rollouts, 2)
@@ -217,8 +205,8 @@ def test_ppo_epochs_reuse_rollouts_and_the_schedule_spans_every_update(ckpt):
     assert gap < 1e-4  # measured against the sampling policy, not the updated one
 
 
-def test_truncated_responses_get_the_truncation_reward(ckpt):
-    tr = _trainer(ckpt, max_tokens=2, truncated_reward=0.0)  # every response is cut off
+def test_truncated_responses_get_the_truncation_reward(tiny_ckpt):
+    tr = _trainer(tiny_ckpt, max_tokens=2, truncated_reward=0.0)  # every response is cut off
     tr.reward_fn = lambda text, answer: 1.0
     rollouts = tr.rollout(PROMPTS)
     assert all(r.finish_reason == "length" and r.reward == 0.0 for r in rollouts)
@@ -226,25 +214,25 @@ def test_truncated_responses_get_the_truncation_reward(ckpt):
     assert all(r.reward == 1.0 for r in tr.rollout(PROMPTS))
 
 
-def test_prompt_over_the_batch_budget_fails_before_sampling(ckpt):
-    tr = _trainer(ckpt, max_tokens_per_batch=16)
+def test_prompt_over_the_batch_budget_fails_before_sampling(tiny_ckpt):
+    tr = _trainer(tiny_ckpt, max_tokens_per_batch=16)
     with pytest.raises(ValueError, match=r"prompt 0 \('p0'\): \d+ prompt tokens \+ max_tokens 8 exceed max_tokens_per_batch 16"):
         tr.rollout(PROMPTS)
     assert tr.llm.kv_stats()["decode_tokens_computed"] == 0
 
 
-def test_a_groups_shared_image_is_encoded_once_with_the_same_result(ckpt):
+def test_a_groups_shared_image_is_encoded_once_with_the_same_result(tiny_ckpt):
     from step3vl.processor import Step3VLProcessor
     from step3vl.train.data import chat_example, pack
     from step3vl.train.logprobs import target_logprobs
 
-    proc = Step3VLProcessor.from_pretrained(ckpt)
+    proc = Step3VLProcessor.from_pretrained(tiny_ckpt)
     img = Image.new("RGB", (60, 40), (10, 200, 30))
     ex = chat_example(proc, [{"role": "user", "content": [{"type": "image", "image": img},
                                                           {"type": "text", "text": "Colour?"}]},
                              {"role": "assistant", "content": "Green."}])
     twin = TrainExample(ex.input_ids, ex.labels, copy.deepcopy(ex.images), ex.image_positions)
-    model = load_model(ckpt, dtype=torch.float32)
+    model = load_model(tiny_ckpt, dtype=torch.float32)
     model.requires_grad_(True)
     seen = []
     encode = model.encode_images
