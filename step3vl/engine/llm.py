@@ -47,6 +47,12 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
     return _DTYPES[dtype]
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN/inf: min and max in one pass propagate a NaN and show an inf (no [numel] bool temporary)."""
+    lo, hi = torch.aminmax(t.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def images_salt(images: list) -> int:
     """Prefix-cache salt: prompts with identical ids but other images must never share blocks."""
     if not images:
@@ -156,7 +162,7 @@ class LLM:
                                f"or abort them first")
         cfg = self.model.cfg
         state = check_state(cfg, dict(weights), "update_weights")
-        bad = next((k for k, v in state.items() if not bool(torch.isfinite(v).all())), None)
+        bad = next((k for k, v in state.items() if v.numel() and not _finite(v)), None)
         if bad is not None:  # a diverged trainer must not silently poison the sampler
             raise ValueError(f"update_weights: key {bad!r} holds non-finite values (NaN/inf)")
         if self._native:

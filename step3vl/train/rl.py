@@ -106,6 +106,7 @@ class RLStepLog:
     logprob_gap: float | None  # mean |policy - engine| log-prob of the sampled tokens (temperature 1 only)
     rollout_seconds: float
     update_seconds: float
+    sync_seconds: float  # handing the new weights to the engine
 
 
 def group_advantages(rewards: torch.Tensor, kind: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
@@ -269,10 +270,11 @@ class RLTrainer:
         t1 = time.perf_counter()
         lr = self.opt.param_groups[0]["lr"]
         loss, norm, clip_frac, gap = self.update(rollouts)
+        t2 = time.perf_counter()
         self.llm.update_weights(self.model.state_dict())
         self.steps_done += 1
         rewards = torch.tensor([r.reward for r in rollouts])
         trained = {r.prompt_index for r in rollouts if r.advantage != 0.0}
         return RLStepLog(self.steps_done, float(rewards.mean()), float((rewards >= 0.5).float().mean()),
                          len(trained), loss, norm, lr, sum(r.num_response_tokens for r in rollouts), clip_frac, gap,
-                         t1 - t0, time.perf_counter() - t1)
+                         t1 - t0, t2 - t1, time.perf_counter() - t2)
