@@ -43,3 +43,35 @@ class DenseAttention:
                 is_causal=True, scale=scale, enable_gqa=True)
             outs.append(o[0].transpose(0, 1))
         return torch.cat(outs)
+
+
+class SharedPrefixAttention:
+    """Packed groups, each a shared prefix followed by branches that continue it: prefix tokens attend causally
+    within the prefix; a branch's tokens attend to the whole prefix and causally within their branch, never to a
+    sibling. Training on the samples of one prompt then computes the prompt once — the trainer's counterpart of
+    the engine forking n samples from one prefill. `groups`: (prefix_len, [branch_len, ...]) in token order."""
+
+    def __init__(self, groups: Sequence[tuple[int, Sequence[int]]]):
+        self.groups = [(int(p), [int(b) for b in branches]) for p, branches in groups]
+        self.total = sum(p + sum(b) for p, b in self.groups)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.total != q.shape[0]:
+            raise ValueError(f"SharedPrefixAttention: groups cover {self.total} tokens but q has {q.shape[0]}")
+        qh, kh, vh = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T, D]
+        outs, at = [], 0
+        for prefix, branches in self.groups:
+            pk, pv = kh[:, :, at:at + prefix], vh[:, :, at:at + prefix]
+            if prefix:
+                outs.append(F.scaled_dot_product_attention(qh[:, :, at:at + prefix], pk, pv, is_causal=True,
+                                                           scale=scale, enable_gqa=True))
+            at += prefix
+            for n in branches:
+                ks = torch.cat([pk, kh[:, :, at:at + n]], dim=2)
+                vs = torch.cat([pv, vh[:, :, at:at + n]], dim=2)
+                # Row i sees the prefix and branch tokens 0..i: the causal mask shifted right by the prefix.
+                mask = torch.ones(n, prefix + n, dtype=torch.bool, device=q.device).tril(prefix)
+                outs.append(F.scaled_dot_product_attention(qh[:, :, at:at + n], ks, vs, attn_mask=mask, scale=scale,
+                                                           enable_gqa=True))
+                at += n
+        return torch.cat(outs, dim=2)[0].transpose(0, 1)

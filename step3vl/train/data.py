@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 
+from step3vl.model.attention import AttentionBackend, DenseAttention, SharedPrefixAttention
 from step3vl.processor import Step3VLProcessor
 from step3vl.processor.chat import split_images
 from step3vl.processor.image import ImageViews
@@ -57,10 +58,36 @@ class PackedBatch:
     seq_lens: list[int]
     images: list[ImageViews]
     image_mask: torch.Tensor  # [T] bool: the positions the images' features fill
+    # (prefix_len, [branch_len, ...]) per group when branches share their group's prefix (pack_groups);
+    # None: independent sequences of seq_lens (pack).
+    prefix_groups: list[tuple[int, list[int]]] | None = None
 
     @property
     def num_targets(self) -> int:
         return int((self.targets != IGNORE).sum())
+
+    def attention(self) -> AttentionBackend:
+        if self.prefix_groups is not None:
+            return SharedPrefixAttention(self.prefix_groups)
+        return DenseAttention(self.seq_lens)
+
+
+@dataclass
+class SampleGroup:
+    """Responses sampled from one prompt: trained as branches of the prompt, which is computed once."""
+
+    prompt: TrainExample  # ids, images and image slots of the prompt (its labels are not used: no loss on it)
+    responses: list[list[int]]  # each a sampled continuation; every token is a target
+
+    def __post_init__(self) -> None:
+        if len(self.prompt) < 1:
+            raise ValueError("SampleGroup: empty prompt")
+        if self.prompt.image_positions and max(self.prompt.image_positions) >= len(self.prompt) - 1:
+            raise ValueError("SampleGroup: the prompt's last token is an image slot (it starts every branch)")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) - 1 + sum(1 + len(r) for r in self.responses)
 
 
 def _pieces(processor: Step3VLProcessor, text: str, images: list[Any], is_target: bool, ex: TrainExample) -> None:
@@ -166,6 +193,33 @@ def pack(examples: list[TrainExample]) -> PackedBatch:
         images += ex.images
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return PackedBatch(as_long(ids), as_long(pos), as_long(tgt), [len(ex) for ex in examples], images, mask)
+
+
+def pack_groups(groups: list[SampleGroup]) -> PackedBatch:
+    """Each group as its prompt minus the last token (the shared prefix) followed by one branch per response:
+    [last prompt token, response...], so the branch's first position predicts the response's first token from
+    the same context as the prompt's end would; positions continue the prefix's."""
+    if not groups:
+        raise ValueError("pack_groups: no groups")
+    ids, pos, tgt, images, layout = [], [], [], [], []
+    slots: list[int] = []
+    for g in groups:
+        prefix = g.prompt.input_ids[:-1]
+        slots += [len(ids) + i for i in g.prompt.image_positions]
+        ids += prefix
+        pos += range(len(prefix))
+        tgt += [IGNORE] * len(prefix)
+        images += g.prompt.images
+        for r in g.responses:
+            ids += [g.prompt.input_ids[-1]] + list(r)
+            pos += range(len(prefix), len(prefix) + 1 + len(r))
+            tgt += list(r) + [IGNORE]
+        layout.append((len(prefix), [1 + len(r) for r in g.responses]))
+    mask = torch.zeros(len(ids), dtype=torch.bool)
+    mask[slots] = True
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return PackedBatch(as_long(ids), as_long(pos), as_long(tgt), [p + sum(b) for p, b in layout], images, mask,
+                       prefix_groups=layout)
 
 
 def token_budget_batches(items: Iterable[T], max_tokens: int, key: Callable[[T], int] = len) -> Iterator[list[T]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from step3vl.model.attention import DenseAttention
 from step3vl.model.vlm import Step3VLForCausalLM
 from step3vl.train.data import IGNORE, PackedBatch
 
@@ -26,7 +25,7 @@ def hidden_states(model: Step3VLForCausalLM, batch: PackedBatch) -> torch.Tensor
         unique = list({id(im): im for im in batch.images}.values())
         encoded = dict(zip(map(id, unique), model.encode_images(unique)))
         feats = torch.cat([encoded[id(im)] for im in batch.images])
-    return model(batch.input_ids.to(dev), batch.positions.to(dev), DenseAttention(batch.seq_lens), feats,
+    return model(batch.input_ids.to(dev), batch.positions.to(dev), batch.attention(), feats,
                  batch.image_mask.to(dev))
 
 

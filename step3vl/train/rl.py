@@ -19,6 +19,7 @@ temperature. top_p / top_k truncation is not modelled in the ratio (keep them of
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import zlib
@@ -29,7 +30,7 @@ import torch
 
 from step3vl.engine import LLM, SamplingParams
 from step3vl.model.vlm import Step3VLForCausalLM
-from step3vl.train.data import IGNORE, TrainExample, pack, token_budget_batches
+from step3vl.train.data import IGNORE, PackedBatch, SampleGroup, TrainExample, pack, pack_groups, token_budget_batches
 from step3vl.train.logprobs import target_logprobs
 from step3vl.train.optim import OptimConfig, build_optimizer, clip_and_step
 from step3vl.train.pretrain import set_trainable
@@ -51,6 +52,7 @@ class RLConfig:
     clip_eps: float = 0.2
     ppo_epochs: int = 1  # 1 = strict on-policy
     max_tokens_per_batch: int = 8192  # packed micro-batch size in the update
+    share_prompt: bool = True  # a group's responses train as branches of one prompt computed once
     train_vision: bool = False
     seed: int = 0
     chunk_rows: int = 1024
@@ -80,7 +82,8 @@ class RLPrompt:
 class Rollout:
     prompt_index: int
     sample_index: int
-    example: TrainExample  # prompt + response ids; targets on the response only
+    prompt: TrainExample  # the prompt's ids, images and image slots: one object shared by its group
+    response: list[int]  # the sampled tokens; all of them are targets
     text: str
     reward: float
     advantage: float = 0.0
@@ -89,7 +92,21 @@ class Rollout:
 
     @property
     def num_response_tokens(self) -> int:
-        return len(self.engine_logprobs)
+        return len(self.response)
+
+    @property
+    def example(self) -> TrainExample:
+        """Prompt + response as one sequence, targets on the response only."""
+        p = self.prompt
+        return TrainExample(p.input_ids + self.response, [IGNORE] * len(p) + self.response, p.images,
+                            p.image_positions)
+
+
+@dataclass
+class TrainingBatch:
+    rollouts: list[Rollout]  # in the order of their targets in `packed`
+    packed: PackedBatch
+    advantages: torch.Tensor  # [T]: each target position's advantage, 0 elsewhere
 
 
 @dataclass
@@ -126,6 +143,11 @@ def ppo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
     return -torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+def _group_tokens(rollouts: list[Rollout]) -> int:
+    """Packed size of rollouts sharing one prompt: the prefix once, then a branch of 1 + response each."""
+    return len(rollouts[0].prompt) - 1 + sum(1 + len(r.response) for r in rollouts)
 
 
 def _stable_seed(*parts: Any) -> int:
@@ -179,15 +201,14 @@ class RLTrainer:
         for i, (p, inp, out) in enumerate(zip(prompts, inputs, outs)):
             if out.prompt_token_ids != inp.input_ids:
                 raise RuntimeError(f"prompt {i}: the engine tokenised the prompt differently from the processor")
+            prompt = TrainExample(inp.input_ids, [IGNORE] * len(inp.input_ids), inp.images, inp.image_positions)
             for c in out.outputs:
-                ids = inp.input_ids + list(c.token_ids)
-                labels = [IGNORE] * len(inp.input_ids) + list(c.token_ids)
                 truncated = c.finish_reason == "length" and self.cfg.truncated_reward is not None
                 reward = self.cfg.truncated_reward if truncated else float(self.reward_fn(c.text, p.answer))
                 if not 0.0 <= reward <= 1.0 or math.isnan(reward):
                     raise ValueError(f"prompt {i} sample {c.index}: reward_fn returned {reward}, expected [0, 1]")
                 lps = [d[t] for d, t in zip(c.logprobs or [], c.token_ids)]
-                rollouts.append(Rollout(i, c.index, TrainExample(ids, labels, inp.images, inp.image_positions), c.text, reward,
+                rollouts.append(Rollout(i, c.index, prompt, list(c.token_ids), c.text, reward,
                                         finish_reason=c.finish_reason, engine_logprobs=lps))
         return rollouts
 
@@ -202,43 +223,71 @@ class RLTrainer:
 
     # -- update -------------------------------------------------------------------------------------
 
-    def _token_advantages(self, batch_rollouts: list[Rollout], targets: torch.Tensor) -> torch.Tensor:
-        """[T] advantage of each packed position's target (0 where there is none)."""
-        per_pos = [torch.full((len(r.example),), r.advantage, dtype=torch.float32) for r in batch_rollouts]
-        return torch.cat(per_pos).to(targets.device) * (targets != IGNORE)
+    def training_batches(self, rollouts: list[Rollout]) -> list[TrainingBatch]:
+        """Packed micro-batches of at most cfg.max_tokens_per_batch tokens. With cfg.share_prompt, the responses
+        of one prompt are branches of one copy of it (a group too large for one batch is split, each part with
+        the prompt); otherwise each response is packed with its own copy of the prompt."""
+        budget = self.cfg.max_tokens_per_batch
+        if not self.cfg.share_prompt:
+            return [self._batch(g, pack([r.example for r in g]), [len(r.prompt) - 1 for r in g])
+                    for g in token_budget_batches(rollouts, budget, key=lambda r: len(r.prompt) + len(r.response))]
+        units: list[list[Rollout]] = []
+        for _, same in itertools.groupby(rollouts, key=lambda r: r.prompt_index):
+            for r in same:
+                if not units or units[-1][0].prompt is not r.prompt or _group_tokens(units[-1] + [r]) > budget:
+                    units.append([])
+                units[-1].append(r)
+        out = []
+        for part in token_budget_batches(units, budget, key=_group_tokens):
+            packed = pack_groups([SampleGroup(u[0].prompt, [r.response for r in u]) for u in part])
+            flat = [r for u in part for r in u]
+            out.append(self._batch(flat, packed, [len(u[0].prompt) - 1 if r is u[0] else 0 for u in part for r in u]))
+        return out
+
+    @staticmethod
+    def _batch(rollouts: list[Rollout], packed: PackedBatch, lead: list[int]) -> TrainingBatch:
+        """lead[i]: positions before rollout i's span that carry no advantage (its prompt but the last token, or
+        its group's prefix). The span is the position that predicts the first response token (the prompt's last
+        token) and the response; its last position predicts nothing (masked by the targets)."""
+        parts = []
+        for r, n in zip(rollouts, lead):
+            parts += [torch.zeros(n), torch.full((1 + len(r.response),), r.advantage)]
+        adv = torch.cat(parts).to(torch.float32) * (packed.targets != IGNORE)
+        return TrainingBatch(rollouts, packed, adv)
 
     def update(self, rollouts: list[Rollout]) -> tuple[float, float, float, float | None]:
         """PPO epochs over the rollouts with a non-zero advantage -> (loss, grad norm, clip fraction, gap)."""
         active = [r for r in rollouts if r.advantage != 0.0 and r.num_response_tokens > 0]
         if not active:  # every group's rewards were equal: nothing to learn from this batch
             return 0.0, 0.0, 0.0, None
-        groups = list(token_budget_batches(active, self.cfg.max_tokens_per_batch, key=lambda r: len(r.example)))
-        batches = [pack([r.example for r in g]) for g in groups]
+        batches = self.training_batches(active)
         self.model.train()
         old = None  # one epoch is on-policy: the training pass itself gives the old log-probs (ratio 1)
         if self.cfg.ppo_epochs > 1:
             with torch.no_grad():
-                old = [target_logprobs(self.model, b, self.cfg.chunk_rows, self.cfg.temperature) for b in batches]
+                old = [self._logprobs(b) for b in batches]
         loss = clip_frac = norm = 0.0
         for _ in range(self.cfg.ppo_epochs):
-            loss, clip_frac, seen = self.accumulate_gradients(groups, batches, old)
+            loss, clip_frac, seen = self.accumulate_gradients(batches, old)
             old = old or seen
             norm = clip_and_step(self.model, self.opt, self.sched, self.cfg.optim.max_grad_norm)
         self.model.eval()
-        gap = self._logprob_gap(groups, batches, old)
-        return loss, norm, clip_frac, gap
+        return loss, norm, clip_frac, self._logprob_gap(batches, old)
 
-    def accumulate_gradients(self, groups: list[list[Rollout]], batches: list, old: list[torch.Tensor] | None
+    def _logprobs(self, b: TrainingBatch) -> torch.Tensor:
+        return target_logprobs(self.model, b.packed, self.cfg.chunk_rows, self.cfg.temperature)
+
+    def accumulate_gradients(self, batches: list[TrainingBatch], old: list[torch.Tensor] | None
                              ) -> tuple[float, float, list[torch.Tensor]]:
         """Backward of the PPO loss, averaged over every response token of all batches (no optimizer step).
         old: the sampling policy's log-probs per batch; None = this pass's own (on-policy, ratio 1).
         Returns (loss, fraction of tokens clipped, this pass's log-probs, detached)."""
-        n_tokens = sum(b.num_targets for b in batches)
+        n_tokens = sum(b.packed.num_targets for b in batches)
         total_loss, clipped, seen = 0.0, 0, []
-        for k, (g, b) in enumerate(zip(groups, batches)):
-            adv = self._token_advantages(g, b.targets)
-            mask = (b.targets != IGNORE).to(adv.device)
-            logp = target_logprobs(self.model, b, self.cfg.chunk_rows, self.cfg.temperature)
+        for k, b in enumerate(batches):
+            mask = (b.packed.targets != IGNORE).to(self.model.device)
+            adv = b.advantages.to(self.model.device)
+            logp = self._logprobs(b)
             seen.append(logp.detach())
             old_lp = seen[-1] if old is None else old[k]
             loss_tok, was_clipped = ppo_token_loss(logp, old_lp, adv, self.cfg.clip_eps)
@@ -248,13 +297,13 @@ class RLTrainer:
             clipped += int((was_clipped & mask).sum())
         return total_loss, clipped / n_tokens, seen
 
-    def _logprob_gap(self, groups: list[list[Rollout]], batches, old: list[torch.Tensor]) -> float | None:
+    def _logprob_gap(self, batches: list[TrainingBatch], old: list[torch.Tensor]) -> float | None:
         if self.cfg.temperature != 1.0:
             return None
         diffs = []
-        for g, b, lp in zip(groups, batches, old):
-            mine = lp[b.targets != IGNORE].cpu()
-            theirs = torch.tensor([x for r in g for x in r.engine_logprobs], dtype=torch.float32)
+        for b, lp in zip(batches, old):
+            mine = lp[b.packed.targets != IGNORE].cpu()
+            theirs = torch.tensor([x for r in b.rollouts for x in r.engine_logprobs], dtype=torch.float32)
             if theirs.numel() == mine.numel():
                 diffs.append((mine - theirs).abs())
         return float(torch.cat(diffs).mean()) if diffs else None

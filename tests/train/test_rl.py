@@ -82,38 +82,56 @@ def _reference_grads(model, rollouts: list[Rollout], temperature: float) -> dict
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _rollout(i, prompt_ids, response, adv) -> Rollout:
-    ex = TrainExample(prompt_ids + response, [IGNORE] * len(prompt_ids) + response)
-    return Rollout(i, 0, ex, "", 0.0, adv, "length", [0.0] * len(response))
-
-
-@pytest.mark.parametrize("on_policy", [True, False], ids=["old-from-this-pass", "old-given"])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_update_gradient_matches_per_sequence_reference(tiny_ckpt, temperature, on_policy):
-    model = load_model(tiny_ckpt, dtype=torch.float32)
-    model.requires_grad_(True)
+def _rollouts() -> list[Rollout]:
+    """Three prompts with three, one and two responses of various lengths; each group's rollouts share their
+    prompt object, as the trainer's rollouts do."""
     g = torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, 400, (n,), generator=g).tolist()  # noqa: E731
-    rollouts = [_rollout(0, rand(7), rand(5), 1.3), _rollout(1, rand(3), rand(9), -0.4),
-                _rollout(2, rand(11), rand(1), 0.8)]
+    out = []
+    for i, (plen, responses) in enumerate([(7, [(5, 1.3), (2, -0.7), (6, 0.2)]), (3, [(9, -0.4)]),
+                                           (11, [(1, 0.8), (4, -1.1)])]):
+        prompt = TrainExample(rand(plen), [IGNORE] * plen)
+        for j, (n, adv) in enumerate(responses):
+            out.append(Rollout(i, j, prompt, rand(n), "", 0.0, adv, "length", [0.0] * n))
+    return out
+
+
+@pytest.mark.parametrize("share_prompt", [True, False], ids=["shared-prefix", "one-copy-each"])
+@pytest.mark.parametrize("on_policy", [True, False], ids=["old-from-this-pass", "old-given"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_update_gradient_matches_per_sequence_reference(tiny_ckpt, temperature, on_policy, share_prompt):
+    model = load_model(tiny_ckpt, dtype=torch.float32)
+    model.requires_grad_(True)
+    rollouts = _rollouts()
     want = _reference_grads(model, rollouts, temperature)
-    # A tight token budget splits the rollouts over two packed micro-batches.
-    cfg = RLConfig(temperature=temperature, max_tokens_per_batch=24, chunk_rows=4)
+    # A tight token budget splits the rollouts over several packed micro-batches (and the first group in two).
+    cfg = RLConfig(temperature=temperature, max_tokens_per_batch=20, chunk_rows=4, share_prompt=share_prompt)
     trainer = RLTrainer(model, llm=None, reward_fn=_contains, cfg=cfg)
-    from step3vl.train.data import pack, token_budget_batches
-    groups = list(token_budget_batches(rollouts, cfg.max_tokens_per_batch, key=lambda r: len(r.example)))
-    assert len(groups) == 2
-    batches = [pack([r.example for r in grp]) for grp in groups]
-    from step3vl.train.logprobs import target_logprobs
+    batches = trainer.training_batches(rollouts)
+    assert len(batches) >= 3
+    assert sum(b.packed.num_targets for b in batches) == sum(r.num_response_tokens for r in rollouts)
     old = None
     if not on_policy:
         with torch.no_grad():
-            old = [target_logprobs(model, b, temperature=temperature) for b in batches]
-    trainer.accumulate_gradients(groups, batches, old)
+            old = [trainer._logprobs(b) for b in batches]
+    trainer.accumulate_gradients(batches, old)
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_shared_prompt_packs_each_prompt_once():
+    rollouts = _rollouts()
+    shared = RLTrainer.__new__(RLTrainer)
+    shared.cfg = RLConfig(max_tokens_per_batch=4096, share_prompt=True)
+    (batch,) = shared.training_batches(rollouts)
+    prompts = {id(r.prompt): len(r.prompt) for r in rollouts}
+    assert len(batch.packed.input_ids) == sum(p - 1 for p in prompts.values()) + sum(
+        1 + r.num_response_tokens for r in rollouts)
+    shared.cfg = RLConfig(max_tokens_per_batch=4096, share_prompt=False)
+    (plain,) = shared.training_batches(rollouts)
+    assert len(plain.packed.input_ids) == sum(len(r.prompt) + r.num_response_tokens for r in rollouts)
 
 
 # -- with the engine --------------------------------------------------------------------------------
