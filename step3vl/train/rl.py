@@ -8,9 +8,9 @@ One iteration:
 2. reward: reward_fn(response text, answer) in [0, 1];
 3. advantage: per group, r - mean (and / std with "grpo"); a group whose rewards are all equal carries no signal
    and is left out of the update;
-4. update: token-level PPO loss over the packed (prompt + response) sequences, loss on response tokens only,
-   averaged over every response token of the iteration; `ppo_epochs` > 1 reuses the rollouts with the ratio
-   against the policy that sampled them (clipped at 1 ± clip_eps);
+4. update: token-level PPO loss on the response tokens, averaged over every response token of the iteration;
+   each prompt is packed once with its group's responses as branches (share_prompt); `ppo_epochs` > 1 reuses
+   the rollouts with the ratio against the policy that sampled them (clipped at 1 ± clip_eps);
 5. sync: the engine receives the new weights (`LLM.update_weights`).
 
 The sampled distribution is softmax(logits / temperature); the policy's log-probabilities are taken at the same
@@ -19,7 +19,6 @@ temperature. top_p / top_k truncation is not modelled in the ratio (keep them of
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 import zlib
@@ -231,12 +230,14 @@ class RLTrainer:
         if not self.cfg.share_prompt:
             return [self._batch(g, pack([r.example for r in g]), [len(r.prompt) - 1 for r in g])
                     for g in token_budget_batches(rollouts, budget, key=lambda r: len(r.prompt) + len(r.response))]
-        units: list[list[Rollout]] = []
-        for _, same in itertools.groupby(rollouts, key=lambda r: r.prompt_index):
-            for r in same:
-                if not units or units[-1][0].prompt is not r.prompt or _group_tokens(units[-1] + [r]) > budget:
-                    units.append([])
-                units[-1].append(r)
+        units: list[list[Rollout]] = []  # consecutive rollouts of one prompt that fit one batch together
+        size = 0
+        for r in rollouts:
+            if not units or units[-1][0].prompt is not r.prompt or size + 1 + len(r.response) > budget:
+                units.append([])
+                size = len(r.prompt) - 1
+            units[-1].append(r)
+            size += 1 + len(r.response)
         out = []
         for part in token_budget_batches(units, budget, key=_group_tokens):
             packed = pack_groups([SampleGroup(u[0].prompt, [r.response for r in u]) for u in part])
