@@ -2,8 +2,8 @@
 
 Workload: P chat prompts (~`--prompt-tokens` tokens each), a group of G sampled responses per prompt of up to
 `--max-tokens` tokens, an outcome reward (a fixed hash of the response text: mixed groups, so every group
-trains), GRPO advantages, one on-policy update; fp32 on both sides; `--iters` iterations, the first one
-warm-up.
+trains), GRPO advantages, one on-policy update; fp32 on both sides on the CPU (on a GPU our engine samples in
+bf16, both policies train in fp32); `--iters` iterations, the first one warm-up.
 - ours: `RLTrainer.step` — the engine samples (prefix shared by the group, paged KV, native CPU kernels), the
   trainer updates on packed sequences (each group's prompt computed once, its responses as branches; a second
   row without that sharing), `LLM.update_weights` syncs the engine;
@@ -30,6 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, print_table, small_checkpoint, write_json  # noqa: E402
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def reward(text: str, answer=None) -> float:
     return float(zlib.crc32(text.encode()) % 2)
 
@@ -54,8 +59,8 @@ def run_ours(ckpt: Path, conversations, args, share_prompt: bool = True) -> dict
     cfg = RLConfig(optim=OptimConfig(lr=1e-5, weight_decay=0.0), group_size=args.group, max_tokens=args.max_tokens,
                    total_steps=args.iters, truncated_reward=None, max_tokens_per_batch=16384,
                    share_prompt=share_prompt)
-    llm = LLM(ckpt, kv_cache_memory="1GiB")
-    trainer = RLTrainer(load_model(ckpt, dtype=torch.float32), llm, reward, cfg)
+    llm = LLM(ckpt, kv_cache_memory="1GiB")  # on a GPU: bf16 with the Triton/CUDA kernels
+    trainer = RLTrainer(load_model(ckpt, dtype=torch.float32, device=llm.model.device), llm, reward, cfg)
     prompts = [RLPrompt(c, None, id=str(i)) for i, c in enumerate(conversations)]
     rows = []
     for _ in range(args.iters):
@@ -76,13 +81,15 @@ def run_hf(ckpt: Path, conversations, args) -> dict:
     tok = proc.tokenizer
     eos = list(tok.eos_token_ids)
     prompts = [proc(c).input_ids for c in conversations]
-    model = hf_model(ckpt, torch.float32)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = hf_model(ckpt, torch.float32).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
     width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=dev)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
     rows = []
     for it in range(args.iters):
+        _sync()
         t0 = time.perf_counter()
         model.eval()
         with torch.inference_mode():
@@ -92,12 +99,12 @@ def run_hf(ckpt: Path, conversations, args) -> dict:
         seqs = seqs.clone()
         resp = seqs[:, width:]
         # Response tokens up to and including the first eos.
-        is_eos = torch.isin(resp, torch.tensor(eos))
+        is_eos = torch.isin(resp, torch.tensor(eos, device=dev))
         after_eos = (is_eos.cumsum(1) - is_eos.int()) > 0
         resp_mask = ~after_eos
         texts = [tok.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(resp, resp_mask)]
         rewards = torch.tensor([reward(t) for t in texts], dtype=torch.float64).view(len(prompts), args.group)
-        adv = group_advantages(rewards).view(-1, 1).float()
+        adv = group_advantages(rewards).view(-1, 1).float().to(dev)
         model.train()
         full_mask = torch.cat([mask.repeat_interleave(args.group, 0), resp_mask.long()], 1)
         logits = model(input_ids=seqs, attention_mask=full_mask).logits[:, width - 1:-1].float()
@@ -107,6 +114,7 @@ def run_hf(ckpt: Path, conversations, args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _sync()
         rows.append({"seconds": time.perf_counter() - t0, "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1,
                      "sync_s": 0.0, "tokens": int(resp_mask.sum())})
     return {"iters": rows}
