@@ -52,6 +52,10 @@ class RLConfig:
     ppo_epochs: int = 1  # 1 = strict on-policy
     max_tokens_per_batch: int = 8192  # packed micro-batch size in the update
     share_prompt: bool = True  # a group's responses train as branches of one prompt computed once
+    # Truncated importance sampling: weight each token's loss by min(p_policy / p_engine, cap), correcting for the
+    # sampler computing in another precision or with other kernels than the trainer (None: off). Needs
+    # temperature 1 (the engine reports the log-probs of the unscaled distribution).
+    engine_is_cap: float | None = None
     train_vision: bool = False
     seed: int = 0
     chunk_rows: int = 1024
@@ -68,6 +72,8 @@ class RLConfig:
             raise ValueError(f"RLConfig.clip_eps = {self.clip_eps!r}: must be in (0, 1)")
         if self.truncated_reward is not None and not 0.0 <= self.truncated_reward <= 1.0:
             raise ValueError(f"RLConfig.truncated_reward = {self.truncated_reward!r}: must be in [0, 1] or None")
+        if self.engine_is_cap is not None and (not self.engine_is_cap >= 1.0 or self.temperature != 1.0):
+            raise ValueError(f"RLConfig.engine_is_cap = {self.engine_is_cap!r}: must be >= 1, with temperature 1")
 
 
 @dataclass
@@ -106,6 +112,7 @@ class TrainingBatch:
     rollouts: list[Rollout]  # in the order of their targets in `packed`
     packed: PackedBatch
     advantages: torch.Tensor  # [T]: each target position's advantage, 0 elsewhere
+    engine_logprobs: torch.Tensor  # [T]: the engine's log-prob of each target as it sampled it, 0 elsewhere
 
 
 @dataclass
@@ -253,8 +260,12 @@ class RLTrainer:
         parts = []
         for r, n in zip(rollouts, lead):
             parts += [torch.zeros(n), torch.full((1 + len(r.response),), r.advantage)]
-        adv = torch.cat(parts).to(torch.float32) * (packed.targets != IGNORE)
-        return TrainingBatch(rollouts, packed, adv)
+        is_target = packed.targets != IGNORE
+        adv = torch.cat(parts).to(torch.float32) * is_target
+        engine = torch.zeros(len(packed.targets))
+        if all(len(r.engine_logprobs) == len(r.response) for r in rollouts):
+            engine[is_target] = torch.tensor([x for r in rollouts for x in r.engine_logprobs], dtype=torch.float32)
+        return TrainingBatch(rollouts, packed, adv, engine)
 
     def update(self, rollouts: list[Rollout]) -> tuple[float, float, float, float | None]:
         """PPO epochs over the rollouts with a non-zero advantage -> (loss, grad norm, clip fraction, gap)."""
@@ -292,6 +303,9 @@ class RLTrainer:
             seen.append(logp.detach())
             old_lp = seen[-1] if old is None else old[k]
             loss_tok, was_clipped = ppo_token_loss(logp, old_lp, adv, self.cfg.clip_eps)
+            if self.cfg.engine_is_cap is not None:
+                behaviour = b.engine_logprobs.to(old_lp.device)
+                loss_tok = loss_tok * torch.exp(old_lp - behaviour).clamp(max=self.cfg.engine_is_cap)
             loss = (loss_tok * mask).sum() / n_tokens
             loss.backward()
             total_loss += loss.item()
@@ -303,10 +317,9 @@ class RLTrainer:
             return None
         diffs = []
         for b, lp in zip(batches, old):
-            mine = lp[b.packed.targets != IGNORE].cpu()
-            theirs = torch.tensor([x for r in b.rollouts for x in r.engine_logprobs], dtype=torch.float32)
-            if theirs.numel() == mine.numel():
-                diffs.append((mine - theirs).abs())
+            if all(len(r.engine_logprobs) == len(r.response) for r in b.rollouts):
+                is_target = b.packed.targets != IGNORE
+                diffs.append((lp.cpu()[is_target] - b.engine_logprobs[is_target]).abs())
         return float(torch.cat(diffs).mean()) if diffs else None
 
     # -- the loop -----------------------------------------------------------------------------------

@@ -65,19 +65,25 @@ def test_config_errors_name_the_field():
 
 # -- the update's gradient against a plain reference ------------------------------------------------
 
-def _reference_grads(model, rollouts: list[Rollout], temperature: float) -> dict[str, torch.Tensor]:
-    """-(1/N) sum_r A_r sum_t log p(response token t), each sequence run alone with full logits (the PPO
-    surrogate's gradient at ratio 1)."""
+def _response_logprobs(model, r: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """log p(response tokens) of one rollout run alone with full logits."""
+    ids = torch.tensor(r.example.input_ids)
+    hidden = model(ids, torch.arange(len(ids)), DenseAttention([len(ids)]))
+    logp = torch.log_softmax(model.compute_logits(hidden).float() / temperature, -1)
+    labels = torch.tensor(r.example.labels)
+    rows = (labels[1:] != IGNORE).nonzero()[:, 0]
+    return logp[rows, labels[1:][rows]]
+
+
+def _reference_grads(model, rollouts: list[Rollout], temperature: float, weights=None) -> dict[str, torch.Tensor]:
+    """-(1/N) sum_r A_r sum_t w_t log p(response token t), each sequence run alone with full logits (the PPO
+    surrogate's gradient at ratio 1; w = 1 unless given per rollout)."""
     model = copy.deepcopy(model)
     n_tokens = sum(r.num_response_tokens for r in rollouts)
     total = 0.0
-    for r in rollouts:
-        ids = torch.tensor(r.example.input_ids)
-        hidden = model(ids, torch.arange(len(ids)), DenseAttention([len(ids)]))
-        logp = torch.log_softmax(model.compute_logits(hidden).float() / temperature, -1)
-        labels = torch.tensor(r.example.labels)
-        rows = (labels[1:] != IGNORE).nonzero()[:, 0]
-        total = total - r.advantage * logp[rows, labels[1:][rows]].sum()
+    for i, r in enumerate(rollouts):
+        w = 1.0 if weights is None else weights[i]
+        total = total - r.advantage * (w * _response_logprobs(model, r, temperature)).sum()
     (total / n_tokens).backward()
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
@@ -266,3 +272,29 @@ def test_a_groups_shared_image_is_encoded_once_with_the_same_result(tiny_ckpt):
     assert seen == [1, 2]
     torch.testing.assert_close(shared, separate, rtol=0, atol=1e-6)
     torch.testing.assert_close(g_shared, g_separate, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("share_prompt", [True, False], ids=["shared-prefix", "one-copy-each"])
+def test_engine_importance_weights_are_truncated_ratios(tiny_ckpt, share_prompt):
+    """With engine_is_cap, each token's loss is weighted by min(p_policy / p_engine, cap)."""
+    model = load_model(tiny_ckpt, dtype=torch.float32)
+    model.requires_grad_(True)
+    rollouts = _rollouts()
+    g = torch.Generator().manual_seed(1)
+    weights = []
+    with torch.no_grad():
+        for r in rollouts:  # the engine's log-probs off by a known factor: ratios 3 (capped to 2), 0.5 or 1
+            mine = _response_logprobs(model, r)
+            shift = torch.tensor([3.0, 0.5, 1.0])[torch.randint(0, 3, (len(mine),), generator=g)]
+            r.engine_logprobs = (mine - shift.log()).tolist()
+            weights.append(shift.clamp(max=2.0))
+    want = _reference_grads(model, rollouts, 1.0, weights)
+    cfg = RLConfig(max_tokens_per_batch=20, engine_is_cap=2.0, share_prompt=share_prompt)
+    trainer = RLTrainer(model, llm=None, reward_fn=_contains, cfg=cfg)
+    trainer.accumulate_gradients(trainer.training_batches(rollouts), None)
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="engine_is_cap"):
+        RLConfig(engine_is_cap=2.0, temperature=0.7)
