@@ -156,11 +156,13 @@ class EpisodeBatches:
 
     def __call__(self, step: int) -> list[RLPrompt]:
         seed = episode_seed(self.cfg.seed, f"step{step}")
+        ids = self.order.take_ids(len(self.order.prompts))  # every problem at most once this step
         episodes = []
-        for _ in range(len(self.order.prompts)):
+        for used, i in enumerate(ids):
             if len(episodes) == self.batch_size:
+                self.order.put_back(ids[used:])
                 break
-            (p,) = self.order.take(1)
+            p = self.order.prompts[i]
             ep = make_episode(p, self.pools[p.id], self.cfg, random.Random(episode_seed(seed, p.id)), self.reward_fn)
             if ep is not None:
                 episodes.append(ep)

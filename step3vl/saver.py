@@ -19,7 +19,8 @@ from torch import nn
 
 from step3vl.loader import INDEX_FILE
 
-_WEIGHT_SUFFIXES = (".safetensors",)
+# Not copied from the source: its weights, and pickled state (a trainer's) that describes another run.
+_NOT_COPIED = (".safetensors", ".pt", ".bin", ".pth")
 
 
 def write_shards(state: dict[str, torch.Tensor], out: Path, shards: int) -> None:
@@ -67,7 +68,7 @@ def save_checkpoint(model: nn.Module, out: str | Path, source: str | Path, dtype
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for f in source.iterdir():
-        if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name != INDEX_FILE:
+        if f.is_file() and not f.name.endswith(_NOT_COPIED) and f.name != INDEX_FILE:
             shutil.copy2(f, tmp / f.name)
     write_shards(export_state(model, dtype), tmp, shards)
     for name, obj in (extra or {}).items():

@@ -47,10 +47,11 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
     return _DTYPES[dtype]
 
 
-def _finite(t: torch.Tensor) -> bool:
-    """No NaN/inf: min and max in one pass propagate a NaN and show an inf (no [numel] bool temporary)."""
+def _finite(t: torch.Tensor, limit: float) -> bool:
+    """No NaN and every value within ±limit (what the engine's dtype holds): min and max in one pass propagate
+    a NaN and show an inf (no [numel] bool temporary)."""
     lo, hi = torch.aminmax(t.detach())
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+    return bool((lo >= -limit) & (hi <= limit))
 
 
 def images_salt(images: list) -> int:
@@ -162,9 +163,10 @@ class LLM:
                                f"or abort them first")
         cfg = self.model.cfg
         state = check_state(cfg, dict(weights), "update_weights")
-        bad = next((k for k, v in state.items() if v.numel() and not _finite(v)), None)
+        limit = torch.finfo(self.dtype).max
+        bad = next((k for k, v in state.items() if v.numel() and not _finite(v, limit)), None)
         if bad is not None:  # a diverged trainer must not silently poison the sampler
-            raise ValueError(f"update_weights: key {bad!r} holds non-finite values (NaN/inf)")
+            raise ValueError(f"update_weights: key {bad!r} holds NaN/inf or values beyond {self.dtype}'s range")
         if self._native:
             self.model = self._prepare(model_from_state(cfg, state, self.dtype, self.model.device, "update_weights"),
                                        True)

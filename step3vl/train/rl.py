@@ -304,6 +304,8 @@ class RLTrainer:
             old_lp = seen[-1] if old is None else old[k]
             loss_tok, was_clipped = ppo_token_loss(logp, old_lp, adv, self.cfg.clip_eps)
             if self.cfg.engine_is_cap is not None:
+                if any(len(r.engine_logprobs) != len(r.response) for r in b.rollouts):
+                    raise ValueError("engine_is_cap needs the engine's log-prob of every response token")
                 behaviour = b.engine_logprobs.to(old_lp.device)
                 loss_tok = loss_tok * torch.exp(old_lp - behaviour).clamp(max=self.cfg.engine_is_cap)
             loss = (loss_tok * mask).sum() / n_tokens

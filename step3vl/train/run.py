@@ -121,12 +121,28 @@ class PromptBatches:
         self.rng, self.queue = random.Random(seed), []
 
     def take(self, k: int) -> list:
-        while len(self.queue) < k:
-            fresh = list(range(len(self.prompts)))
-            self.rng.shuffle(fresh)
-            self.queue += fresh
-        out, self.queue = self.queue[:k], self.queue[k:]
-        return [self.prompts[i] for i in out]
+        return [self.prompts[i] for i in self.take_ids(k)]
+
+    def take_ids(self, k: int) -> list[int]:
+        """The next k indices; no index twice in one draw while k <= len(prompts) (a draw that straddles two
+        passes leaves the repeats at the front of the queue for the next draw)."""
+        n = len(self.prompts)
+        out, deferred = [], []
+        while len(out) < k:
+            if not self.queue:
+                self.queue = list(range(n))
+                self.rng.shuffle(self.queue)
+            i = self.queue.pop(0)
+            if i in out and len(set(out)) < n:
+                deferred.append(i)
+            else:
+                out.append(i)
+        self.queue = deferred + self.queue
+        return out
+
+    def put_back(self, ids: list[int]) -> None:
+        """Return drawn but unused indices to the front of the queue, in order."""
+        self.queue = list(ids) + self.queue
 
     def __call__(self, step: int) -> list:
         return self.take(self.batch_size)

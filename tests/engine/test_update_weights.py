@@ -62,7 +62,7 @@ def test_update_refuses_bad_weights_and_keeps_the_old_ones(tiny_ckpt):
     with pytest.raises(CheckpointError, match="unexpected key 'model.extra'"):
         llm.update_weights(dict(state, **{"model.extra": torch.zeros(1)}))
     nan = dict(state, **{"model.norm.weight": torch.full_like(state["model.norm.weight"], float("nan"))})
-    with pytest.raises(ValueError, match=r"'model\.norm\.weight' holds non-finite values"):
+    with pytest.raises(ValueError, match=r"'model\.norm\.weight' holds NaN/inf"):
         llm.update_weights(nan)
     missing = {k: v for k, v in state.items() if k != "lm_head.weight"}
     with pytest.raises(CheckpointError, match="missing key"):
@@ -105,3 +105,11 @@ def test_unseeded_requests_keep_drawing_fresh_seeds_across_updates(tiny_ckpt):
         runs.append([c.token_ids for c in llm.generate([PROMPT], sample, use_tqdm=False)[0].outputs])
         llm.update_weights(state)
     assert runs[0] != runs[1] and runs[1] != runs[2]
+
+
+def test_update_refuses_values_the_engine_dtype_cannot_hold(tiny_ckpt):
+    llm = LLM(tiny_ckpt, kv_cache_memory="8MiB", dtype="float16")
+    state = _perturbed(tiny_ckpt).state_dict()
+    state["model.layers.0.mlp.down_proj.weight"][0, 0] = 1e5  # finite in fp32, inf in fp16
+    with pytest.raises(ValueError, match=r"down_proj\.weight' holds NaN/inf or values beyond torch.float16's range"):
+        llm.update_weights(state)

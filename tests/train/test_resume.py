@@ -63,3 +63,23 @@ def test_prompt_batches_state_round_trip():
     b.load_state_dict(json.loads(json.dumps(state)))  # JSON-safe too
     assert [b(k) for k in range(1, 5)] == want
     assert all(set(batch) <= set("abcdefg") for batch in want)
+
+
+def test_prompt_batches_never_repeat_a_prompt_within_a_step():
+    for seed in range(20):
+        b = PromptBatches(list("abcde"), 3, seed=seed)
+        draws = [b(k) for k in range(12)]
+        assert all(len(set(d)) == 3 for d in draws)
+        # Every prompt comes around: over 5 passes' worth of draws each one is drawn 12*3/5 ± a pass.
+        counts = {x: sum(d.count(x) for d in draws) for x in "abcde"}
+        assert max(counts.values()) - min(counts.values()) <= 2
+
+
+def test_a_run_started_from_a_step_checkpoint_does_not_inherit_its_state(tiny_ckpt, tmp_path):
+    from step3vl.saver import save_checkpoint
+    from step3vl.train.run import STATE_FILE
+
+    model = load_model(tiny_ckpt, dtype=torch.float32)
+    step = save_checkpoint(model, tmp_path / "run1-step5", tiny_ckpt, extra={STATE_FILE: {"kind": "rl"}})
+    assert (step / STATE_FILE).is_file()
+    assert not (save_checkpoint(model, tmp_path / "run2", step) / STATE_FILE).exists()

@@ -298,3 +298,12 @@ def test_engine_importance_weights_are_truncated_ratios(tiny_ckpt, share_prompt)
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
     with pytest.raises(ValueError, match="engine_is_cap"):
         RLConfig(engine_is_cap=2.0, temperature=0.7)
+
+
+def test_engine_importance_weights_need_engine_logprobs(tiny_ckpt):
+    model = load_model(tiny_ckpt, dtype=torch.float32)
+    rollouts = _rollouts()
+    rollouts[1].engine_logprobs = []
+    trainer = RLTrainer(model, llm=None, reward_fn=_contains, cfg=RLConfig(engine_is_cap=2.0))
+    with pytest.raises(ValueError, match="engine_is_cap needs the engine's log-prob of every response token"):
+        trainer.accumulate_gradients(trainer.training_batches(rollouts), None)
