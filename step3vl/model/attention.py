@@ -66,12 +66,14 @@ class SharedPrefixAttention:
                 outs.append(F.scaled_dot_product_attention(qh[:, :, at:at + prefix], pk, pv, is_causal=True,
                                                            scale=scale, enable_gqa=True))
             at += prefix
+            # Masked calls get k/v with the query's head count: fused kernels that take a mask do not all take
+            # grouped heads, and the fallback would materialise [heads, n, prefix + n] scores.
+            group = q.shape[1] // k.shape[1]
             for n in branches:
-                ks = torch.cat([pk, kh[:, :, at:at + n]], dim=2)
-                vs = torch.cat([pv, vh[:, :, at:at + n]], dim=2)
+                ks = torch.cat([pk, kh[:, :, at:at + n]], dim=2).repeat_interleave(group, dim=1)
+                vs = torch.cat([pv, vh[:, :, at:at + n]], dim=2).repeat_interleave(group, dim=1)
                 # Row i sees the prefix and branch tokens 0..i: the causal mask shifted right by the prefix.
                 mask = torch.ones(n, prefix + n, dtype=torch.bool, device=q.device).tril(prefix)
-                outs.append(F.scaled_dot_product_attention(qh[:, :, at:at + n], ks, vs, attn_mask=mask, scale=scale,
-                                                           enable_gqa=True))
+                outs.append(F.scaled_dot_product_attention(qh[:, :, at:at + n], ks, vs, attn_mask=mask, scale=scale))
                 at += n
         return torch.cat(outs, dim=2)[0].transpose(0, 1)
