@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-tokens-per-batch", type=int, default=8192)
     t.add_argument("--grad-accum", type=int, default=1)
     t.add_argument("--freeze-vision", action="store_true", help="train the decoder only")
+    t.add_argument("--max-seq-len", type=int, default=None,
+                   help="split longer text examples into windows of this many tokens (long documents)")
+    t.add_argument("--eval-data", type=Path, default=None, help="held-out JSONL examples (eval_loss in the log)")
+    t.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: at the end)")
     t.add_argument("--activation-checkpointing", action="store_true")
     _optim_args(t, lr=1e-5)
     t.set_defaults(func=_cmd_train)
@@ -364,11 +368,14 @@ def _cmd_train(args) -> int:
     cfg = PretrainConfig(optim=_optim_config(args), max_tokens_per_batch=args.max_tokens_per_batch,
                          grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
                          train_vision=not args.freeze_vision, seed=args.seed,
-                         activation_checkpointing=args.activation_checkpointing)
+                         activation_checkpointing=args.activation_checkpointing, max_seq_len=args.max_seq_len,
+                         eval_every=args.eval_every)
     logs = pretrain(args.model, args.data, args.out, cfg, device=args.device, log_path=args.log,
-                    save_every=args.save_every, save_dtype=_save_dtype(args), resume=args.resume)
+                    save_every=args.save_every, save_dtype=_save_dtype(args), resume=args.resume,
+                    eval_data=args.eval_data)
     if logs:
-        print(f"{len(logs)} steps, loss {logs[0].loss:.4f} -> {logs[-1].loss:.4f}; wrote {args.out}")
+        held_out = f", eval loss {logs[-1].eval_loss:.4f}" if logs[-1].eval_loss is not None else ""
+        print(f"{len(logs)} steps, loss {logs[0].loss:.4f} -> {logs[-1].loss:.4f}{held_out}; wrote {args.out}")
     return 0
 
 

@@ -180,6 +180,18 @@ def load_examples(processor: Step3VLProcessor, path: str | Path) -> list[TrainEx
     return [example_from_record(processor, r, f"{path}:{n}") for n, r in read_jsonl(path)]
 
 
+def split_long(example: TrainExample, max_len: int, where: str = "example") -> list[TrainExample]:
+    """A text example longer than max_len as consecutive windows of at most max_len tokens (each trained as its
+    own sequence: pre-training on documents longer than the context); one holding images cannot be cut."""
+    if len(example) <= max_len:
+        return [example]
+    if example.images:
+        raise ValueError(f"{where}: {len(example)} tokens with images exceed max_seq_len={max_len} (an example with "
+                         f"images is never split)")
+    return [TrainExample(example.input_ids[s:s + max_len], example.labels[s:s + max_len])
+            for s in range(0, len(example), max_len)]
+
+
 def pack(examples: list[TrainExample]) -> PackedBatch:
     if not examples:
         raise ValueError("pack: no examples")

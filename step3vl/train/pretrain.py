@@ -15,7 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from step3vl.model.vlm import Step3VLForCausalLM
-from step3vl.train.data import TrainExample, pack, token_budget_batches
+from step3vl.train.data import TrainExample, pack, split_long, token_budget_batches
 from step3vl.train.logprobs import next_token_loss
 from step3vl.train.optim import OptimConfig, build_optimizer, clip_and_step
 
@@ -33,13 +33,16 @@ class PretrainConfig:
     chunk_rows: int = 1024  # rows of logits alive at once
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 on a GPU, with fp32 weights
+    max_seq_len: int | None = None  # longer text examples train as consecutive windows of this many tokens
+    eval_every: int | None = None  # optimizer steps between evaluations on the held-out examples (and at the end)
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_per_batch", "grad_accum", "epochs", "chunk_rows"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"PretrainConfig.{name} = {getattr(self, name)!r}: must be an int >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"PretrainConfig.max_steps = {self.max_steps!r}: must be >= 1 or None")
+        for name in ("max_steps", "max_seq_len", "eval_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"PretrainConfig.{name} = {getattr(self, name)!r}: must be >= 1 or None")
 
 
 @dataclass
@@ -51,6 +54,7 @@ class StepLog:
     tokens: int
     targets: int
     seconds: float
+    eval_loss: float | None = None  # mean cross-entropy on the held-out examples, when evaluated at this step
 
 
 def set_trainable(model: Step3VLForCausalLM, train_vision: bool) -> None:
@@ -99,8 +103,29 @@ class Pretrainer:
         return {"kind": "pretrain", "steps_done": self.steps_done, "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict()}
 
+    def _prepare(self, examples: list[TrainExample]) -> list[TrainExample]:
+        if self.cfg.max_seq_len is None:
+            return examples
+        return [w for i, ex in enumerate(examples) for w in split_long(ex, self.cfg.max_seq_len, f"example {i}")]
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[TrainExample]) -> float:
+        """Mean next-token cross-entropy over every target of `examples` (exp of it: the perplexity)."""
+        examples = [ex for ex in self._prepare(examples) if ex.num_targets]
+        if not examples:
+            raise ValueError("Pretrainer.evaluate: no example has a target token")
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for group in token_budget_batches(examples, self.cfg.max_tokens_per_batch):
+            with self._autocast():
+                loss_sum, n = next_token_loss(self.model, pack(group), self.cfg.chunk_rows)
+            total, count = total + loss_sum.item(), count + n
+        self.model.train(was_training)
+        return total / count
+
     def fit(self, examples: list[TrainExample], on_step: Callable[[StepLog], None] | None = None,
-            resume: dict | None = None) -> list[StepLog]:
+            resume: dict | None = None, eval_examples: list[TrainExample] | None = None) -> list[StepLog]:
         """Train over `examples` for cfg.epochs (or cfg.max_steps); returns one log per optimizer step.
         resume: a `state_dict()` saved by an earlier run of the same data and config (with its weights loaded
         into the model): training continues at the next step, with the same batches and schedule as an
@@ -108,7 +133,7 @@ class Pretrainer:
         if not examples:
             raise ValueError("Pretrainer.fit: no training examples")
         # An example without targets (an image with an empty caption, a one-token text) adds nothing to the loss.
-        usable = [ex for ex in examples if ex.num_targets]
+        usable = [ex for ex in self._prepare(examples) if ex.num_targets]
         if not usable:
             raise ValueError(f"Pretrainer.fit: none of the {len(examples)} examples has a target token")
         if len(usable) < len(examples):
@@ -127,6 +152,9 @@ class Pretrainer:
             group = micro[step * self.cfg.grad_accum:(step + 1) * self.cfg.grad_accum]
             logs.append(self._step(step + 1, group, self.opt, self.sched))
             self.steps_done = step + 1
+            every = self.cfg.eval_every
+            if eval_examples and (self.steps_done == steps or (every and self.steps_done % every == 0)):
+                logs[-1].eval_loss = self.evaluate(eval_examples)
             if on_step is not None:
                 on_step(logs[-1])
         self.model.eval()

@@ -70,13 +70,15 @@ def load_resume(path: str | Path) -> dict:
 def pretrain(ckpt: str | Path, data: str | Path, out: str | Path, cfg: PretrainConfig | None = None,
              device: str | None = None, log_path: str | Path | None = None, progress: bool = True,
              save_every: int | None = None, save_dtype: torch.dtype = torch.bfloat16,
-             resume: str | Path | None = None) -> list:
+             resume: str | Path | None = None, eval_data: str | Path | None = None) -> list:
     """Next-token training of the checkpoint at `ckpt` on the JSONL examples in `data` (see data.py); the
     result is written to `out` as a checkpoint (official format, `save_dtype`). resume: a `<out>-step<k>`
-    checkpoint of an earlier run with the same data and config. Returns the step logs."""
+    checkpoint of an earlier run with the same data and config. eval_data: held-out JSONL examples, evaluated
+    every cfg.eval_every steps and at the end (`eval_loss` in the step logs). Returns the step logs."""
     cfg = cfg or PretrainConfig()
     processor = Step3VLProcessor.from_pretrained(ckpt)
     examples = load_examples(processor, data)
+    held_out = load_examples(processor, eval_data) if eval_data else None
     state = load_resume(resume) if resume else None
     model = load_model(resume or ckpt, dtype=torch.float32, device=_device(device))
     trainer = Pretrainer(model, cfg)
@@ -88,10 +90,13 @@ def pretrain(ckpt: str | Path, data: str | Path, out: str | Path, cfg: PretrainC
         log(s)
         save(s.step)
         bar.update(1)
-        bar.set_postfix(loss=f"{s.loss:.4f}", lr=f"{s.lr:.2e}", tok_s=f"{s.tokens / max(s.seconds, 1e-9):.0f}")
+        shown = {"loss": f"{s.loss:.4f}", "lr": f"{s.lr:.2e}", "tok_s": f"{s.tokens / max(s.seconds, 1e-9):.0f}"}
+        if s.eval_loss is not None:
+            shown["eval_loss"] = f"{s.eval_loss:.4f}"
+        bar.set_postfix(shown)
 
     try:
-        logs = trainer.fit(examples, on_step, resume=state)
+        logs = trainer.fit(examples, on_step, resume=state, eval_examples=held_out)
     finally:
         bar.close()
         log.close()

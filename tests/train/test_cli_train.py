@@ -28,10 +28,11 @@ def test_train_command_writes_a_loadable_checkpoint(tiny_ckpt, tmp_path):
         {"text": "A cat sat on the mat."}])
     out, log = tmp_path / "trained", tmp_path / "log.jsonl"
     rc = main(["train", "--model", str(tiny_ckpt), "--data", str(data), "--out", str(out), "--epochs", "8",
-               "--lr", "3e-3", "--log", str(log), "--threads", "1"])
+               "--lr", "3e-3", "--log", str(log), "--threads", "1", "--eval-data", str(data), "--eval-every", "4"])
     assert rc == 0
     logs = _logs(log)
     assert [s["step"] for s in logs] == list(range(1, 9)) and logs[-1]["loss"] < logs[0]["loss"]
+    assert [s["eval_loss"] is not None for s in logs] == [False] * 3 + [True] + [False] * 3 + [True]
     before, after = load_model(tiny_ckpt), load_model(out)
     assert not torch.equal(before.lm_head.weight, after.lm_head.weight)
     llm = LLM(out, kv_cache_memory="8MiB")

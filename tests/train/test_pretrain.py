@@ -343,3 +343,42 @@ def test_micro_batch_without_targets_contributes_nothing(tiny_model, processor, 
     want = _params(alone)
     for name, p in _params(with_empty).items():
         torch.testing.assert_close(p, want[name], rtol=1e-6, atol=1e-8, msg=lambda m: f"{name}: {m}")
+
+
+def test_long_documents_train_as_windows(tiny_model, processor):
+    from step3vl.train.data import split_long
+
+    doc = text_example(processor, " ".join(f"word{i}" for i in range(60)))
+    windows = split_long(doc, 16)
+    assert [len(w) for w in windows[:-1]] == [16] * (len(windows) - 1) and 0 < len(windows[-1]) <= 16
+    assert sum((w.input_ids for w in windows), []) == doc.input_ids
+    assert sum((w.labels for w in windows), []) == doc.labels
+    with pytest.raises(ValueError, match="max_tokens=16"):
+        Pretrainer(tiny_model(), PretrainConfig(max_tokens_per_batch=16)).fit([doc])
+    logs = Pretrainer(tiny_model(), PretrainConfig(max_tokens_per_batch=16, max_seq_len=16, shuffle=False)).fit([doc])
+    assert sum(l.targets for l in logs) == sum(w.num_targets for w in windows)
+
+
+def test_long_example_with_an_image_is_refused(processor, make_image):
+    from step3vl.train.data import split_long
+
+    ex = text_example(processor, "a caption", [make_image()])
+    with pytest.raises(ValueError, match=r"example 3: \d+ tokens with images exceed max_seq_len=8"):
+        split_long(ex, 8, "example 3")
+
+
+def test_evaluate_is_the_mean_loss_over_held_out_targets(tiny_model, processor):
+    from step3vl.train.data import pack
+    from step3vl.train.logprobs import next_token_loss
+
+    model = tiny_model()
+    held = [text_example(processor, "held out sentence one"), text_example(processor, "and a second, longer one here")]
+    with torch.no_grad():
+        parts = [next_token_loss(model, pack([ex])) for ex in held]
+    want = sum(float(s) for s, _ in parts) / sum(n for _, n in parts)
+    trainer = Pretrainer(model, PretrainConfig(max_tokens_per_batch=16, eval_every=2, epochs=4, shuffle=False,
+                                               optim=OptimConfig(lr=3e-3)))
+    assert trainer.evaluate(held) == pytest.approx(want, rel=1e-6)
+    logs = trainer.fit([text_example(processor, "held out sentence one")], eval_examples=held)
+    assert [l.eval_loss is not None for l in logs] == [False, True, False, True]
+    assert logs[-1].eval_loss < want  # trained on one of the held-out sentences
