@@ -133,11 +133,12 @@ class Pretrainer:
         if not examples:
             raise ValueError("Pretrainer.fit: no training examples")
         # An example without targets (an image with an empty caption, a one-token text) adds nothing to the loss.
-        usable = [ex for ex in self._prepare(examples) if ex.num_targets]
+        prepared = self._prepare(examples)
+        usable = [ex for ex in prepared if ex.num_targets]
         if not usable:
             raise ValueError(f"Pretrainer.fit: none of the {len(examples)} examples has a target token")
-        if len(usable) < len(examples):
-            warnings.warn(f"Pretrainer.fit: skipped {len(examples) - len(usable)} example(s) without target tokens")
+        if len(usable) < len(prepared):
+            warnings.warn(f"Pretrainer.fit: skipped {len(prepared) - len(usable)} example(s) without target tokens")
         micro = self._micro_batches(usable)
         steps = -(-len(micro) // self.cfg.grad_accum)
         if self.cfg.max_steps is not None:
