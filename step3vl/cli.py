@@ -121,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--truncated-reward", type=float, default=0.0,
                    help="reward of a response cut off at --max-tokens (default 0)")
     r.add_argument("--max-tokens-per-batch", type=int, default=16384, help="packed tokens per update micro-batch")
+    r.add_argument("--kl-coef", type=float, default=0.0,
+                   help="KL penalty towards the starting policy (default 0, as PaCoRe trains)")
     r.add_argument("--engine-is-cap", type=float, default=None,
                    help="weight token losses by min(p_policy / p_engine, CAP): corrects a bf16 sampler vs fp32 policy")
     r.add_argument("--min-refs", type=int, default=16)
@@ -389,7 +391,8 @@ def _cmd_rl(args) -> int:
     cfg = RLConfig(optim=_optim_config(args), total_steps=args.steps, group_size=args.group_size,
                    temperature=args.temperature, max_tokens=args.max_tokens, advantage=args.advantage,
                    clip_eps=args.clip_eps, ppo_epochs=args.ppo_epochs, truncated_reward=args.truncated_reward,
-                   max_tokens_per_batch=args.max_tokens_per_batch, engine_is_cap=args.engine_is_cap, seed=args.seed)
+                   max_tokens_per_batch=args.max_tokens_per_batch, engine_is_cap=args.engine_is_cap,
+                   kl_coef=args.kl_coef, seed=args.seed)
     engine = {"kv_cache_memory": args.kv_cache_memory} if args.kv_cache_memory else {}
     logs = reinforce(args.model, batches, args.out, args.steps, cfg, device=args.device, engine_kwargs=engine,
                      log_path=args.log, save_every=args.save_every, save_dtype=_save_dtype(args), resume=args.resume)

@@ -56,6 +56,9 @@ class RLConfig:
     # sampler computing in another precision or with other kernels than the trainer (None: off). Needs
     # temperature 1 (the engine reports the log-probs of the unscaled distribution).
     engine_is_cap: float | None = None
+    # KL penalty towards a frozen reference policy (k3 estimator, per token, averaged like the loss); 0: none, as in
+    # PaCoRe's recipe. Needs RLTrainer(ref_model=...).
+    kl_coef: float = 0.0
     train_vision: bool = False
     seed: int = 0
     chunk_rows: int = 1024
@@ -72,6 +75,8 @@ class RLConfig:
             raise ValueError(f"RLConfig.clip_eps = {self.clip_eps!r}: must be in (0, 1)")
         if self.truncated_reward is not None and not 0.0 <= self.truncated_reward <= 1.0:
             raise ValueError(f"RLConfig.truncated_reward = {self.truncated_reward!r}: must be in [0, 1] or None")
+        if not self.kl_coef >= 0.0:
+            raise ValueError(f"RLConfig.kl_coef = {self.kl_coef!r}: must be >= 0")
         if self.engine_is_cap is not None and (not self.engine_is_cap >= 1.0 or self.temperature != 1.0):
             raise ValueError(f"RLConfig.engine_is_cap = {self.engine_is_cap!r}: must be >= 1, with temperature 1")
 
@@ -126,6 +131,7 @@ class RLStepLog:
     lr: float
     response_tokens: int
     clip_fraction: float  # response tokens whose ratio was clipped
+    kl: float | None  # mean per-token KL estimate to the reference policy (kl_coef > 0)
     logprob_gap: float | None  # mean |policy - engine| log-prob of the sampled tokens (temperature 1 only)
     rollout_seconds: float
     update_seconds: float
@@ -165,9 +171,12 @@ class RLTrainer:
     samples, loaded from the same checkpoint. reward_fn(text, answer) -> float in [0, 1]."""
 
     def __init__(self, model: Step3VLForCausalLM, llm: LLM, reward_fn: Callable[[str, Any], float],
-                 cfg: RLConfig | None = None):
+                 cfg: RLConfig | None = None, ref_model: Step3VLForCausalLM | None = None):
         self.model, self.llm, self.reward_fn = model, llm, reward_fn
         self.cfg = cfg or RLConfig()
+        if self.cfg.kl_coef > 0 and ref_model is None:
+            raise ValueError("RLConfig.kl_coef > 0 needs ref_model (e.g. a second load_model of the initial checkpoint)")
+        self.ref_model = ref_model.requires_grad_(False).eval() if ref_model is not None else None
         set_trainable(model, self.cfg.train_vision)
         # One optimizer update per PPO epoch: the schedule spans them all.
         self.opt, self.sched = build_optimizer(model, self.cfg.optim, self.cfg.total_steps * self.cfg.ppo_epochs)
@@ -267,35 +276,44 @@ class RLTrainer:
             engine[is_target] = torch.tensor([x for r in rollouts for x in r.engine_logprobs], dtype=torch.float32)
         return TrainingBatch(rollouts, packed, adv, engine)
 
-    def update(self, rollouts: list[Rollout]) -> tuple[float, float, float, float | None]:
-        """PPO epochs over the rollouts with a non-zero advantage -> (loss, grad norm, clip fraction, gap)."""
-        active = [r for r in rollouts if r.advantage != 0.0 and r.num_response_tokens > 0]
+    def update(self, rollouts: list[Rollout]) -> tuple[float, float, float, float | None, float | None]:
+        """PPO epochs over the rollouts that carry a signal -> (loss, grad norm, clip fraction, gap, kl)."""
+        # Without a KL term, a zero-advantage response contributes nothing; with one, every response does.
+        active = [r for r in rollouts if r.num_response_tokens > 0 and (r.advantage != 0.0 or self.cfg.kl_coef > 0)]
         if not active:  # every group's rewards were equal: nothing to learn from this batch
-            return 0.0, 0.0, 0.0, None
+            return 0.0, 0.0, 0.0, None, None
         batches = self.training_batches(active)
         self.model.train()
+        ref = None
+        if self.cfg.kl_coef > 0:
+            with torch.no_grad():
+                ref = [self._logprobs(b, self.ref_model) for b in batches]
         old = None  # one epoch is on-policy: the training pass itself gives the old log-probs (ratio 1)
         if self.cfg.ppo_epochs > 1:
             with torch.no_grad():
                 old = [self._logprobs(b) for b in batches]
         loss = clip_frac = norm = 0.0
+        kl = None
         for _ in range(self.cfg.ppo_epochs):
-            loss, clip_frac, seen = self.accumulate_gradients(batches, old)
+            loss, clip_frac, kl, seen = self.accumulate_gradients(batches, old, ref)
             old = old or seen
             norm = clip_and_step(self.model, self.opt, self.sched, self.cfg.optim.max_grad_norm)
         self.model.eval()
-        return loss, norm, clip_frac, self._logprob_gap(batches, old)
+        return loss, norm, clip_frac, self._logprob_gap(batches, old), kl
 
-    def _logprobs(self, b: TrainingBatch) -> torch.Tensor:
-        return target_logprobs(self.model, b.packed, self.cfg.chunk_rows, self.cfg.temperature)
+    def _logprobs(self, b: TrainingBatch, model: Step3VLForCausalLM | None = None) -> torch.Tensor:
+        return target_logprobs(model or self.model, b.packed, self.cfg.chunk_rows, self.cfg.temperature)
 
-    def accumulate_gradients(self, batches: list[TrainingBatch], old: list[torch.Tensor] | None
-                             ) -> tuple[float, float, list[torch.Tensor]]:
-        """Backward of the PPO loss, averaged over every response token of all batches (no optimizer step).
+    def accumulate_gradients(self, batches: list[TrainingBatch], old: list[torch.Tensor] | None,
+                             ref: list[torch.Tensor] | None = None
+                             ) -> tuple[float, float, float | None, list[torch.Tensor]]:
+        """Backward of the PPO loss (+ kl_coef × the k3 KL estimate exp(r) - r - 1, r = ref - policy log-prob),
+        averaged over every response token of all batches (no optimizer step).
         old: the sampling policy's log-probs per batch; None = this pass's own (on-policy, ratio 1).
-        Returns (loss, fraction of tokens clipped, this pass's log-probs, detached)."""
+        ref: the reference policy's log-probs per batch (with kl_coef > 0).
+        Returns (loss, fraction of tokens clipped, mean KL or None, this pass's log-probs, detached)."""
         n_tokens = sum(b.packed.num_targets for b in batches)
-        total_loss, clipped, seen = 0.0, 0, []
+        total_loss, clipped, kl_sum, seen = 0.0, 0, 0.0, []
         for k, b in enumerate(batches):
             mask = (b.packed.targets != IGNORE).to(self.model.device)
             adv = b.advantages.to(self.model.device)
@@ -308,11 +326,16 @@ class RLTrainer:
                     raise ValueError("engine_is_cap needs the engine's log-prob of every response token")
                 behaviour = b.engine_logprobs.to(old_lp.device)
                 loss_tok = loss_tok * torch.exp(old_lp - behaviour).clamp(max=self.cfg.engine_is_cap)
+            if ref is not None:
+                r = (ref[k] - logp) * mask
+                kl_tok = torch.exp(r) - r - 1
+                loss_tok = loss_tok + self.cfg.kl_coef * kl_tok
+                kl_sum += float((kl_tok.detach() * mask).sum())
             loss = (loss_tok * mask).sum() / n_tokens
             loss.backward()
             total_loss += loss.item()
             clipped += int((was_clipped & mask).sum())
-        return total_loss, clipped / n_tokens, seen
+        return total_loss, clipped / n_tokens, kl_sum / n_tokens if ref is not None else None, seen
 
     def _logprob_gap(self, batches: list[TrainingBatch], old: list[torch.Tensor]) -> float | None:
         if self.cfg.temperature != 1.0:
@@ -334,12 +357,12 @@ class RLTrainer:
         self.assign_advantages(rollouts, len(prompts))
         t1 = time.perf_counter()
         lr = self.opt.param_groups[0]["lr"]
-        loss, norm, clip_frac, gap = self.update(rollouts)
+        loss, norm, clip_frac, gap, kl = self.update(rollouts)
         t2 = time.perf_counter()
         self.llm.update_weights(self.model.state_dict())
         self.steps_done += 1
         rewards = torch.tensor([r.reward for r in rollouts])
         trained = {r.prompt_index for r in rollouts if r.advantage != 0.0}
         return RLStepLog(self.steps_done, float(rewards.mean()), float((rewards >= 0.5).float().mean()),
-                         len(trained), loss, norm, lr, sum(r.num_response_tokens for r in rollouts), clip_frac, gap,
+                         len(trained), loss, norm, lr, sum(r.num_response_tokens for r in rollouts), clip_frac, kl, gap,
                          t1 - t0, t2 - t1, time.perf_counter() - t2)

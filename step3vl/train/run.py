@@ -177,7 +177,9 @@ def reinforce(ckpt: str | Path, batches: Callable[[int], list[RLPrompt]], out: s
     dev = _device(device)
     start = resume or ckpt
     llm = LLM(start, device=str(dev), **(engine_kwargs or {}))
-    trainer = RLTrainer(load_model(start, dtype=torch.float32, device=dev), llm, reward_fn, cfg)
+    # The KL reference is the run's starting checkpoint, also when resuming.
+    ref = load_model(ckpt, dtype=torch.float32, device=dev) if cfg.kl_coef > 0 else None
+    trainer = RLTrainer(load_model(start, dtype=torch.float32, device=dev), llm, reward_fn, cfg, ref_model=ref)
     if resume:
         state = load_resume(resume)
         trainer.load_state_dict(state)

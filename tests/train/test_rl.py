@@ -163,7 +163,7 @@ def test_rollout_groups_rewards_and_engine_logprobs(tiny_ckpt):
         assert len(r.engine_logprobs) == len(response)
     # The engine drew what the policy would: its log-probs equal the trainer's recomputation (fp32 both sides).
     tr.assign_advantages(rollouts, 2)
-    loss, norm, clip_frac, gap = tr.update(rollouts)
+    loss, norm, clip_frac, gap, kl = tr.update(rollouts)
     assert gap is not None and gap < 1e-4
     assert clip_frac == 0.0  # one epoch: ratio exactly 1
     # Same seeds, same step -> same rollouts (reproducible runs).
@@ -220,7 +220,7 @@ def test_ppo_epochs_reuse_rollouts_and_the_schedule_spans_every_update(tiny_ckpt
     tr.assign_advantages(rollouts, 2)
     lrs = []
     tr.opt.register_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
-    loss, norm, clip_frac, gap = tr.update(rollouts)
+    loss, norm, clip_frac, gap, kl = tr.update(rollouts)
     assert len(lrs) == 3  # one optimizer update per epoch
     # 2 iterations x 3 epochs = 6 updates on the cosine: the first iteration's three are the top half of it.
     from step3vl.train.optim import lr_factor
@@ -307,3 +307,41 @@ def test_engine_importance_weights_need_engine_logprobs(tiny_ckpt):
     trainer = RLTrainer(model, llm=None, reward_fn=_contains, cfg=RLConfig(engine_is_cap=2.0))
     with pytest.raises(ValueError, match="engine_is_cap needs the engine's log-prob of every response token"):
         trainer.accumulate_gradients(trainer.training_batches(rollouts), None)
+
+
+def test_kl_penalty_gradient_matches_the_k3_formula(tiny_ckpt):
+    """kl_coef > 0: every response (zero-advantage ones too) adds beta * (exp(r) - r - 1), r = log p_ref - log p."""
+    model = load_model(tiny_ckpt, dtype=torch.float32)
+    model.requires_grad_(True)
+    ref_model = load_model(tiny_ckpt, dtype=torch.float32)
+    with torch.no_grad():
+        for p in ref_model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    rollouts = _rollouts()
+    rollouts[3].advantage = 0.0  # still trained: its KL term
+    beta = 0.3
+    reference = copy.deepcopy(model)
+    n_tokens = sum(r.num_response_tokens for r in rollouts)
+    total = 0.0
+    for r in rollouts:
+        logp = _response_logprobs(reference, r)
+        with torch.no_grad():
+            ref_lp = _response_logprobs(ref_model, r)
+        d = ref_lp - logp
+        total = total + (-r.advantage * logp + beta * (torch.exp(d) - d - 1)).sum()
+    (total / n_tokens).backward()
+    want = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    trainer = RLTrainer(model, llm=None, reward_fn=_contains, ref_model=ref_model,
+                        cfg=RLConfig(kl_coef=beta, max_tokens_per_batch=20))
+    batches = trainer.training_batches(rollouts)
+    with torch.no_grad():
+        ref = [trainer._logprobs(b, ref_model) for b in batches]
+    _, _, kl, _ = trainer.accumulate_gradients(batches, None, ref)
+    assert kl > 0
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-4, msg=name)
+    assert all(p.grad is None for p in ref_model.parameters())
+    with pytest.raises(ValueError, match="kl_coef > 0 needs ref_model"):
+        RLTrainer(model, llm=None, reward_fn=_contains, cfg=RLConfig(kl_coef=0.1))
