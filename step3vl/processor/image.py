@@ -295,6 +295,69 @@ def preprocess_image(image: object, spec: ImageSpec = ImageSpec()) -> ImageViews
     return ImageViews(global_view=global_view, crops=crops, grid=plan.grid, size=img.size)
 
 
+def _file_path(source: object) -> Path | None:
+    """The local file a source names (a path, or a str path / file:// URL); None for in-memory sources."""
+    if isinstance(source, os.PathLike):
+        return Path(source)
+    if isinstance(source, str) and source and not source.startswith(("data:", "http://", "https://")):
+        if source.startswith("file://"):
+            return Path(urllib.parse.unquote(urllib.parse.urlparse(source).path))
+        return Path(source)
+    return None
+
+
+def image_size(source: object) -> tuple[int, int]:
+    """(w, h) of an image source as `load_image` would load it; a file is only opened (its header read), not
+    decoded."""
+    path = _file_path(source)
+    if path is None or not path.is_file():
+        return load_image(source).size  # in memory already, or load_image's error for a bad path
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"cannot decode image ({path}): {e}") from None
+    if w == 0 or h == 0:
+        raise ImageError(f"zero-sized image {w}x{h} ({path})")
+    return w, h
+
+
+class LazyImageViews:
+    """An image's encoder views made only when read (`global_view` / `crops`) and kept until `release()`: a
+    training set of image files holds paths and sizes in memory, not pixels. The token layout (`grid`) is known
+    up front from the file's header."""
+
+    def __init__(self, source: object, spec: ImageSpec = ImageSpec()):
+        self.source, self.spec = source, spec
+        self.size = image_size(source)
+        self.grid = plan_image(*self.size, spec=spec).grid
+        self._views: ImageViews | None = None
+
+    def _load(self) -> ImageViews:
+        if self._views is None:
+            views = preprocess_image(self.source, self.spec)
+            if views.size != self.size:
+                raise ImageError(f"image {self.source!r:.200} changed size since it was planned: {self.size} -> "
+                                 f"{views.size}")
+            self._views = views
+        return self._views
+
+    @property
+    def global_view(self) -> torch.Tensor:
+        return self._load().global_view
+
+    @property
+    def crops(self) -> torch.Tensor:
+        return self._load().crops
+
+    @property
+    def num_crops(self) -> int:
+        return plan_image(*self.size, spec=self.spec).num_crops
+
+    def release(self) -> None:
+        self._views = None
+
+
 def _pil_resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     return img if img.size == size else img.resize(size, Image.Resampling.BILINEAR)
 

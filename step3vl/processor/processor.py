@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from step3vl.processor.chat import render_chat, split_images
-from step3vl.processor.image import ImageSpec, ImageViews, preprocess_image
+from step3vl.processor.image import ImageSpec, ImageViews, LazyImageViews, preprocess_image
 from step3vl.processor.tokenizer import Step3VLTokenizer
 from step3vl.processor.tokens import IMAGE_PLACEHOLDER, TokenLayout, image_token_ids
 
@@ -71,15 +71,17 @@ class Step3VLProcessor:
                 raise ValueError("pass images inside the messages' content parts, not as a separate argument")
         return self.process(prompt, sources)
 
-    def process(self, prompt: str, images: list[Any]) -> ProcessedInput:
-        """Prompt text with one placeholder per image → ids with each placeholder expanded."""
+    def process(self, prompt: str, images: list[Any], lazy: bool = False) -> ProcessedInput:
+        """Prompt text with one placeholder per image → ids with each placeholder expanded.
+        lazy: images as `LazyImageViews` (pixels preprocessed when first read; for training sets)."""
         pieces = prompt.split(IMAGE_PLACEHOLDER)
         if len(pieces) - 1 != len(images):
             raise ValueError(
                 f"the prompt has {len(pieces) - 1} image placeholder(s) {IMAGE_PLACEHOLDER!r} "
                 f"but {len(images)} image(s) were given"
             )
-        views = [preprocess_image(img, self.spec) for img in images]
+        make = LazyImageViews if lazy else preprocess_image
+        views = [make(img, self.spec) for img in images]
         ids = self.tokenizer.encode(pieces[0])
         spans = []
         for v, piece in zip(views, pieces[1:]):

@@ -22,7 +22,7 @@ import torch
 from step3vl.model.attention import AttentionBackend, DenseAttention, SharedPrefixAttention
 from step3vl.processor import Step3VLProcessor
 from step3vl.processor.chat import split_images
-from step3vl.processor.image import ImageViews
+from step3vl.processor.image import ImageViews, LazyImageViews
 from step3vl.processor.tokens import IMAGE_PLACEHOLDER
 
 IGNORE = -100
@@ -33,7 +33,7 @@ T = TypeVar("T")
 class TrainExample:
     input_ids: list[int]
     labels: list[int]  # input_ids where the token is a target, IGNORE elsewhere
-    images: list[ImageViews] = field(default_factory=list)
+    images: list[ImageViews | LazyImageViews] = field(default_factory=list)
     image_positions: list[int] = field(default_factory=list)  # the `<im_patch>` slots the images' features fill
 
     def __post_init__(self) -> None:
@@ -90,8 +90,9 @@ class SampleGroup:
         return len(self.prompt) - 1 + sum(1 + len(r) for r in self.responses)
 
 
-def _pieces(processor: Step3VLProcessor, text: str, images: list[Any], is_target: bool, ex: TrainExample) -> None:
-    p = processor.process(text, images)
+def _pieces(processor: Step3VLProcessor, text: str, images: list[Any], is_target: bool, ex: TrainExample,
+            lazy: bool) -> None:
+    p = processor.process(text, images, lazy=lazy)
     base = len(ex.input_ids)
     ex.input_ids += p.input_ids
     in_image = {i for s, e in p.image_spans for i in range(s, e)}  # patches and the layout's markers
@@ -101,7 +102,7 @@ def _pieces(processor: Step3VLProcessor, text: str, images: list[Any], is_target
 
 
 
-def chat_example(processor: Step3VLProcessor, messages: list[dict]) -> TrainExample:
+def chat_example(processor: Step3VLProcessor, messages: list[dict], lazy: bool = False) -> TrainExample:
     """Loss on each assistant turn: the text the template adds for that turn beyond the conversation before
     it plus the generation prompt (so the role header is context, the content and end-of-turn are targets).
 
@@ -121,43 +122,45 @@ def chat_example(processor: Step3VLProcessor, messages: list[dict]) -> TrainExam
         if not context.startswith(done) or not turn.startswith(context):
             raise ValueError(f"message {i}: the chat template does not render the conversation incrementally, "
                              f"so the assistant tokens cannot be located")
-        used = _add_span(processor, context[len(done):], sources, used, False, ex)
+        used = _add_span(processor, context[len(done):], sources, used, False, ex, lazy)
         reply = turn[len(context):]
         body = reply.rstrip("\n")  # the newline after the end-of-turn token is formatting, not something to learn
-        used = _add_span(processor, body, sources, used, True, ex)
+        used = _add_span(processor, body, sources, used, True, ex, lazy)
         done = context + body
     full = processor.render_split(plain, add_generation_prompt=False)
-    _add_span(processor, full[len(done):], sources, used, False, ex)
+    _add_span(processor, full[len(done):], sources, used, False, ex, lazy)
     return ex
 
 
 def _add_span(processor: Step3VLProcessor, text: str, sources: list[Any], used: int, is_target: bool,
-              ex: TrainExample) -> int:
+              ex: TrainExample, lazy: bool) -> int:
     n = text.count(IMAGE_PLACEHOLDER)
     if text:
-        _pieces(processor, text, sources[used:used + n], is_target, ex)
+        _pieces(processor, text, sources[used:used + n], is_target, ex, lazy)
     return used + n
 
 
-def text_example(processor: Step3VLProcessor, text: str, images: list[Any] | None = None) -> TrainExample:
+def text_example(processor: Step3VLProcessor, text: str, images: list[Any] | None = None,
+                 lazy: bool = False) -> TrainExample:
     """Image-text pre-training: every text token is a target, image tokens never are."""
     images = list(images or [])
     if images and IMAGE_PLACEHOLDER not in text:
         text = IMAGE_PLACEHOLDER * len(images) + text
     ex = TrainExample([], [])
-    _pieces(processor, text, images, True, ex)
+    _pieces(processor, text, images, True, ex, lazy)
     return ex
 
 
-def example_from_record(processor: Step3VLProcessor, record: dict, where: str = "record") -> TrainExample:
+def example_from_record(processor: Step3VLProcessor, record: dict, where: str = "record",
+                        lazy: bool = False) -> TrainExample:
     try:
         if not isinstance(record, dict):
             raise ValueError(f"expected a JSON object, got {type(record).__name__}")
         if "messages" in record:
-            return chat_example(processor, record["messages"])
+            return chat_example(processor, record["messages"], lazy)
         if "text" in record:
             images = record.get("images") or ([record["image"]] if record.get("image") is not None else [])
-            return text_example(processor, record["text"], images)
+            return text_example(processor, record["text"], images, lazy)
         raise ValueError("a record needs 'messages' (chat) or 'text' (image-text)")
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
@@ -176,8 +179,10 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
                 raise ValueError(f"{path}:{n}: invalid JSON ({e})") from None
 
 
-def load_examples(processor: Step3VLProcessor, path: str | Path) -> list[TrainExample]:
-    return [example_from_record(processor, r, f"{path}:{n}") for n, r in read_jsonl(path)]
+def load_examples(processor: Step3VLProcessor, path: str | Path, lazy_images: bool = True) -> list[TrainExample]:
+    """Every record of a JSONL file; with lazy_images, images are planned from their headers now (token layout,
+    errors for missing or unreadable files) and preprocessed only when a training step encodes them."""
+    return [example_from_record(processor, r, f"{path}:{n}", lazy_images) for n, r in read_jsonl(path)]
 
 
 def split_long(example: TrainExample, max_len: int, where: str = "example") -> list[TrainExample]:

@@ -15,6 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from step3vl.model.vlm import Step3VLForCausalLM
+from step3vl.processor.image import LazyImageViews
 from step3vl.train.data import TrainExample, pack, split_long, token_budget_batches
 from step3vl.train.logprobs import next_token_loss
 from step3vl.train.optim import OptimConfig, build_optimizer, clip_and_step
@@ -55,6 +56,14 @@ class StepLog:
     targets: int
     seconds: float
     eval_loss: float | None = None  # mean cross-entropy on the held-out examples, when evaluated at this step
+
+
+def _release_images(batches: list) -> None:
+    """Lazily loaded images give their pixels back until the next step that encodes them."""
+    for b in batches:
+        for im in b.images:
+            if isinstance(im, LazyImageViews):
+                im.release()
 
 
 def set_trainable(model: Step3VLForCausalLM, train_vision: bool) -> None:
@@ -118,8 +127,10 @@ class Pretrainer:
         self.model.eval()
         total, count = 0.0, 0
         for group in token_budget_batches(examples, self.cfg.max_tokens_per_batch):
+            batch = pack(group)
             with self._autocast():
-                loss_sum, n = next_token_loss(self.model, pack(group), self.cfg.chunk_rows)
+                loss_sum, n = next_token_loss(self.model, batch, self.cfg.chunk_rows)
+            _release_images([batch])
             total, count = total + loss_sum.item(), count + n
         self.model.train(was_training)
         return total / count
@@ -181,6 +192,7 @@ class Pretrainer:
                 loss_sum, _ = next_token_loss(self.model, b, self.cfg.chunk_rows)
             (loss_sum / targets).backward()
             total += loss_sum.item()
+        _release_images(batches)
         lr = opt.param_groups[0]["lr"]
         norm = clip_and_step(self.model, opt, sched, self.cfg.optim.max_grad_norm)
         return StepLog(step, total / targets, lr, norm, sum(len(ex) for g in group for ex in g), targets,
