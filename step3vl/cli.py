@@ -125,6 +125,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="KL penalty towards the starting policy (default 0, as PaCoRe trains)")
     r.add_argument("--engine-is-cap", type=float, default=None,
                    help="weight token losses by min(p_policy / p_engine, CAP): corrects a bf16 sampler vs fp32 policy")
+    r.add_argument("--eval-problems", type=Path, default=None,
+                   help="held-out problems (same format): mean reward logged as eval_reward")
+    r.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: at the end)")
+    r.add_argument("--eval-samples", type=int, default=1, help="responses per held-out problem")
     r.add_argument("--min-refs", type=int, default=16)
     r.add_argument("--max-refs", type=int, default=24)
     _optim_args(r, lr=1e-6)
@@ -290,7 +294,9 @@ def _cmd_pacore(args) -> int:
     llm = _load_llm(args, args.model)
     runner = PaCoRe(llm, cfg)
     if batch:
-        t0, n, errors, tokens = time.perf_counter(), 0, 0, 0
+        from step3vl.train.rewards import math_reward
+
+        t0, n, errors, tokens, graded, correct = time.perf_counter(), 0, 0, 0, 0, 0
         for rec in run_batch(runner, args.input, args.output, progress=not args.no_progress,
                              retry_errors=args.retry_errors):
             n += 1
@@ -298,8 +304,14 @@ def _cmd_pacore(args) -> int:
             if rec.get("error"):
                 errors += 1
                 print(f"[{rec['request_id']}] error: {rec['error']}", file=sys.stderr)
+            elif rec.get("ground_truth") is not None:
+                graded += 1
+                correct += math_reward(rec.get("final_response") or "", rec["ground_truth"]) > 0.5
         wall = time.perf_counter() - t0
         print(f"{n} problem(s) written to {args.output} ({errors} with an error); {tokens} tokens in {wall:.1f}s")
+        if graded:
+            print(f"accuracy (math_reward of the final response against ground_truth): {correct}/{graded} = "
+                  f"{correct / graded:.1%}")
         return 0
     content = args.question
     if args.image:
@@ -395,9 +407,12 @@ def _cmd_rl(args) -> int:
                    kl_coef=args.kl_coef, seed=args.seed)
     engine = {"kv_cache_memory": args.kv_cache_memory} if args.kv_cache_memory else {}
     logs = reinforce(args.model, batches, args.out, args.steps, cfg, device=args.device, engine_kwargs=engine,
-                     log_path=args.log, save_every=args.save_every, save_dtype=_save_dtype(args), resume=args.resume)
+                     log_path=args.log, save_every=args.save_every, save_dtype=_save_dtype(args), resume=args.resume,
+                     eval_prompts=read_rl_prompts(args.eval_problems) if args.eval_problems else None,
+                     eval_every=args.eval_every, eval_samples=args.eval_samples)
     if logs:
-        print(f"{len(logs)} steps, mean reward {logs[0].reward_mean:.3f} -> {logs[-1].reward_mean:.3f}; "
+        held_out = f", eval reward {logs[-1].eval_reward:.3f}" if logs[-1].eval_reward is not None else ""
+        print(f"{len(logs)} steps, mean reward {logs[0].reward_mean:.3f} -> {logs[-1].reward_mean:.3f}{held_out}; "
               f"wrote {args.out}")
     return 0
 

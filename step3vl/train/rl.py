@@ -136,6 +136,7 @@ class RLStepLog:
     rollout_seconds: float
     update_seconds: float
     sync_seconds: float  # handing the new weights to the engine
+    eval_reward: float | None = None  # mean reward on held-out prompts, when evaluated after this step
 
 
 def group_advantages(rewards: torch.Tensor, kind: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
@@ -197,6 +198,30 @@ class RLTrainer:
 
     # -- rollout ------------------------------------------------------------------------------------
 
+    def evaluate(self, prompts: list[RLPrompt], samples: int = 1, seed: int = 12345) -> float:
+        """Mean reward of `samples` responses per held-out prompt under the current policy (the engine's
+        weights), sampled like the rollouts (same temperature, max_tokens and truncation reward) with fixed
+        seeds, so evaluations at different steps compare the policies, not the draws."""
+        if not prompts:
+            raise ValueError("RLTrainer.evaluate: no prompts")
+        proc = self.llm.processor
+        requests, params = [], []
+        for i, p in enumerate(prompts):
+            text, sources = proc.apply_chat_template(p.messages, add_generation_prompt=True)
+            requests.append({"prompt": text, "images": sources})
+            params.append(SamplingParams(n=samples, temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens,
+                                         seed=_stable_seed(seed, i, p.id)))
+        rewards = [self._reward(c, p.answer, i) for i, (p, out) in
+                   enumerate(zip(prompts, self.llm.generate(requests, params, use_tqdm=False))) for c in out.outputs]
+        return sum(rewards) / len(rewards)
+
+    def _reward(self, completion, answer: Any, i: int) -> float:
+        truncated = completion.finish_reason == "length" and self.cfg.truncated_reward is not None
+        reward = self.cfg.truncated_reward if truncated else float(self.reward_fn(completion.text, answer))
+        if not 0.0 <= reward <= 1.0 or math.isnan(reward):
+            raise ValueError(f"prompt {i} sample {completion.index}: reward_fn returned {reward}, expected [0, 1]")
+        return reward
+
     def rollout(self, prompts: list[RLPrompt]) -> list[Rollout]:
         proc = self.llm.processor
         requests, inputs, params = [], [], []
@@ -218,10 +243,7 @@ class RLTrainer:
                 raise RuntimeError(f"prompt {i}: the engine tokenised the prompt differently from the processor")
             prompt = TrainExample(inp.input_ids, [IGNORE] * len(inp.input_ids), inp.images, inp.image_positions)
             for c in out.outputs:
-                truncated = c.finish_reason == "length" and self.cfg.truncated_reward is not None
-                reward = self.cfg.truncated_reward if truncated else float(self.reward_fn(c.text, p.answer))
-                if not 0.0 <= reward <= 1.0 or math.isnan(reward):
-                    raise ValueError(f"prompt {i} sample {c.index}: reward_fn returned {reward}, expected [0, 1]")
+                reward = self._reward(c, p.answer, i)
                 lps = [d[t] for d, t in zip(c.logprobs or [], c.token_ids)]
                 rollouts.append(Rollout(i, c.index, prompt, list(c.token_ids), c.text, reward,
                                         finish_reason=c.finish_reason, engine_logprobs=lps))

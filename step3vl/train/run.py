@@ -166,11 +166,13 @@ def reinforce(ckpt: str | Path, batches: Callable[[int], list[RLPrompt]], out: s
               cfg: RLConfig | None = None, reward_fn: Callable[[str, Any], float] = math_reward,
               device: str | None = None, engine_kwargs: dict | None = None, log_path: str | Path | None = None,
               progress: bool = True, save_every: int | None = None, save_dtype: torch.dtype = torch.bfloat16,
-              resume: str | Path | None = None) -> list:
+              resume: str | Path | None = None, eval_prompts: list[RLPrompt] | None = None,
+              eval_every: int | None = None, eval_samples: int = 1) -> list:
     """RL iterations up to `steps` in all; `batches(step)` gives the prompts of iteration `step` (0-based), e.g. a
     `PromptBatches`, or fresh PaCoRe synthesis episodes each step (an object with state_dict/load_state_dict
     is saved and restored with the trainer). The policy is written to `out` as a checkpoint. resume: a
-    `<out>-step<k>` checkpoint of an earlier run. Returns the step logs of this run."""
+    `<out>-step<k>` checkpoint of an earlier run. eval_prompts: held-out prompts whose mean reward is measured
+    every `eval_every` steps and after the last (`eval_reward` in the logs). Returns the step logs of this run."""
     from step3vl.engine import LLM
 
     cfg = cfg or RLConfig(total_steps=steps)
@@ -191,6 +193,9 @@ def reinforce(ckpt: str | Path, batches: Callable[[int], list[RLPrompt]], out: s
     try:
         for step in tqdm(range(trainer.steps_done, steps), desc="rl", unit="step", disable=not progress):
             logs.append(trainer.step(batches(step)))
+            done = logs[-1].step
+            if eval_prompts and (done == steps or (eval_every and done % eval_every == 0)):
+                logs[-1].eval_reward = trainer.evaluate(eval_prompts, eval_samples)
             log(logs[-1])
             save(logs[-1].step)
     finally:

@@ -29,13 +29,17 @@ def test_make_checkpoint_and_pacore_on_an_image(tmp_path, capsys):
 
 def test_pacore_batch_generate_and_bad_arguments(tiny_dir, tmp_path, capsys):
     inp, res = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text("".join(json.dumps({"id": f"q{i}", "messages": [{"role": "user", "content": f"q {i}"}]}) + "\n"
-                           for i in range(2)))
+    inp.write_text("".join(json.dumps({"id": f"q{i}", "messages": [{"role": "user", "content": f"q {i}"}],
+                                       **({"ground_truth": "4"} if i == 0 else {})}) + "\n" for i in range(2)))
     args = ["pacore", "--model", str(tiny_dir), "--input", str(inp), "--output", str(res), "--preset", "low",
             "--max-tokens", "6", "--unclosed", "keep", "--no-progress", *ENGINE]
     assert main(args) == 0
-    assert "2 problem(s) written" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 problem(s) written" in out
     recs = [json.loads(line) for line in res.read_text().splitlines()]
+    from step3vl.train.rewards import math_reward
+    right = sum(math_reward(r["final_response"], r["ground_truth"]) > 0.5 for r in recs if "ground_truth" in r)
+    assert f"accuracy (math_reward of the final response against ground_truth): {right}/1 =" in out
     assert sorted(r["request_id"] for r in recs) == ["q0", "q1"]
     for r in recs:
         assert r["error"] is None and len(r["round_responses"]) == 2 and len(r["round_responses"][0]) == 4

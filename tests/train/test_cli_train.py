@@ -59,11 +59,13 @@ def test_rl_command_on_pacore_synthesis_episodes(tiny_ckpt, tmp_path, capsys):
     rc = main(["rl", "--model", str(tiny_ckpt), "--problems", str(problems), "--pacore-results", str(results),
                "--out", str(out), "--steps", "2", "--batch-size", "2", "--group-size", "2", "--max-tokens", "4",
                "--min-refs", "2", "--max-refs", "3", "--kv-cache-memory", "8MiB", "--log", str(log), "--threads", "1",
-               "--save-every", "1", "--save-dtype", "float32", "--kl-coef", "0.05"])
+               "--save-every", "1", "--save-dtype", "float32", "--kl-coef", "0.05",
+               "--eval-problems", str(problems), "--eval-samples", "2"])
     assert rc == 0, capsys.readouterr().err
     assert "synthesis episodes for 2 problems" in capsys.readouterr().err
     assert [s["step"] for s in _logs(log)] == [1, 2]
     assert _logs(log)[-1]["kl"] is not None
+    assert [s["eval_reward"] is not None for s in _logs(log)] == [False, True]  # evaluated after the last step
     final = load_model(out, dtype=torch.float32)  # complete checkpoints, in fp32 as asked
     step2 = load_model(tmp_path / "policy-step2", dtype=torch.float32)
     assert (tmp_path / "policy-step1" / "config.json").is_file()

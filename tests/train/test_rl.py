@@ -345,3 +345,18 @@ def test_kl_penalty_gradient_matches_the_k3_formula(tiny_ckpt):
     assert all(p.grad is None for p in ref_model.parameters())
     with pytest.raises(ValueError, match="kl_coef > 0 needs ref_model"):
         RLTrainer(model, llm=None, reward_fn=_contains, cfg=RLConfig(kl_coef=0.1))
+
+
+def test_evaluate_is_the_mean_reward_of_seeded_samples(tiny_ckpt):
+    tr = _trainer(tiny_ckpt, max_tokens=6)
+    held = [RLPrompt([{"role": "user", "content": "Name a fruit."}], "a", id="h0"),
+            RLPrompt([{"role": "user", "content": "Count to three."}], "e", id="h1")]
+    first = tr.evaluate(held, samples=4)
+    assert first == tr.evaluate(held, samples=4)  # fixed seeds: the same draws
+    from step3vl.train.rl import _stable_seed
+    want = []
+    for i, p in enumerate(held):
+        text, _ = tr.llm.processor.apply_chat_template(p.messages)
+        params = SamplingParams(n=4, temperature=1.0, max_tokens=6, seed=_stable_seed(12345, i, p.id))
+        want += [_contains(c.text, p.answer) for c in tr.llm.generate([text], params, use_tqdm=False)[0].outputs]
+    assert first == pytest.approx(sum(want) / len(want))
