@@ -19,6 +19,7 @@ temperature. top_p / top_k truncation is not modelled in the ratio (keep them of
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import zlib
@@ -32,7 +33,7 @@ from step3vl.model.vlm import Step3VLForCausalLM
 from step3vl.train.data import IGNORE, PackedBatch, SampleGroup, TrainExample, pack, pack_groups, token_budget_batches
 from step3vl.train.logprobs import target_logprobs
 from step3vl.train.optim import OptimConfig, build_optimizer, clip_and_step
-from step3vl.train.pretrain import set_trainable
+from step3vl.train.pretrain import enable_activation_checkpointing, set_trainable
 
 ADVANTAGES = ("grpo", "mean")
 
@@ -62,6 +63,8 @@ class RLConfig:
     train_vision: bool = False
     seed: int = 0
     chunk_rows: int = 1024
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
+    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 on a GPU, with fp32 weights
 
     def __post_init__(self) -> None:
         if self.advantage not in ADVANTAGES:
@@ -179,6 +182,8 @@ class RLTrainer:
             raise ValueError("RLConfig.kl_coef > 0 needs ref_model (e.g. a second load_model of the initial checkpoint)")
         self.ref_model = ref_model.requires_grad_(False).eval() if ref_model is not None else None
         set_trainable(model, self.cfg.train_vision)
+        if self.cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
         # One optimizer update per PPO epoch: the schedule spans them all.
         self.opt, self.sched = build_optimizer(model, self.cfg.optim, self.cfg.total_steps * self.cfg.ppo_epochs)
         self.steps_done = 0
@@ -324,7 +329,11 @@ class RLTrainer:
         return loss, norm, clip_frac, self._logprob_gap(batches, old), kl
 
     def _logprobs(self, b: TrainingBatch, model: Step3VLForCausalLM | None = None) -> torch.Tensor:
-        return target_logprobs(model or self.model, b.packed, self.cfg.chunk_rows, self.cfg.temperature)
+        model = model or self.model
+        autocast = (torch.autocast(model.device.type, dtype=self.cfg.autocast_dtype)
+                    if self.cfg.autocast_dtype is not None else contextlib.nullcontext())
+        with autocast:
+            return target_logprobs(model, b.packed, self.cfg.chunk_rows, self.cfg.temperature)
 
     def accumulate_gradients(self, batches: list[TrainingBatch], old: list[torch.Tensor] | None,
                              ref: list[torch.Tensor] | None = None

@@ -102,16 +102,19 @@ def _rollouts() -> list[Rollout]:
     return out
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "activation-checkpointing"])
 @pytest.mark.parametrize("share_prompt", [True, False], ids=["shared-prefix", "one-copy-each"])
 @pytest.mark.parametrize("on_policy", [True, False], ids=["old-from-this-pass", "old-given"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_update_gradient_matches_per_sequence_reference(tiny_ckpt, temperature, on_policy, share_prompt):
+def test_update_gradient_matches_per_sequence_reference(tiny_ckpt, temperature, on_policy, share_prompt,
+                                                        checkpointing):
     model = load_model(tiny_ckpt, dtype=torch.float32)
     model.requires_grad_(True)
     rollouts = _rollouts()
     want = _reference_grads(model, rollouts, temperature)
     # A tight token budget splits the rollouts over several packed micro-batches (and the first group in two).
-    cfg = RLConfig(temperature=temperature, max_tokens_per_batch=20, chunk_rows=4, share_prompt=share_prompt)
+    cfg = RLConfig(temperature=temperature, max_tokens_per_batch=20, chunk_rows=4, share_prompt=share_prompt,
+                   activation_checkpointing=checkpointing)
     trainer = RLTrainer(model, llm=None, reward_fn=_contains, cfg=cfg)
     batches = trainer.training_batches(rollouts)
     assert len(batches) >= 3
