@@ -170,6 +170,12 @@ def _optim_args(p: argparse.ArgumentParser, lr: float) -> None:
     o.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)  # argparse choices keep it to torch dtype names
+
+
 def _optim_config(args):
     from step3vl.train.optim import OptimConfig
 
@@ -385,7 +391,7 @@ def _cmd_train(args) -> int:
                          activation_checkpointing=args.activation_checkpointing, max_seq_len=args.max_seq_len,
                          eval_every=args.eval_every)
     logs = pretrain(args.model, args.data, args.out, cfg, device=args.device, log_path=args.log,
-                    save_every=args.save_every, save_dtype=_save_dtype(args), resume=args.resume,
+                    save_every=args.save_every, save_dtype=_torch_dtype(args.save_dtype), resume=args.resume,
                     eval_data=args.eval_data)
     if logs:
         held_out = f", eval loss {logs[-1].eval_loss:.4f}" if logs[-1].eval_loss is not None else ""
@@ -407,7 +413,7 @@ def _cmd_rl(args) -> int:
                    kl_coef=args.kl_coef, seed=args.seed)
     engine = {"kv_cache_memory": args.kv_cache_memory} if args.kv_cache_memory else {}
     logs = reinforce(args.model, batches, args.out, args.steps, cfg, device=args.device, engine_kwargs=engine,
-                     log_path=args.log, save_every=args.save_every, save_dtype=_save_dtype(args), resume=args.resume,
+                     log_path=args.log, save_every=args.save_every, save_dtype=_torch_dtype(args.save_dtype), resume=args.resume,
                      eval_prompts=read_rl_prompts(args.eval_problems) if args.eval_problems else None,
                      eval_every=args.eval_every, eval_samples=args.eval_samples)
     if logs:
@@ -415,12 +421,6 @@ def _cmd_rl(args) -> int:
         print(f"{len(logs)} steps, mean reward {logs[0].reward_mean:.3f} -> {logs[-1].reward_mean:.3f}{held_out}; "
               f"wrote {args.out}")
     return 0
-
-
-def _save_dtype(args):
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.save_dtype]
 
 
 def _synthesis_batches(args, prompts):

@@ -209,16 +209,19 @@ class RLTrainer:
         seeds, so evaluations at different steps compare the policies, not the draws."""
         if not prompts:
             raise ValueError("RLTrainer.evaluate: no prompts")
-        proc = self.llm.processor
-        requests, params = [], []
-        for i, p in enumerate(prompts):
-            text, sources = proc.apply_chat_template(p.messages, add_generation_prompt=True)
-            requests.append({"prompt": text, "images": sources})
-            params.append(SamplingParams(n=samples, temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens,
-                                         seed=_stable_seed(seed, i, p.id)))
+        requests = [self._request(p) for p in prompts]
+        params = [self._params(samples, _stable_seed(seed, i, p.id)) for i, p in enumerate(prompts)]
         rewards = [self._reward(c, p.answer, i) for i, (p, out) in
                    enumerate(zip(prompts, self.llm.generate(requests, params, use_tqdm=False))) for c in out.outputs]
         return sum(rewards) / len(rewards)
+
+    def _request(self, p: RLPrompt) -> dict:
+        text, sources = self.llm.processor.apply_chat_template(p.messages, add_generation_prompt=True)
+        return {"prompt": text, "images": sources}
+
+    def _params(self, n: int, seed: int, logprobs: int | None = None) -> SamplingParams:
+        return SamplingParams(n=n, temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens,
+                              logprobs=logprobs, seed=seed)
 
     def _reward(self, completion, answer: Any, i: int) -> float:
         truncated = completion.finish_reason == "length" and self.cfg.truncated_reward is not None
@@ -228,19 +231,15 @@ class RLTrainer:
         return reward
 
     def rollout(self, prompts: list[RLPrompt]) -> list[Rollout]:
-        proc = self.llm.processor
         requests, inputs, params = [], [], []
         for i, p in enumerate(prompts):
-            text, sources = proc.apply_chat_template(p.messages, add_generation_prompt=True)
-            inputs.append(proc.process(text, sources))
-            requests.append({"prompt": text, "images": sources})
+            requests.append(self._request(p))
+            inputs.append(self.llm.processor.process(requests[-1]["prompt"], requests[-1]["images"]))
             longest = len(inputs[-1].input_ids) + self.cfg.max_tokens
             if longest > self.cfg.max_tokens_per_batch:  # checked before any sampling work is spent
                 raise ValueError(f"prompt {i} ({p.id!r}): {len(inputs[-1].input_ids)} prompt tokens + max_tokens "
                                  f"{self.cfg.max_tokens} exceed max_tokens_per_batch {self.cfg.max_tokens_per_batch}")
-            params.append(SamplingParams(n=self.cfg.group_size, temperature=self.cfg.temperature,
-                                         max_tokens=self.cfg.max_tokens, logprobs=0,
-                                         seed=_stable_seed(self.cfg.seed, self.steps_done, i, p.id)))
+            params.append(self._params(self.cfg.group_size, _stable_seed(self.cfg.seed, self.steps_done, i, p.id), 0))
         outs = self.llm.generate(requests, params, use_tqdm=False)
         rollouts = []
         for i, (p, inp, out) in enumerate(zip(prompts, inputs, outs)):
