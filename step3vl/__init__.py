@@ -5,10 +5,10 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # The engine pulls in the processor and the native module: import it only when asked for.
-    if name in ("LLM", "SamplingParams", "RequestOutput", "CompletionOutput"):
+    if name in ("LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput"):
         from step3vl import engine
         return getattr(engine, name)
     raise AttributeError(f"module 'step3vl' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -76,6 +77,16 @@ def _visible_text(seq) -> str:
     stops = seq.request.params.stop_strings
     hold = max(map(len, stops)) - 1 if stops and seq.finish_reason is None else 0
     return seq.text[:len(seq.text) - hold] if hold else seq.text
+
+
+@dataclass(slots=True)
+class PreparedPrompt:
+    """A prompt tokenized and its images preprocessed (`LLM.prepare`): what the engine takes. Preparing touches
+    no engine state, so a server can prepare on worker threads while the engine thread keeps stepping."""
+    prompt: str | None
+    token_ids: list[int]
+    images: list = field(default_factory=list)
+    salt: int = 0  # prefix-cache salt: images and cache_salt
 
 
 class LLM:
@@ -219,15 +230,27 @@ class LLM:
 
     # -- step API -----------------------------------------------------------------------------------
 
-    def add_request(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None) -> str:
-        params = params or SamplingParams()
+    def prepare(self, prompt: Any) -> PreparedPrompt:
+        """Tokenize a prompt and preprocess its images (thread-safe: reads only the processor and model config).
+        Raises ValueError naming the problem: bad prompt type, image, placeholder count or token id."""
+        if isinstance(prompt, PreparedPrompt):
+            return prompt
         text, ids, images = self._process(prompt)
         self._check_ids(ids)
-        rid = request_id if request_id is not None else str(next(self._ids))
         salt = images_salt(images)
         if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
             salt = _mix_salt(salt, str(prompt["cache_salt"]))
-        self.engine.add_request(rid, ids, params, images=images, salt=salt, prompt=text)
+        return PreparedPrompt(text, ids, images, salt)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._engine_args["max_model_len"]
+
+    def add_request(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        p = self.prepare(prompt)
+        rid = request_id if request_id is not None else str(next(self._ids))
+        self.engine.add_request(rid, p.token_ids, params, images=p.images, salt=p.salt, prompt=p.prompt)
         return rid
 
     def step(self) -> list[RequestOutput]:

@@ -1,0 +1,82 @@
+"""Image sources in requests: which ones a server accepts, and fetching them.
+
+A request can carry `data:` URLs (always accepted), `http(s)://` URLs (fetched with a timeout and a size cap,
+unless fetching is off) and local paths / `file://` URLs — those only under `allowed_local_media_path`, as in
+vLLM: a server must not read arbitrary files of its host because a client named them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from step3vl.serve.protocol import RequestError
+
+
+@dataclass(frozen=True, slots=True)
+class MediaPolicy:
+    allowed_local_media_path: Path | None = None
+    fetch_urls: bool = True
+    fetch_timeout_s: float = 10.0
+    max_image_bytes: int = 32 << 20
+
+
+async def resolve_images(messages: list[dict], policy: MediaPolicy) -> list[dict]:
+    """Copies of the messages whose image parts carry loadable sources: bytes for fetched URLs, paths for
+    allowed local files, data: URLs as they are. Raises RequestError naming the message and part."""
+    out = []
+    for i, msg in enumerate(messages):
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, list):
+            content = [await _resolve_part(i, j, part, policy) for j, part in enumerate(content)]
+            msg = {**msg, "content": content}
+        out.append(msg)
+    return out
+
+
+async def _resolve_part(i: int, j: int, part: Any, policy: MediaPolicy) -> Any:
+    if not isinstance(part, dict) or part.get("type") not in ("image_url", "image"):
+        return part
+    url = part.get("image_url") if part["type"] == "image_url" else part.get("image")
+    url = url.get("url") if isinstance(url, dict) else url
+    where = f"messages[{i}].content[{j}]"
+    if not isinstance(url, str) or not url:
+        raise RequestError(f"{where}: an image part needs image_url.url (a data:, http(s):// or file URL)", where)
+    if url.startswith("data:"):
+        source: Any = url
+    elif url.startswith(("http://", "https://")):
+        source = await _fetch(url, where, policy)
+    else:
+        source = str(_local_path(url, where, policy))
+    return {"type": "image", "image": source}
+
+
+async def _fetch(url: str, where: str, policy: MediaPolicy) -> bytes:
+    if not policy.fetch_urls:
+        raise RequestError(f"{where}: fetching image URLs is disabled on this server; send a data: URL", where)
+    try:
+        async with httpx.AsyncClient(timeout=policy.fetch_timeout_s, follow_redirects=True) as client:
+            async with client.stream("GET", url) as resp:
+                resp.raise_for_status()
+                data = bytearray()
+                async for chunk in resp.aiter_bytes():
+                    data += chunk
+                    if len(data) > policy.max_image_bytes:
+                        raise RequestError(f"{where}: image at {url} exceeds {policy.max_image_bytes} bytes", where)
+                return bytes(data)
+    except httpx.HTTPError as e:
+        raise RequestError(f"{where}: could not fetch {url}: {type(e).__name__}: {e}", where) from None
+
+
+def _local_path(url: str, where: str, policy: MediaPolicy) -> Path:
+    root = policy.allowed_local_media_path
+    if root is None:
+        raise RequestError(f"{where}: local image paths are not allowed on this server (start it with "
+                           f"--allowed-local-media-path); send a data: URL", where)
+    path = Path(url.removeprefix("file://")).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise RequestError(f"{where}: {path} is outside the allowed media path {root}", where)
+    return path

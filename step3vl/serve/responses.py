@@ -1,0 +1,128 @@
+"""Engine outputs → OpenAI response bodies and server-sent-event chunks (chat and completions)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from step3vl.engine.outputs import CompletionOutput, RequestOutput
+from step3vl.serve.protocol import ChatChoice, ChatMessage, CompletionChoice, Usage
+from step3vl.serve.reasoning import ReasoningDeltas, split_reasoning
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def usage_of(outs: list[RequestOutput]) -> Usage:
+    return Usage.of(sum(len(o.prompt_token_ids) for o in outs),
+                    sum(len(c.token_ids) for o in outs for c in o.outputs),
+                    sum(o.num_cached_tokens for o in outs))
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def _top(entries: dict[int, float], k: int) -> list[tuple[int, float]]:
+    return sorted(entries.items(), key=lambda kv: -kv[1])[:k]
+
+
+def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]], top_n: int) -> dict:
+    """OpenAI chat format: one entry per sampled token with its log-prob and the `top_n` most likely ones."""
+    def entry(t: int, lp: float) -> dict:
+        s = _token_text(tokenizer, t)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    return {"content": [{**entry(t, d[t]), "top_logprobs": [entry(i, v) for i, v in _top(d, top_n)]}
+                        for t, d in zip(token_ids, logprobs)]}
+
+
+def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]], top_n: int,
+                        text_offset: int = 0) -> dict:
+    """OpenAI (legacy) completions format: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens = [_token_text(tokenizer, t) for t in token_ids]
+    offsets, pos = [], text_offset
+    for s in tokens:
+        offsets.append(pos)
+        pos += len(s)
+    return {"tokens": tokens, "token_logprobs": [d[t] for t, d in zip(token_ids, logprobs)],
+            "top_logprobs": [{_token_text(tokenizer, i): v for i, v in _top(d, top_n)} for d in logprobs],
+            "text_offset": offsets}
+
+
+def chat_choice(c: CompletionOutput, tokenizer, reasoning: bool, top_n: int | None) -> ChatChoice:
+    if reasoning:
+        thought, content = split_reasoning(c.text, finished=True)
+        message = ChatMessage(content=content, reasoning_content=thought or None)
+    else:
+        message = ChatMessage(content=c.text)
+    lp = chat_logprobs(tokenizer, c.token_ids, c.logprobs, top_n) if top_n is not None and c.logprobs else None
+    return ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=c.finish_reason,
+                      stop_reason=c.stop_reason)
+
+
+def completion_choice(index: int, c: CompletionOutput, tokenizer, top_n: int | None, echo: str) -> CompletionChoice:
+    lp = (completion_logprobs(tokenizer, c.token_ids, c.logprobs, top_n, len(echo))
+          if top_n is not None and c.logprobs else None)
+    return CompletionChoice(index=index, text=echo + c.text, logprobs=lp, finish_reason=c.finish_reason,
+                            stop_reason=c.stop_reason)
+
+
+@dataclass(slots=True)
+class ChoiceStream:
+    """What one choice of a stream has sent so far."""
+    deltas: ReasoningDeltas
+    tokens_sent: int = 0
+    started: bool = False
+    done: bool = False
+
+
+@dataclass
+class StreamState:
+    """Turns successive cumulative outputs into delta chunks, per choice index."""
+    reasoning: bool
+    choices: dict[int, ChoiceStream] = field(default_factory=dict)
+
+    def chat_deltas(self, out: RequestOutput, tokenizer, top_n: int | None) -> list[dict]:
+        chunks = []
+        for c in out.outputs:
+            st = self.choices.setdefault(c.index, ChoiceStream(ReasoningDeltas(self.reasoning)))
+            if st.done:
+                continue
+            thought, text = st.deltas.delta(c.text, c.finish_reason is not None)
+            if not (thought or text or c.finish_reason or not st.started):
+                continue
+            delta: dict[str, Any] = {} if st.started else {"role": "assistant", "content": ""}
+            if thought:
+                delta["reasoning_content"] = thought
+            if text:
+                delta["content"] = text
+            new = slice(st.tokens_sent, len(c.token_ids))
+            lp = (chat_logprobs(tokenizer, c.token_ids[new], c.logprobs[new], top_n)
+                  if top_n is not None and c.logprobs and c.token_ids[new] else None)
+            st.tokens_sent, st.started, st.done = len(c.token_ids), True, c.finish_reason is not None
+            chunks.append({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": c.finish_reason,
+                           "stop_reason": c.stop_reason})
+        return chunks
+
+    def text_deltas(self, out: RequestOutput, tokenizer, top_n: int | None, base: int, echo: str) -> list[dict]:
+        """Completions: choice index = base + sample index; `echo` (the prompt) leads each choice's first chunk."""
+        chunks = []
+        for c in out.outputs:
+            st = self.choices.setdefault(base + c.index, ChoiceStream(ReasoningDeltas(False)))
+            if st.done:
+                continue
+            _, text = st.deltas.delta(c.text, c.finish_reason is not None)
+            if not st.started:
+                text = echo + text
+            if not (text or c.finish_reason):
+                continue
+            new = slice(st.tokens_sent, len(c.token_ids))
+            lp = (completion_logprobs(tokenizer, c.token_ids[new], c.logprobs[new], top_n)
+                  if top_n is not None and c.logprobs and c.token_ids[new] else None)
+            st.tokens_sent, st.started, st.done = len(c.token_ids), True, c.finish_reason is not None
+            chunks.append({"index": base + c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
+                           "stop_reason": c.stop_reason})
+        return chunks

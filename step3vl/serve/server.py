@@ -1,0 +1,289 @@
+"""An OpenAI-compatible HTTP server over `AsyncLLM` (FastAPI): /v1/chat/completions, /v1/completions,
+/v1/models, /health, /stats.
+
+Every request runs on the one engine, batched continuously with all the others; `n` samples of a request are
+forked from one prefill. A client that disconnects (or closes its stream) aborts its request, which frees its
+KV at once. Errors use OpenAI's body (`{"error": {"message", "type", "param", "code"}}`) and name the field.
+
+More chat models can be served beside the checkpoint's own through `add_chat_model(name, handler)`: PaCoRe
+registers its presets that way (pacore/serve.py), so the server itself knows nothing about PaCoRe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from step3vl.engine.async_llm import AsyncLLM, EngineDeadError
+from step3vl.engine.llm import PreparedPrompt
+from step3vl.engine.outputs import RequestOutput
+from step3vl.serve.media import MediaPolicy, resolve_images
+from step3vl.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                    CompletionResponse, ModelCard, ModelList, RequestError, error_body, new_id, now)
+from step3vl.serve.responses import StreamState, chat_choice, completion_choice, sse, usage_of
+
+ChatHandler = Callable[["OpenAIServer", ChatCompletionRequest, list[dict]], Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    served_model_name: str = "step3vl"
+    reasoning_parser: bool = True  # split `<think>…</think>` into reasoning_content
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+
+
+class OpenAIServer:
+    def __init__(self, engine: AsyncLLM, config: ServerConfig | None = None):
+        self.engine = engine
+        self.config = config or ServerConfig()
+        self.llm = engine.llm
+        self.tokenizer = engine.llm.get_tokenizer()
+        self._chat_models: dict[str, ChatHandler] = {self.config.served_model_name: OpenAIServer._chat}
+        self.app = self._build_app()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.max_model_len
+
+    def add_chat_model(self, name: str, handler: ChatHandler) -> None:
+        if name in self._chat_models:
+            raise ValueError(f"a model named {name!r} is already served")
+        self._chat_models[name] = handler
+
+    # -- app ------------------------------------------------------------------------------------------
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="step3vl", version="0.1.0")
+        app.add_exception_handler(RequestError, _request_error)
+        app.add_exception_handler(RequestValidationError, _validation_error)
+        app.add_exception_handler(EngineDeadError, _engine_dead)
+        app.get("/health")(self.health)
+        app.get("/stats")(self.stats)
+        app.get("/v1/models")(self.models)
+        app.post("/v1/chat/completions")(self.chat_completions)
+        app.post("/v1/completions")(self.completions)
+        return app
+
+    async def health(self) -> Response:
+        return Response(status_code=200 if self.engine.is_running else 503)
+
+    async def stats(self) -> dict:
+        return await self.engine.call(lambda llm: llm.kv_stats())
+
+    async def models(self) -> ModelList:
+        root = str(self.llm.model_path)
+        return ModelList(data=[ModelCard(id=name, root=root, max_model_len=self.max_model_len)
+                               for name in self._chat_models])
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
+        body.refuse_unsupported()
+        name = body.model or self.config.served_model_name
+        handler = self._chat_models.get(name)
+        if handler is None:
+            raise RequestError(f"The model `{name}` does not exist. Served: {sorted(self._chat_models)}",
+                               "model", 404, "NotFoundError")
+        messages = await resolve_images(body.messages, self.config.media)
+        return await until_disconnected(request, handler(self, body, messages))
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        body.refuse_unsupported()
+        if body.model not in (None, self.config.served_model_name):
+            raise RequestError(f"The model `{body.model}` does not serve completions; use "
+                               f"`{self.config.served_model_name}`", "model", 404, "NotFoundError")
+        return await until_disconnected(request, self._completion(body))
+
+    # -- shared steps ---------------------------------------------------------------------------------
+
+    async def prepare(self, prompt: Any, max_tokens: int | None, param: str) -> tuple[PreparedPrompt, int]:
+        """Tokenize on a worker thread and check the context: returns the prompt and the max_tokens to use
+        (what is left of max_model_len when the request named none)."""
+        try:
+            prepared = await asyncio.to_thread(self.llm.prepare, prompt)
+        except ValueError as e:
+            raise RequestError(str(e), param) from None
+        n, limit = len(prepared.token_ids), self.max_model_len
+        if n >= limit:
+            raise RequestError(f"This model's maximum context length is {limit} tokens; the prompt has {n} "
+                               f"tokens, which leaves no room for a completion", param)
+        if max_tokens is None:
+            return prepared, limit - n
+        if n + max_tokens > limit:
+            raise RequestError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                               f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion); "
+                               f"reduce the prompt or max_tokens", "max_tokens")
+        return prepared, max_tokens
+
+    def render_chat(self, body: ChatCompletionRequest, messages: list[dict]) -> dict:
+        try:
+            text, images = self.llm.processor.apply_chat_template(
+                messages, add_generation_prompt=body.add_generation_prompt, **(body.chat_template_kwargs or {}))
+        except ValueError as e:
+            raise RequestError(str(e), "messages") from None
+        return {"prompt": text, "images": images, "cache_salt": body.cache_salt}
+
+    # -- chat -----------------------------------------------------------------------------------------
+
+    async def _chat(self, body: ChatCompletionRequest, messages: list[dict]) -> Any:
+        prepared, max_tokens = await self.prepare(self.render_chat(body, messages), body.requested_max_tokens,
+                                                  "messages")
+        params = body.sampling_params(max_tokens, body.requested_logprobs)
+        rid = new_id("chatcmpl")
+        stream = self.engine.generate(prepared, params, rid)
+        if body.stream:
+            return _event_stream(self._chat_events(stream, rid, body))
+        out = await last(stream)
+        choices = [chat_choice(c, self.tokenizer, self.config.reasoning_parser, body.requested_logprobs)
+                   for c in out.outputs]
+        return ChatCompletionResponse(id=rid, model=body.model or self.config.served_model_name, choices=choices,
+                                      usage=usage_of([out]))
+
+    async def _chat_events(self, stream: AsyncIterator[RequestOutput], rid: str,
+                           body: ChatCompletionRequest) -> AsyncIterator[str]:
+        state, created = StreamState(self.config.reasoning_parser), now()
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                "model": body.model or self.config.served_model_name}
+        top_n, out = body.requested_logprobs, None
+        async with contextlib.aclosing(stream):
+            async for out in stream:
+                choices = state.chat_deltas(out, self.tokenizer, top_n)
+                if choices:
+                    yield sse({**head, "choices": choices})
+        if body.include_usage and out is not None:
+            yield sse({**head, "choices": [], "usage": usage_of([out]).model_dump()})
+
+    # -- completions ----------------------------------------------------------------------------------
+
+    async def _completion(self, body: CompletionRequest) -> Any:
+        prompts = body.prompts()
+        prepared = [await self.prepare(p, body.max_tokens, "prompt") for p in prompts]
+        rid = new_id("cmpl")
+        streams, echoes = [], []
+        for i, (p, max_tokens) in enumerate(prepared):
+            params = body.sampling_params(max_tokens, body.logprobs)
+            streams.append(self.engine.generate(p, params, f"{rid}-{i}"))
+            echoes.append(self._echo(body, p))
+        model = body.model or self.config.served_model_name
+        if body.stream:
+            return _event_stream(self._completion_events(streams, echoes, rid, model, body))
+        async with asyncio.TaskGroup() as group:  # one failure cancels (and so aborts) the others
+            tasks = [group.create_task(last(s)) for s in streams]
+        outs = [t.result() for t in tasks]
+        choices = [completion_choice(i * body.n + c.index, c, self.tokenizer, body.logprobs, echoes[i])
+                   for i, out in enumerate(outs) for c in out.outputs]
+        return CompletionResponse(id=rid, model=model, choices=choices, usage=usage_of(list(outs)))
+
+    def _echo(self, body: CompletionRequest, p: PreparedPrompt) -> str:
+        if not body.echo:
+            return ""
+        return p.prompt if p.prompt is not None else self.tokenizer.decode(p.token_ids)
+
+    async def _completion_events(self, streams: list, echoes: list[str], rid: str, model: str,
+                                 body: CompletionRequest) -> AsyncIterator[str]:
+        state = StreamState(reasoning=False)
+        head = {"id": rid, "object": "text_completion", "created": now(), "model": model}
+        finals: dict[int, RequestOutput] = {}
+        async for i, out in merge(streams):
+            finals[i] = out
+            choices = state.text_deltas(out, self.tokenizer, body.logprobs, i * body.n, echoes[i])
+            if choices:
+                yield sse({**head, "choices": choices})
+        if body.include_usage:
+            yield sse({**head, "choices": [], "usage": usage_of(list(finals.values())).model_dump()})
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+async def last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    out = None
+    async with contextlib.aclosing(stream):
+        async for out in stream:
+            pass
+    if out is None:
+        raise EngineDeadError("the engine ended a request without any output")
+    return out
+
+
+async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Items of several streams as they come, tagged with the stream's index; closing it closes them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    await queue.put((i, out, None))
+        except Exception as e:  # noqa: BLE001 - handed to the reader
+            await queue.put((i, None, e))
+        await queue.put((i, None, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        live = len(tasks)
+        while live:
+            i, out, err = await queue.get()
+            if err is not None:
+                raise err
+            if out is None:
+                live -= 1
+            else:
+                yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Run a handler, cancelling it (and so aborting its engine requests) if the client goes away first.
+    Streaming responses are returned at once; Starlette closes their generators on disconnect itself."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        return Response(status_code=499)
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async with contextlib.aclosing(events):
+                async for chunk in events:
+                    yield chunk
+        except (RequestError, ValueError, EngineDeadError) as e:  # mid-stream: the status line is already sent
+            status = getattr(e, "status", 400 if isinstance(e, ValueError) else 503)
+            yield sse(error_body(str(e), type(e).__name__, getattr(e, "param", None), status))
+        yield sse("[DONE]")
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+async def _request_error(_: Request, e: RequestError) -> JSONResponse:
+    return JSONResponse(error_body(str(e), e.kind, e.param, e.status), status_code=e.status)
+
+
+async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    first = e.errors()[0] if e.errors() else {}
+    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else str(e)
+    return JSONResponse(error_body(msg, "invalid_request_error", loc or None, 400), status_code=400)
+
+
+async def _engine_dead(_: Request, e: EngineDeadError) -> JSONResponse:
+    return JSONResponse(error_body(str(e), "EngineDeadError", None, 503), status_code=503)
+
