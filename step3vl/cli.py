@@ -1,4 +1,5 @@
-"""`step3vl` command line: demo, pacore (one question or a JSONL batch), generate, train, rl, make-checkpoint.
+"""`step3vl` command line: demo, pacore (one question or a JSONL batch), generate, serve, train, rl,
+make-checkpoint.
 
 PaCoRe sits on top of the engine, so this module (the top of the house) imports it only inside the
 commands that use it.
@@ -84,6 +85,25 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     _engine_args(g)
     g.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions; PaCoRe models beside the base)")
+    s.add_argument("--model", required=True, type=Path)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
+    s.add_argument("--pacore-presets", default="low,medium,high",
+                   help="PaCoRe chat models <name>-pacore-<preset> to serve ('' for none)")
+    s.add_argument("--pacore-max-tokens", type=int, default=None,
+                   help="per-trajectory new tokens when a request names none (default: the context's room)")
+    s.add_argument("--message-max-tokens", type=int, default=4096, help="bound on each message passed between rounds")
+    s.add_argument("--no-reasoning-parser", action="store_true",
+                   help="return the raw text as content (no reasoning_content split at </think>)")
+    s.add_argument("--allowed-local-media-path", type=Path, default=None,
+                   help="local image paths / file:// URLs are read only under this directory")
+    s.add_argument("--no-fetch-urls", action="store_true", help="refuse http(s) image URLs (data: URLs only)")
+    s.add_argument("--log-level", default="info")
+    _engine_args(s)
+    s.set_defaults(func=_cmd_serve)
 
     t = sub.add_parser("train", help="next-token training (image-text / chat JSONL) of a checkpoint")
     t.add_argument("--model", required=True, type=Path, help="the checkpoint to start from")
@@ -379,6 +399,42 @@ def _cmd_generate(args) -> int:
         print(f"{head}{c.text}")
         print(f"{head}({len(c.token_ids)} tokens, finish_reason={c.finish_reason})", file=sys.stderr)
     return 0
+
+
+def _cmd_serve(args) -> int:
+    import uvicorn
+
+    from pacore import PaCoReConfig
+    from pacore.serve import PaCoReService
+    from step3vl.engine.async_llm import AsyncLLM
+    from step3vl.serve import MediaPolicy, OpenAIServer, ServerConfig
+
+    llm = _load_llm(args, args.model)
+    config = ServerConfig(served_model_name=args.served_model_name or Path(args.model).resolve().name,
+                          reasoning_parser=not args.no_reasoning_parser,
+                          media=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
+                                            fetch_urls=not args.no_fetch_urls))
+    engine = AsyncLLM(llm)
+    server = OpenAIServer(engine, config)
+    presets = [p for p in args.pacore_presets.split(",") if p]
+    if presets:
+        base = PaCoReConfig(max_tokens=args.pacore_max_tokens or llm.max_model_len,
+                            message_max_tokens=args.message_max_tokens)
+        PaCoReService(server, base, presets)
+    print(f"step3vl serve: {config.served_model_name} on http://{args.host}:{args.port}/v1 "
+          f"(max_model_len {llm.max_model_len}; models: {', '.join(m.id for m in _model_ids(server))})",
+          file=sys.stderr)
+    try:
+        uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def _model_ids(server):
+    import asyncio
+
+    return asyncio.run(server.models()).data
 
 
 def _cmd_train(args) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from step3vl.processor.chat import render_chat, split_images
-from step3vl.processor.image import ImageSpec, ImageViews, LazyImageViews, preprocess_image
+from step3vl.processor.image import ImageError, ImageSpec, ImageViews, LazyImageViews, preprocess_image
 from step3vl.processor.tokenizer import Step3VLTokenizer
 from step3vl.processor.tokens import IMAGE_PLACEHOLDER, TokenLayout, image_token_ids
 
@@ -81,7 +81,7 @@ class Step3VLProcessor:
                 f"but {len(images)} image(s) were given"
             )
         make = LazyImageViews if lazy else preprocess_image
-        views = [make(img, self.spec) for img in images]
+        views = [_view(make, i, img, self.spec) for i, img in enumerate(images)]
         ids = self.tokenizer.encode(pieces[0])
         spans = []
         for v, piece in zip(views, pieces[1:]):
@@ -92,6 +92,14 @@ class Step3VLProcessor:
         patch = self.tokenizer.image_ids.im_patch
         slots = [i for s, e in spans for i in range(s, e) if ids[i] == patch]
         return ProcessedInput(input_ids=ids, images=views, image_spans=spans, image_positions=slots, prompt=prompt)
+
+
+def _view(make, index: int, image: Any, spec: ImageSpec):
+    """Preprocess one image; an error says which of the prompt's images it was."""
+    try:
+        return make(image, spec)
+    except ImageError as e:
+        raise ImageError(f"image {index}: {e}") from None
 
 
 def _as_list(images: Any) -> list[Any]:

@@ -1,0 +1,202 @@
+"""PaCoRe behind the OpenAI-compatible server: chat models `<name>-pacore-<preset>` and `POST /v1/pacore`.
+
+Each problem runs the same round state machine as `PaCoRe.run` (problem_run.py), driven by `AsyncLLM`: a round
+is one request with n = K_r on the shared engine, so PaCoRe problems, their rounds and plain chat requests all
+batch together, and a problem's next round starts the moment its last trajectory ends. With the same config and
+seed a problem gets the same result here as from `PaCoRe.run` (seeded samples do not depend on the batch).
+
+A chat request to a PaCoRe model answers with the final trajectory's message as `content`, its reasoning as
+`reasoning_content`, every round's accounting under `pacore`, and every generated token in `usage`. With
+`stream: true` the final round's tokens stream live (the earlier rounds run first, in silence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import uuid
+from typing import Any, Callable
+
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from step3vl.engine.async_llm import AsyncLLM
+from step3vl.engine.outputs import RequestOutput
+from step3vl.serve.media import resolve_images
+from step3vl.serve.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
+                                    RequestError, Usage, error_body, new_id, now)
+from step3vl.serve.reasoning import ReasoningDeltas
+from step3vl.serve.responses import ChoiceStream, StreamState, sse
+from step3vl.serve.server import OpenAIServer
+
+from pacore.config import PRESETS, PaCoReConfig
+from pacore.problem import Problem
+from pacore.problem_run import ProblemRun
+from pacore.result import PaCoReResult
+from pacore.runner import as_problem, check_unique_ids
+from pacore.seeds import think_end_marker
+
+FinalRoundHook = Callable[[RequestOutput], None]
+
+
+async def run_problem(engine: AsyncLLM, config: PaCoReConfig, problem: Problem, tag: str,
+                      on_final_round: FinalRoundHook | None = None) -> PaCoReResult:
+    """One problem's rounds on a shared engine. Cancelling it aborts the round in flight."""
+    llm = engine.llm
+    run = ProblemRun(problem, config, llm.processor, think_end_marker(llm.get_tokenizer()), llm.model.device, tag)
+    req = await asyncio.to_thread(run.start)  # loads the problem's images
+    while req is not None:
+        final_round = run.round == config.num_rounds - 1
+        out = None
+        try:
+            async with contextlib.aclosing(engine.generate(req.prompt, req.params, req.request_id)) as stream:
+                async for out in stream:
+                    if final_round and on_final_round is not None:
+                        on_final_round(out)
+        except ValueError as e:
+            if out is not None:
+                raise
+            run.submit_failed(e)  # the engine refused the round's prompt (too long, bad image)
+            break
+        req = await asyncio.to_thread(run.finish_round, out)
+    return run.result
+
+
+class PaCoReRequest(BaseModel):
+    """`POST /v1/pacore`: the official batch input (problems with id + messages) and the method's knobs."""
+    model_config = ConfigDict(extra="forbid")
+
+    problems: list[dict[str, Any]]
+    preset: str | None = None
+    rounds: list[int] | None = None
+    max_tokens: int | None = None
+    message_max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    unclosed_policy: str | None = None
+    record_reasoning: bool | None = None
+
+
+class PaCoReService:
+    """Registers PaCoRe on an `OpenAIServer`: one chat model per preset, and the batch route."""
+
+    def __init__(self, server: OpenAIServer, base: PaCoReConfig, presets: list[str] | None = None):
+        self.server, self.engine, self.base = server, server.engine, base
+        presets = list(PRESETS) if presets is None else presets
+        unknown = [p for p in presets if p not in PRESETS]
+        if unknown:
+            raise ValueError(f"unknown PaCoRe preset(s) {unknown}; choose from {sorted(PRESETS)}")
+        for name in presets:
+            model = f"{server.config.served_model_name}-pacore-{name}"
+            server.add_chat_model(model, self._chat_handler(name))
+        server.app.post("/v1/pacore")(self.batch)
+
+    def config_for(self, preset: str | None, rounds: list[int] | None = None, **overrides: Any) -> PaCoReConfig:
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if preset is not None and rounds is not None:
+            raise RequestError("give either preset or rounds, not both", "rounds")
+        if preset is not None:
+            if preset not in PRESETS:
+                raise RequestError(f"unknown PaCoRe preset {preset!r}; choose from {sorted(PRESETS)}", "preset")
+            changes["rounds"] = list(PRESETS[preset])
+        elif rounds is not None:
+            changes["rounds"] = rounds
+        try:
+            return dataclasses.replace(self.base, **changes)
+        except (ValueError, TypeError) as e:
+            raise RequestError(str(e), str(e).split(" ", 1)[0].removeprefix("PaCoReConfig.")) from None
+
+    # -- chat models ----------------------------------------------------------------------------------
+
+    def _chat_handler(self, preset: str):
+        async def handler(server: OpenAIServer, body: ChatCompletionRequest, messages: list[dict]) -> Any:
+            if body.n != 1:
+                raise RequestError("a PaCoRe model gives one synthesized answer: n must be 1", "n")
+            if body.logprobs:
+                raise RequestError("logprobs are not available from a PaCoRe model", "logprobs")
+            cfg = self.config_for(preset, max_tokens=body.requested_max_tokens, temperature=body.temperature,
+                                  top_p=body.top_p, seed=body.seed)
+            problem = Problem(id=uuid.uuid4().hex, messages=messages)
+            model = body.model or ""
+            if body.stream:
+                return StreamingResponse(self._chat_events(cfg, problem, model, body), media_type="text/event-stream")
+            result = await run_problem(self.engine, cfg, problem, _tag())
+            _raise_if_prompt_failed(result)
+            return ChatCompletionResponse(id=new_id("chatcmpl"), model=model, choices=[_choice(result)],
+                                          usage=_usage(result), pacore=_record(result))
+        return handler
+
+    async def _chat_events(self, cfg: PaCoReConfig, problem: Problem, model: str, body: ChatCompletionRequest):
+        outputs: asyncio.Queue = asyncio.Queue()
+        task = asyncio.create_task(run_problem(self.engine, cfg, problem, _tag(), outputs.put_nowait))
+        task.add_done_callback(lambda _: outputs.put_nowait(None))
+        head = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": model}
+        # The role goes out at once: the rounds before the final one can take a while.
+        yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None}]})
+        state = StreamState(self.server.config.reasoning_parser)
+        state.choices[0] = ChoiceStream(ReasoningDeltas(state.reasoning), started=True)
+        try:
+            while (out := await outputs.get()) is not None:
+                choices = state.chat_deltas(out, self.server.tokenizer, None)
+                if choices:
+                    yield sse({**head, "choices": choices})
+            result = task.result()
+        finally:
+            task.cancel()  # a closed stream (client gone) aborts the round in flight; no-op when done
+        if result.error is not None and not result.rounds:
+            yield sse(error_body(result.error, "invalid_request_error", "messages", 400))
+        else:
+            tail = {**head, "choices": [], "pacore": _record(result)}
+            if body.include_usage:
+                tail["usage"] = _usage(result).model_dump()
+            yield sse(tail)
+        yield sse("[DONE]")
+
+    # -- batch route ----------------------------------------------------------------------------------
+
+    async def batch(self, body: PaCoReRequest) -> dict:
+        """Every problem in flight at once on the shared engine; the official result records, in input order."""
+        cfg = self.config_for(body.preset, body.rounds, max_tokens=body.max_tokens,
+                              message_max_tokens=body.message_max_tokens, temperature=body.temperature,
+                              top_p=body.top_p, seed=body.seed, unclosed_policy=body.unclosed_policy,
+                              record_reasoning=body.record_reasoning)
+        try:
+            problems = [as_problem(p, i) for i, p in enumerate(body.problems)]
+            check_unique_ids(problems)
+        except (ValueError, TypeError) as e:
+            raise RequestError(str(e), "problems") from None
+        problems = [dataclasses.replace(p, messages=await resolve_images(p.messages, self.server.config.media))
+                    for p in problems]
+        tag = _tag()
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(run_problem(self.engine, cfg, p, tag)) for p in problems]
+        return {"object": "pacore.results", "data": [_record(t.result()) for t in tasks]}
+
+
+def _tag() -> str:
+    return f"pacore-{uuid.uuid4().hex[:12]}"
+
+
+def _raise_if_prompt_failed(result: PaCoReResult) -> None:
+    """A problem that never ran a round failed on its input: the client's error (400)."""
+    if result.error is not None and not result.rounds:
+        raise RequestError(result.error, "messages")
+
+
+def _choice(result: PaCoReResult) -> ChatChoice:
+    final = result.round_responses[-1][0] if result.round_responses else {}
+    finish = "error" if result.error is not None else final.get("finish_reason", "stop")
+    return ChatChoice(index=0, message=ChatMessage(content=result.final_response,
+                                                   reasoning_content=result.final_reasoning_content or None),
+                      finish_reason=finish)
+
+
+def _usage(result: PaCoReResult) -> Usage:
+    return Usage.of(result.prompt_tokens, result.effective_ttc, result.prefix_hit_tokens)
+
+
+def _record(result: PaCoReResult) -> dict:
+    return result.to_dict()

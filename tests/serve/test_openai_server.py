@@ -1,0 +1,213 @@
+"""The OpenAI-compatible server, through the official `openai` client over real HTTP, against an independent
+in-process LLM on the same checkpoint."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from step3vl.engine import SamplingParams
+from step3vl.serve.reasoning import split_reasoning
+
+MODEL = "tiny"  # the served name (conftest.py)
+
+USER = [{"role": "user", "content": "Describe a small red square."}]
+
+
+def _ref_chat(reference, messages, **kw):
+    return reference.chat(messages, SamplingParams(**kw), use_tqdm=False)[0]
+
+
+def _expect(text: str) -> tuple[str | None, str]:
+    thought, content = split_reasoning(text, finished=True)
+    return thought or None, content
+
+
+def test_models_and_health(server, client):
+    srv, url = server
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(url + "/health").status_code == 200
+    stats = httpx.get(url + "/stats").json()
+    assert stats["blocks_total"] > 0 and stats["blocks_used"] == 0
+
+
+def test_chat_greedy_equals_the_in_process_engine(client, reference):
+    r = client.chat.completions.create(model=MODEL, messages=USER, temperature=0, max_tokens=12)
+    ref = _ref_chat(reference, USER, temperature=0, max_tokens=12)
+    c = r.choices[0]
+    assert (getattr(c.message, "reasoning_content", None), c.message.content) == _expect(ref.outputs[0].text)
+    assert c.finish_reason == ref.outputs[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert r.usage.completion_tokens == 12 and r.usage.total_tokens == 12 + len(ref.prompt_token_ids)
+
+
+def test_seeded_samples_equal_the_reference(client, reference):
+    r = client.chat.completions.create(model=MODEL, messages=USER, n=3, seed=11, temperature=1.0, top_p=0.9,
+                                       max_tokens=10, extra_body={"top_k": 50})
+    ref = _ref_chat(reference, USER, n=3, seed=11, temperature=1.0, top_p=0.9, top_k=50, max_tokens=10)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for c, rc in zip(r.choices, ref.outputs):
+        assert (getattr(c.message, "reasoning_content", None), c.message.content) == _expect(rc.text)
+    assert len({c.message.reasoning_content for c in r.choices}) > 1  # distinct samples
+
+
+def test_stream_concatenates_to_the_full_response(client):
+    kw = dict(model=MODEL, messages=USER, n=2, seed=3, max_tokens=14)
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    got = {0: ["", ""], 1: ["", ""]}
+    roles, finish = {}, {}
+    for ch in chunks[:-1]:
+        assert ch.usage is None
+        for c in ch.choices:
+            roles.setdefault(c.index, c.delta.role)
+            got[c.index][0] += getattr(c.delta, "reasoning_content", None) or ""
+            got[c.index][1] += c.delta.content or ""
+            if c.finish_reason:
+                assert c.index not in finish, "a choice finished twice"
+                finish[c.index] = c.finish_reason
+    assert roles == {0: "assistant", 1: "assistant"}
+    for c in full.choices:
+        assert got[c.index] == [c.message.reasoning_content or "", c.message.content]
+        assert finish[c.index] == c.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_concurrent_requests_equal_their_references(client, reference):
+    seeds = [1, 2, 3, 4, 5, 6]
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        got = list(pool.map(lambda s: client.chat.completions.create(
+            model=MODEL, messages=USER, seed=s, max_tokens=8 + s).choices[0], seeds))
+    for s, c in zip(seeds, got):
+        ref = _ref_chat(reference, USER, seed=s, max_tokens=8 + s).outputs[0]
+        assert (getattr(c.message, "reasoning_content", None), c.message.content) == _expect(ref.text)
+
+
+def test_chat_logprobs_match_the_engine(client, reference):
+    r = client.chat.completions.create(model=MODEL, messages=USER, seed=5, max_tokens=6, logprobs=True,
+                                       top_logprobs=3)
+    ref = _ref_chat(reference, USER, seed=5, max_tokens=6, logprobs=3).outputs[0]
+    content = r.choices[0].logprobs.content
+    assert len(content) == len(ref.token_ids) == 6
+    for entry, tok, alts in zip(content, ref.token_ids, ref.logprobs):
+        assert math.isclose(entry.logprob, alts[tok], rel_tol=1e-6, abs_tol=1e-6)
+        top = [t.logprob for t in entry.top_logprobs]
+        assert len(top) == 3 and top == sorted(top, reverse=True)
+        assert math.isclose(top[0], max(alts.values()), rel_tol=1e-6, abs_tol=1e-6)
+    assert math.isclose(sum(e.logprob for e in content), ref.cumulative_logprob, rel_tol=1e-5, abs_tol=1e-5)
+
+
+def test_completions_prompts_n_echo_and_token_ids(client, reference):
+    prompts = ["hello world", "abc"]
+    r = client.completions.create(model=MODEL, prompt=prompts, n=2, seed=9, max_tokens=5, echo=True)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    for i, p in enumerate(prompts):
+        ref = reference.generate(p, SamplingParams(n=2, seed=9, max_tokens=5), use_tqdm=False)[0]
+        for j in range(2):
+            assert r.choices[2 * i + j].text == p + ref.outputs[j].text
+    ids = reference.get_tokenizer().encode("hello world")
+    r2 = client.completions.create(model=MODEL, prompt=ids, temperature=0, max_tokens=4, logprobs=2)
+    ref2 = reference.generate(ids, SamplingParams(temperature=0, max_tokens=4, logprobs=2), use_tqdm=False)[0]
+    c = r2.choices[0]
+    assert c.text == ref2.outputs[0].text
+    assert c.logprobs.token_logprobs == pytest.approx([d[t] for t, d in zip(ref2.outputs[0].token_ids,
+                                                                              ref2.outputs[0].logprobs)], abs=1e-6)
+
+
+def test_completions_stream_with_several_prompts(client):
+    kw = dict(model=MODEL, prompt=["one", "two three"], n=2, seed=4, max_tokens=6)
+    full = client.completions.create(**kw)
+    text = {}
+    for ch in client.completions.create(**kw, stream=True):
+        for c in ch.choices:
+            text[c.index] = text.get(c.index, "") + c.text
+    assert text == {c.index: c.text for c in full.choices}
+
+
+def test_stop_strings(client, reference):
+    base = _ref_chat(reference, USER, seed=8, max_tokens=16).outputs[0].text
+    stop = base[5:7]
+    assert stop.strip(), "pick a seed whose text has a visible pair of characters there"
+    r = client.chat.completions.create(model=MODEL, messages=USER, seed=8, max_tokens=16, stop=[stop])
+    ref = _ref_chat(reference, USER, seed=8, max_tokens=16, stop=[stop]).outputs[0]
+    assert ref.finish_reason == "stop" and r.choices[0].finish_reason == "stop"
+    assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == _expect(ref.text)
+
+
+def _png_data_url(color=(200, 30, 30), size=(40, 28)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_image_data_url_equals_the_reference(client, reference):
+    url = _png_data_url()
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What colour?"}]}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=8)
+    ref_msgs = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (40, 28), (200, 30, 30))},
+                                             {"type": "text", "text": "What colour?"}]}]
+    ref = _ref_chat(reference, ref_msgs, temperature=0, max_tokens=8)
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids) > 100  # the image's tokens are in the prompt
+    assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == _expect(ref.outputs[0].text)
+
+
+def _error(fn) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as e:
+        fn()
+    return e.value
+
+
+@pytest.mark.parametrize("kw, status, param, words", [
+    (dict(max_tokens=10_000), 400, "max_tokens", "maximum context length is 512"),
+    (dict(temperature=-1.0), 400, "temperature", "temperature"),
+    (dict(top_p=0.0), 400, "top_p", "top_p"),
+    (dict(presence_penalty=0.5), 400, "presence_penalty", "not supported"),
+    (dict(logit_bias={"5": 1.0}), 400, "logit_bias", "not supported"),
+    (dict(model="no-such-model"), 404, "model", "does not exist"),
+    (dict(extra_body={"top_k": -5}), 400, "top_k", "top_k"),
+])
+def test_bad_requests_name_the_field(client, kw, status, param, words):
+    args = dict(model=MODEL, messages=USER, max_tokens=4) | kw
+    err = _error(lambda: client.chat.completions.create(**args))
+    assert err.status_code == status
+    body = err.body if isinstance(err.body, dict) else json.loads(err.response.text)["error"]
+    assert body["param"] == param and words in body["message"]
+
+
+def test_prompt_over_the_context_is_refused(client):
+    long = [{"role": "user", "content": "word " * 2000}]
+    err = _error(lambda: client.chat.completions.create(model=MODEL, messages=long, max_tokens=4))
+    assert err.status_code == 400 and "maximum context length is 512" in err.message
+
+
+@pytest.mark.parametrize("part, words", [
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, "image 0: cannot decode"),
+    ({"type": "image_url", "image_url": {"url": "/etc/passwd"}}, "local image paths are not allowed"),
+    ({"type": "image_url", "image_url": {"url": "file:///etc/hostname"}}, "local image paths are not allowed"),
+    ({"type": "audio", "audio": "x"}, "unsupported content part"),
+])
+def test_bad_images_are_refused_clearly(client, part, words):
+    msgs = [{"role": "user", "content": [part, {"type": "text", "text": "hi"}]}]
+    err = _error(lambda: client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4))
+    assert err.status_code == 400 and words in err.message
+
+
+def test_missing_messages_is_a_400(server):
+    r = httpx.post(server[1] + "/v1/chat/completions", json={"model": MODEL})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_errors_leave_the_server_serving(client, server):
+    _error(lambda: client.chat.completions.create(model=MODEL, messages=USER, max_tokens=10_000))
+    r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3)
+    assert r.usage.completion_tokens == 3
+    assert httpx.get(server[1] + "/stats").json()["blocks_used"] == 0
