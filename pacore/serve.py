@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import secrets
 import uuid
 from typing import Any, Callable
 
@@ -38,6 +39,7 @@ from pacore.runner import as_problem, check_unique_ids
 from pacore.seeds import think_end_marker
 
 FinalRoundHook = Callable[[RequestOutput], None]
+CHAT_PROBLEM_ID = "chat"  # a chat request's problem id: `PaCoRe.run` on Problem("chat", messages) reproduces it
 
 
 async def run_problem(engine: AsyncLLM, config: PaCoReConfig, problem: Problem, tag: str,
@@ -116,9 +118,12 @@ class PaCoReService:
                 raise RequestError("a PaCoRe model gives one synthesized answer: n must be 1", "n")
             if body.logprobs:
                 raise RequestError("logprobs are not available from a PaCoRe model", "logprobs")
+            # Like any OpenAI model: random without a seed, reproducible with one (the round seeds hash the seed
+            # with the problem id, so every chat problem has the same id).
+            seed = body.seed if body.seed is not None else secrets.randbits(63)
             cfg = self.config_for(preset, max_tokens=body.requested_max_tokens, temperature=body.temperature,
-                                  top_p=body.top_p, seed=body.seed)
-            problem = Problem(id=uuid.uuid4().hex, messages=messages)
+                                  top_p=body.top_p, seed=seed)
+            problem = Problem(id=CHAT_PROBLEM_ID, messages=messages)
             model = body.model or ""
             if body.stream:
                 return StreamingResponse(self._chat_events(cfg, problem, model, body), media_type="text/event-stream")

@@ -1,0 +1,129 @@
+"""PaCoRe behind the OpenAI-compatible server: a PaCoRe chat model and POST /v1/pacore give the same results as
+`PaCoRe.run` in process (same config, same seed), while sharing the engine with plain chat requests."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from step3vl.engine import AsyncLLM, SamplingParams
+from step3vl.serve import OpenAIServer, ServerConfig
+from step3vl.serve.background import BackgroundServer
+
+from pacore import PaCoRe, PaCoReConfig, Problem
+from pacore.serve import CHAT_PROBLEM_ID, PaCoReService
+
+QUESTION = [{"role": "user", "content": "Which letter?"}]
+
+
+@pytest.fixture
+def base_config(script, hook):
+    return PaCoReConfig(rounds=[3], max_tokens=24, message_max_tokens=12,
+                        sampling_hook=hook({"*": script(think_at=5)}))
+
+
+@pytest.fixture
+def served(make_llm, base_config):
+    engine = AsyncLLM(make_llm(max_model_len=1024))
+    srv = OpenAIServer(engine, ServerConfig(served_model_name="m"))
+    PaCoReService(srv, base_config, ["low", "high"])
+    with BackgroundServer(srv.app) as url:
+        yield url, openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+    engine.shutdown()
+
+
+def _reference(make_llm, config: PaCoReConfig, problems: list[Problem]):
+    return PaCoRe(make_llm(max_model_len=1024), config).run(problems)
+
+
+def test_models_list_the_presets(served):
+    _, client = served
+    assert [m.id for m in client.models.list().data] == ["m", "m-pacore-low", "m-pacore-high"]
+
+
+def test_pacore_chat_model_equals_the_in_process_run(served, make_llm, base_config):
+    _, client = served
+    r = client.chat.completions.create(model="m-pacore-high", messages=QUESTION, seed=7)
+    cfg = PaCoReConfig(**{**base_config.__dict__, "rounds": [32, 4], "seed": 7})
+    ref = _reference(make_llm, cfg, [Problem(CHAT_PROBLEM_ID, QUESTION)])[0]
+    assert ref.ok and ref.final_response
+    msg = r.choices[0].message
+    assert msg.content == ref.final_response
+    assert msg.reasoning_content == ref.final_reasoning_content
+    record = r.model_extra["pacore"]
+    assert record["round_responses"] == json.loads(json.dumps(ref.round_responses))
+    assert [rd["k"] for rd in record["rounds"]] == [32, 4, 1]
+    assert r.usage.completion_tokens == ref.effective_ttc and r.usage.prompt_tokens == ref.prompt_tokens
+
+
+def test_pacore_stream_ends_with_the_same_answer(served):
+    _, client = served
+    full = client.chat.completions.create(model="m-pacore-low", messages=QUESTION, seed=3)
+    chunks = list(client.chat.completions.create(model="m-pacore-low", messages=QUESTION, seed=3, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = "".join(c.delta.content or "" for ch in chunks for c in ch.choices)
+    reasoning = "".join(getattr(c.delta, "reasoning_content", None) or "" for ch in chunks for c in ch.choices)
+    assert content == full.choices[0].message.content and reasoning == full.choices[0].message.reasoning_content
+    assert chunks[-1].model_extra["pacore"]["final_response"] == content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_batch_route_equals_the_in_process_run_beside_plain_requests(served, make_llm, base_config):
+    url, client = served
+    problems = [{"id": f"p{i}", "messages": [{"role": "user", "content": f"Problem {i}?"}]} for i in range(3)]
+    body = {"problems": problems, "rounds": [4, 2], "seed": 5}
+    with ThreadPoolExecutor(3) as pool:
+        batch = pool.submit(lambda: httpx.post(url + "/v1/pacore", json=body, timeout=300))
+        plain = [pool.submit(lambda s=s: client.chat.completions.create(model="m", messages=QUESTION, seed=s,
+                                                                        max_tokens=6)) for s in (1, 2)]
+        records = batch.result().json()["data"]
+        assert all(p.result().usage.completion_tokens == 6 for p in plain)
+    cfg = PaCoReConfig(**{**base_config.__dict__, "rounds": [4, 2], "seed": 5})
+    ref = _reference(make_llm, cfg, [Problem.from_record(p, "") for p in problems])
+    assert [r["request_id"] for r in records] == ["p0", "p1", "p2"]
+    for got, want in zip(records, ref):
+        assert got["final_response"] == want.final_response and got["error"] is None
+        assert got["round_responses"] == json.loads(json.dumps(want.round_responses))
+
+
+def test_a_bad_problem_fails_alone_in_a_batch(served):
+    url, _ = served
+    body = {"problems": [{"id": "ok", "messages": QUESTION}, {"id": "empty", "messages": []}], "preset": "low"}
+    data = httpx.post(url + "/v1/pacore", json=body, timeout=300).json()["data"]
+    assert data[0]["error"] is None and data[0]["final_response"]
+    assert "empty problem" in data[1]["error"]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"problems": [], "preset": "extreme"}, "preset"),
+    ({"problems": [], "rounds": [0]}, "rounds"),
+    ({"problems": [], "preset": "low", "rounds": [2]}, "rounds"),
+    ({"problems": [{"id": "a", "messages": QUESTION}, {"id": "a", "messages": QUESTION}]}, "problems"),
+])
+def test_batch_route_refuses_bad_options(served, body, param):
+    r = httpx.post(served[0] + "/v1/pacore", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_pacore_chat_refuses_n_and_bad_prompts(served):
+    _, client = served
+    with pytest.raises(openai.BadRequestError, match="n must be 1"):
+        client.chat.completions.create(model="m-pacore-low", messages=QUESTION, n=2)
+    with pytest.raises(openai.BadRequestError, match="empty problem"):
+        client.chat.completions.create(model="m-pacore-low", messages=[{"role": "user", "content": " "}])
+    with pytest.raises(openai.BadRequestError, match="maximum context length|does not fit"):
+        client.chat.completions.create(model="m-pacore-low", messages=[{"role": "user", "content": "w " * 3000}])
+
+
+def test_unknown_presets_are_refused_at_startup(make_llm, base_config):
+    engine = AsyncLLM(make_llm())
+    try:
+        with pytest.raises(ValueError, match="unknown PaCoRe preset"):
+            PaCoReService(OpenAIServer(engine), base_config, ["turbo"])
+    finally:
+        engine.shutdown()
