@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -77,3 +78,26 @@ def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+WORDS = ("the triangle circle square area angle side length sum of a and b is equal to two three four five "
+         "number answer first then so we find value x y point line find compute prove that each every").split()
+
+
+def make_problems(tokenizer, n: int, prompt_tokens: int, seed: int) -> list:
+    """n distinct questions whose chat prompts are about `prompt_tokens` tokens long."""
+    from pacore import Problem
+    from step3vl.processor.chat import render_chat
+
+    problems = []
+    for i in range(n):
+        rng = random.Random(seed * 1000 + i)
+        words = [f"Problem {i}:"]
+        while True:
+            words += [rng.choice(WORDS) for _ in range(16)]
+            text = " ".join(words) + "?"
+            prompt = render_chat([{"role": "user", "content": text}], tokenizer.chat_template)
+            if len(tokenizer.encode(prompt)) >= prompt_tokens:
+                break
+        problems.append(Problem.from_question(text, id=f"p{i}"))
+    return problems

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import random
 import sys
 import time
 from pathlib import Path
@@ -39,29 +38,7 @@ from step3vl import LLM, SamplingParams  # noqa: E402
 from step3vl.cli import RandomWeightsProcessor  # noqa: E402
 
 sys.path.append(str(_HERE))
-from _common import environment, print_table, small_checkpoint, write_json  # noqa: E402
-
-WORDS = ("the triangle circle square area angle side length sum of a and b is equal to two three four five "
-         "number answer first then so we find value x y point line find compute prove that each every").split()
-
-
-def make_problems(tokenizer, n: int, prompt_tokens: int, seed: int) -> list[Problem]:
-    """n distinct questions whose chat prompts are about `prompt_tokens` tokens long."""
-    from step3vl.processor.chat import render_chat
-
-    problems = []
-    for i in range(n):
-        rng = random.Random(seed * 1000 + i)
-        words = [f"Problem {i}:"]
-        while True:
-            words += [rng.choice(WORDS) for _ in range(16)]
-            text = " ".join(words) + "?"
-            prompt = render_chat([{"role": "user", "content": text}], tokenizer.chat_template)
-            if len(tokenizer.encode(prompt)) >= prompt_tokens:
-                break
-        problems.append(Problem.from_question(text, id=f"p{i}"))
-    return problems
-
+from _common import environment, make_problems, print_table, small_checkpoint, write_json  # noqa: E402
 
 def new_llm(args) -> LLM:
     gc.collect()

@@ -85,6 +85,8 @@ class PaCoReService:
     """Registers PaCoRe on an `OpenAIServer`: one chat model per preset, and the batch route."""
 
     def __init__(self, server: OpenAIServer, base: PaCoReConfig, presets: list[str] | None = None):
+        if server.config.logits_processors and base.sampling_hook is None:
+            base = dataclasses.replace(base, sampling_hook=_with_processors(server.config.logits_processors))
         self.server, self.engine, self.base = server, server.engine, base
         presets = list(PRESETS) if presets is None else presets
         unknown = [p for p in presets if p not in PRESETS]
@@ -179,6 +181,14 @@ class PaCoReService:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(run_problem(self.engine, cfg, p, tag)) for p in problems]
         return {"object": "pacore.results", "data": [_record(t.result()) for t in tasks]}
+
+
+def _with_processors(processors: list):
+    """A sampling_hook giving every round the server-wide logits processors."""
+    def hook(problem_id: str, round_index: int, params):
+        params.logits_processors = list(processors)
+        return params
+    return hook
 
 
 def _tag() -> str:

@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--allowed-local-media-path", type=Path, default=None,
                    help="local image paths / file:// URLs are read only under this directory")
     s.add_argument("--no-fetch-urls", action="store_true", help="refuse http(s) image URLs (data: URLs only)")
+    s.add_argument("--think-at", type=int, default=None,
+                   help="random-weight checkpoints only (demos, benchmarks): every request writes </think> at this "
+                        "output position and only decodable text")
     s.add_argument("--log-level", default="info")
     _engine_args(s)
     s.set_defaults(func=_cmd_serve)
@@ -414,6 +417,9 @@ def _cmd_serve(args) -> int:
                           reasoning_parser=not args.no_reasoning_parser,
                           media=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
                                             fetch_urls=not args.no_fetch_urls))
+    if args.think_at is not None:
+        config.logits_processors = [RandomWeightsProcessor(llm.get_tokenizer(), llm.model.cfg.text.vocab_size,
+                                                           args.think_at)]
     engine = AsyncLLM(llm)
     server = OpenAIServer(engine, config)
     presets = [p for p in args.pacore_presets.split(",") if p]

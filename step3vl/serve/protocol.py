@@ -61,7 +61,8 @@ class _Request(BaseModel):
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        logits_processors: list | None = None) -> SamplingParams:
         """OpenAI defaults (temperature 1, top_p 1); ValueError from SamplingParams names the field."""
         try:
             return SamplingParams(
@@ -70,7 +71,8 @@ class _Request(BaseModel):
                 min_p=self.min_p or 0.0, max_tokens=max_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
                 seed=self.seed, logprobs=logprobs, ignore_eos=self.ignore_eos,
                 skip_special_tokens=self.skip_special_tokens,
-                include_stop_str_in_output=self.include_stop_str_in_output)
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                logits_processors=list(logits_processors or []))
         except ValueError as e:
             param = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
             raise RequestError(str(e), param) from None

@@ -36,6 +36,8 @@ class ServerConfig:
     served_model_name: str = "step3vl"
     reasoning_parser: bool = True  # split `<think>…</think>` into reasoning_content
     media: MediaPolicy = field(default_factory=MediaPolicy)
+    # Applied to every request (vLLM's --logits-processors): fn(output_ids, logits_row) -> logits_row.
+    logits_processors: list = field(default_factory=list)
 
 
 class OpenAIServer:
@@ -132,7 +134,7 @@ class OpenAIServer:
     async def _chat(self, body: ChatCompletionRequest, messages: list[dict]) -> Any:
         prepared, max_tokens = await self.prepare(self.render_chat(body, messages), body.requested_max_tokens,
                                                   "messages")
-        params = body.sampling_params(max_tokens, body.requested_logprobs)
+        params = body.sampling_params(max_tokens, body.requested_logprobs, self.config.logits_processors)
         rid = new_id("chatcmpl")
         stream = self.engine.generate(prepared, params, rid)
         if body.stream:
@@ -165,7 +167,7 @@ class OpenAIServer:
         rid = new_id("cmpl")
         streams, echoes = [], []
         for i, (p, max_tokens) in enumerate(prepared):
-            params = body.sampling_params(max_tokens, body.logprobs)
+            params = body.sampling_params(max_tokens, body.logprobs, self.config.logits_processors)
             streams.append(self.engine.generate(p, params, f"{rid}-{i}"))
             echoes.append(self._echo(body, p))
         model = body.model or self.config.served_model_name

@@ -103,8 +103,10 @@ def test_chunked_logprobs_equal_a_plain_log_softmax(tiny_model, processor, tempe
         if g is None:
             assert chunked[name] is None, name  # the vision tower: no image, no gradient either way
         else:
-            # Chunks sum the LM head's gradient in another order: rounding-level differences only.
-            torch.testing.assert_close(chunked[name], g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            # Chunks sum the LM head's gradient in another order: rounding-level differences only, measured
+            # against the gradient's scale (an element that cancels to ~0 keeps the summands' rounding).
+            atol = 1e-4 * float(g.abs().max())
+            torch.testing.assert_close(chunked[name], g, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
     with torch.no_grad():
         torch.testing.assert_close(target_logprobs(model, batch, chunk_rows=3, temperature=temperature), ref.detach(),
                                    rtol=1e-5, atol=1e-6)
