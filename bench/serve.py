@@ -46,6 +46,7 @@ sys.path.append(str(_HERE))
 from _common import environment, make_problems, print_table, small_checkpoint, write_json  # noqa: E402
 
 MODEL = "small"
+OFFICIAL = "official client (n=1 per trajectory)"
 
 
 def new_llm(args) -> LLM:
@@ -66,10 +67,11 @@ def overhead_in_process(args, problems) -> dict:
               for i in range(len(msgs))]
     llm.chat(msgs[:1], params[0], use_tqdm=False)  # warm-up
     prompts = [{"prompt": llm.processor.apply_chat_template(m)[0]} for m in msgs]
+    steps = llm.engine.counters.steps
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t0
-    return {"name": "in-process LLM.generate", "wall_s": wall,
+    return {"name": "in-process LLM.generate", "wall_s": wall, "engine_steps": llm.engine.counters.steps - steps,
             "tokens_generated": sum(len(o.outputs[0].token_ids) for o in outs)}
 
 
@@ -88,17 +90,20 @@ def overhead_http(args, problems) -> dict:
     srv = OpenAIServer(engine, ServerConfig(MODEL, logits_processors=[think_processor(llm, args.max_tokens // 2)]))
     with BackgroundServer(srv.app) as url:
         asyncio.run(_chat_all(url, problems[:1], args))  # warm-up
+        steps = llm.engine.counters.steps
         t0 = time.perf_counter()
         tokens = asyncio.run(_chat_all(url, problems, args))
         wall = time.perf_counter() - t0
     engine.shutdown()
-    return {"name": "HTTP, openai client", "wall_s": wall, "tokens_generated": tokens}
+    return {"name": "HTTP, openai client", "wall_s": wall, "engine_steps": llm.engine.counters.steps - steps,
+            "tokens_generated": tokens}
 
 
 # -- 2. PaCoRe over HTTP ------------------------------------------------------------------------------
 
 class PaCoReServer:
-    """One server for both PaCoRe sides; its engine's counters are reset before each."""
+    """A fresh server (engine, prefix cache, counters) for each PaCoRe side: neither finds the other's prompts
+    cached."""
 
     def __init__(self, args):
         llm = new_llm(args)
@@ -138,23 +143,31 @@ async def _official_all(url: str, problems, args) -> int:
     return sum(counts)
 
 
-def pacore_side(server: PaCoReServer, url: str, name: str, problems, args) -> dict:
-    server.kv(reset=True)
-    t0 = time.perf_counter()
-    if name == "official client (n=1 per trajectory)":
-        tokens = asyncio.run(_official_all(url, problems, args))
-    else:
-        body = {"problems": [{"id": p.id, "messages": p.messages} for p in problems], "rounds": [args.k],
-                "seed": args.seed}
-        data = httpx.post(url + "/v1/pacore", json=body, timeout=3600).json()["data"]
-        errors = [d["error"] for d in data if d["error"]]
-        if errors:
-            raise RuntimeError(f"PaCoRe errors: {errors[:3]}")
-        tokens = sum(d["effective_ttc"] for d in data)
-    wall = time.perf_counter() - t0
+def pacore_side(name: str, problems, warmup, args) -> dict:
+    server = PaCoReServer(args)
+    with server.http as url:
+        warm = argparse.Namespace(**{**vars(args), "k": 2})
+        _run_side(url, name, [warmup], warm)  # first-call costs out of the timed run, on another prompt
+        server.kv(reset=True)
+        t0 = time.perf_counter()
+        tokens = _run_side(url, name, problems, args)
+        wall = time.perf_counter() - t0
     s = server.kv()
+    server.engine.shutdown()
     return {"name": name, "wall_s": wall, "tokens_generated": tokens, "prefill_tokens": s["prefill_tokens_computed"],
             "prefix_hit_tokens": s["prefix_hit_tokens"], "peak_kv_blocks": s["peak_blocks_used"]}
+
+
+def _run_side(url: str, name: str, problems, args) -> int:
+    if name == OFFICIAL:
+        return asyncio.run(_official_all(url, problems, args))
+    body = {"problems": [{"id": p.id, "messages": p.messages} for p in problems], "rounds": [args.k],
+            "seed": args.seed}
+    data = httpx.post(url + "/v1/pacore", json=body, timeout=3600).json()["data"]
+    errors = [d["error"] for d in data if d["error"]]
+    if errors:
+        raise RuntimeError(f"PaCoRe errors: {errors[:3]}")
+    return sum(d["effective_ttc"] for d in data)
 
 
 # -- driver -------------------------------------------------------------------------------------------
@@ -185,15 +198,10 @@ def main(argv=None) -> None:
     overhead = [overhead_in_process(args, chats), overhead_http(args, chats)]
     for r in overhead:
         r["tok_per_s"] = r["tokens_generated"] / r["wall_s"]
-    print_table(overhead, ["name", "wall_s", "tokens_generated", "tok_per_s"])
+    print_table(overhead, ["name", "wall_s", "tokens_generated", "tok_per_s", "engine_steps"])
 
-    problems = make_problems(tok, args.problems, args.prompt_tokens, args.seed + 1)
-    server = PaCoReServer(args)
-    with server.http as url:
-        pacore_side(server, url, "warm-up", problems[:1], argparse.Namespace(**{**vars(args), "k": 2}))
-        runs = [pacore_side(server, url, name, problems, args)
-                for name in ("official client (n=1 per trajectory)", "POST /v1/pacore")]
-    server.engine.shutdown()
+    *problems, warmup = make_problems(tok, args.problems + 1, args.prompt_tokens, args.seed + 1)
+    runs = [pacore_side(name, problems, warmup, args) for name in (OFFICIAL, "POST /v1/pacore")]
     for r in runs:
         r["tok_per_s"] = r["tokens_generated"] / r["wall_s"]
     print_table(runs, ["name", "wall_s", "tokens_generated", "tok_per_s", "prefill_tokens", "prefix_hit_tokens",

@@ -49,12 +49,13 @@ async def run_problem(engine: AsyncLLM, config: PaCoReConfig, problem: Problem, 
     run = ProblemRun(problem, config, llm.processor, think_end_marker(llm.get_tokenizer()), llm.model.device, tag)
     req = await asyncio.to_thread(run.start)  # loads the problem's images
     while req is not None:
-        final_round = run.round == config.num_rounds - 1
+        live = on_final_round is not None and run.round == config.num_rounds - 1
         out = None
         try:
-            async with contextlib.aclosing(engine.generate(req.prompt, req.params, req.request_id)) as stream:
+            async with contextlib.aclosing(engine.generate(req.prompt, req.params, req.request_id,
+                                                           final_only=not live)) as stream:
                 async for out in stream:
-                    if final_round and on_final_round is not None:
+                    if live:
                         on_final_round(out)
         except ValueError as e:
             if out is not None:

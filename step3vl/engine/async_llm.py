@@ -63,6 +63,7 @@ class _Add:
     prompt: PreparedPrompt
     params: SamplingParams
     stream: _Stream
+    final_only: bool
 
 
 @dataclass(slots=True)
@@ -84,6 +85,7 @@ class AsyncLLM:
         self.llm = llm
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._final_only: set[str] = set()  # engine thread only
         self._ids = itertools.count()
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="step3vl-engine", daemon=True)
@@ -95,15 +97,16 @@ class AsyncLLM:
 
     # -- caller side ---------------------------------------------------------------------------------
 
-    async def generate(self, prompt: Any, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None,
+                       final_only: bool = False) -> AsyncIterator[RequestOutput]:
         """Yields the request's cumulative output as it grows; the last one has `finished=True`. A bad prompt
-        raises ValueError (naming the problem) before anything is yielded; closing the iterator early aborts."""
+        raises ValueError (naming the problem) before anything is yielded; closing the iterator early aborts.
+        final_only: yield only the finished output (no per-step copies for a caller that does not stream)."""
         self._check_alive()
         prepared = await asyncio.to_thread(self.llm.prepare, prompt)
         rid = request_id if request_id is not None else f"async-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop())
-        self._commands.put(_Add(rid, prepared, params or SamplingParams(), stream))
+        self._commands.put(_Add(rid, prepared, params or SamplingParams(), stream, final_only))
         try:
             while True:
                 out = await stream.next()
@@ -176,6 +179,8 @@ class AsyncLLM:
             cmd.stream.post(e)
             return
         self._streams[cmd.request_id] = cmd.stream
+        if cmd.final_only:
+            self._final_only.add(cmd.request_id)
 
     def _call(self, cmd: _Call) -> None:
         def settle(ok: bool, value: Any) -> None:
@@ -190,6 +195,7 @@ class AsyncLLM:
 
     def _abort(self, request_id: str) -> None:
         stream = self._streams.pop(request_id, None)
+        self._final_only.discard(request_id)
         out = self.llm.abort(request_id)
         if stream is not None and out is not None:
             stream.post(_snapshot(out))
@@ -197,11 +203,12 @@ class AsyncLLM:
     def _step(self) -> None:
         for out in self.llm.step():
             stream = self._streams.get(out.request_id)
-            if stream is None:
+            if stream is None or (not out.finished and out.request_id in self._final_only):
                 continue
             stream.post(_snapshot(out))
             if out.finished:
                 del self._streams[out.request_id]
+                self._final_only.discard(out.request_id)
 
     def _die(self, error: EngineDeadError, cause: BaseException | None = None) -> None:
         if cause is not None:

@@ -136,7 +136,7 @@ class OpenAIServer:
                                                   "messages")
         params = body.sampling_params(max_tokens, body.requested_logprobs, self.config.logits_processors)
         rid = new_id("chatcmpl")
-        stream = self.engine.generate(prepared, params, rid)
+        stream = self.engine.generate(prepared, params, rid, final_only=not body.stream)
         if body.stream:
             return _event_stream(self._chat_events(stream, rid, body))
         out = await last(stream)
@@ -168,7 +168,7 @@ class OpenAIServer:
         streams, echoes = [], []
         for i, (p, max_tokens) in enumerate(prepared):
             params = body.sampling_params(max_tokens, body.logprobs, self.config.logits_processors)
-            streams.append(self.engine.generate(p, params, f"{rid}-{i}"))
+            streams.append(self.engine.generate(p, params, f"{rid}-{i}", final_only=not body.stream))
             echoes.append(self._echo(body, p))
         model = body.model or self.config.served_model_name
         if body.stream:

@@ -137,3 +137,16 @@ def test_an_engine_failure_reaches_every_waiter(tiny_ckpt):
 
     asyncio.run(go())
     assert not e.is_running
+
+
+def test_final_only_yields_just_the_finished_output(engine, reference):
+    async def go():
+        outs = []
+        async for out in engine.generate("once", SamplingParams(n=2, seed=4, max_tokens=9), final_only=True):
+            outs.append(out)
+        return outs
+
+    outs = asyncio.run(go())
+    ref = reference.generate("once", SamplingParams(n=2, seed=4, max_tokens=9), use_tqdm=False)[0]
+    assert len(outs) == 1 and outs[0].finished
+    assert [c.token_ids for c in outs[0].outputs] == [c.token_ids for c in ref.outputs]

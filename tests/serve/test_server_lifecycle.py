@@ -19,7 +19,7 @@ from step3vl.serve import MediaPolicy, OpenAIServer, ServerConfig
 from step3vl.serve.background import BackgroundServer
 
 MODEL = "tiny"
-LONG = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 450, "n": 4,
+LONG = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 480, "n": 16,
         "ignore_eos": True}
 
 
@@ -45,7 +45,7 @@ def test_a_closed_stream_aborts_its_request(server):
 def test_a_client_that_gives_up_aborts_its_request(server):
     srv, url = server
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url + "/v1/chat/completions", json=LONG, timeout=httpx.Timeout(60, read=0.5))
+        httpx.post(url + "/v1/chat/completions", json=LONG, timeout=httpx.Timeout(60, read=0.3))
     assert _idle(srv) == (False, 0)
 
 
