@@ -17,7 +17,6 @@ bf16, both policies train in fp32); `--iters` iterations, the first one warm-up.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time

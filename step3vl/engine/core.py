@@ -13,7 +13,6 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import torch
 
 from step3vl.engine.kv_cache import KVCache
 from step3vl.engine.model_runner import ModelRunner, sample_rows_for

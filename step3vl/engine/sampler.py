@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from step3vl.engine.penalties import apply_penalties, has_penalties
 from step3vl.engine.sequence import Sequence
 
 
@@ -35,6 +36,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
         logits = self._apply_processors(logits, seqs)
         params = [s.request.params for s in seqs]
+        if any(has_penalties(p) for p in params):
+            logits = apply_penalties(logits, [s.request.prompt_token_ids for s in seqs], [s.output_ids for s in seqs],
+                                     params)
         if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)
         else:

@@ -16,13 +16,8 @@ QWEN3_VOCAB = 512  # the tiny tokenizer's size: every id it can produce is a val
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These shapes are tiny: a second OpenMP thread only adds spin-wait, which on a loaded 2-core machine
-    makes every op orders of magnitude slower. Restored after each module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _tiny_shapes_one_thread(one_torch_thread):
+    pass
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 drives random operation sequences against a pure-Python model of the KV memory itself (what every
 slot holds), so any wrong sharing, missed copy-on-write or bad prefix hit shows up as wrong KV."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 from hypothesis import HealthCheck, settings

@@ -15,13 +15,9 @@ from step3vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
 CHOICES = ("A", "B", "C", "D")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny shapes on a shared 2-core machine: intra-op threads cost far more than they give.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+@pytest.fixture(autouse=True, scope="module")
+def _tiny_shapes_one_thread(one_torch_thread):
+    pass
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from step3vl.engine import AsyncLLM, SamplingParams
+from step3vl.engine import AsyncLLM
 from step3vl.serve import OpenAIServer, ServerConfig
 from step3vl.serve.background import BackgroundServer
 

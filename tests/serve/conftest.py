@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import openai
 import pytest
-import torch
 
 from step3vl.engine import LLM, AsyncLLM
 from step3vl.serve import OpenAIServer, ServerConfig
@@ -17,12 +16,8 @@ ENGINE = dict(kv_cache_memory="8MiB", max_model_len=512)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny shapes: a second OpenMP thread only adds spin-wait on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _tiny_shapes_one_thread(one_torch_thread):
+    pass
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,8 @@ QWEN3_VOCAB = 512  # the tiny tokenizer's size: every id it produces is a valid 
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny shapes: a second OpenMP thread only adds spin-wait on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _tiny_shapes_one_thread(one_torch_thread):
+    pass
 
 
 @pytest.fixture(scope="session")
