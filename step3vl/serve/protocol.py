@@ -2,7 +2,7 @@
 sampling extras (top_k, min_p, ignore_eos, stop_token_ids, ...), and the mapping onto `SamplingParams`.
 
 Fields that would change what is computed but that this engine does not implement (tools, logit_bias,
-penalties, response_format) are refused with a 400 naming the field instead of being silently ignored.
+response_format) are refused with a 400 naming the field instead of being silently ignored.
 Unknown fields are ignored, as OpenAI clients send vendor extras freely.
 """
 
@@ -44,6 +44,7 @@ class _Request(BaseModel):
     # vLLM's extras
     top_k: int | None = None
     min_p: float | None = None
+    repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
@@ -51,9 +52,6 @@ class _Request(BaseModel):
     cache_salt: str | None = None
 
     def refuse_unsupported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise RequestError(f"{name} is not supported by this engine (use 0)", name)
         if self.logit_bias:
             raise RequestError("logit_bias is not supported by this engine", "logit_bias")
 
@@ -68,7 +66,10 @@ class _Request(BaseModel):
             return SamplingParams(
                 n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
-                min_p=self.min_p or 0.0, max_tokens=max_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
+                min_p=self.min_p or 0.0, presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
+                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                max_tokens=max_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
                 seed=self.seed, logprobs=logprobs, ignore_eos=self.ignore_eos,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,

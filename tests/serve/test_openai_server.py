@@ -132,6 +132,15 @@ def test_completions_stream_with_several_prompts(client):
     assert text == {c.index: c.text for c in full.choices}
 
 
+def test_penalties_reach_the_engine(client, reference):
+    kw = dict(temperature=0, max_tokens=24, presence_penalty=1.5, frequency_penalty=0.5)
+    r = client.chat.completions.create(model=MODEL, messages=USER, **kw, extra_body={"repetition_penalty": 2.0})
+    ref = _ref_chat(reference, USER, **kw, repetition_penalty=2.0).outputs[0]
+    plain = _ref_chat(reference, USER, temperature=0, max_tokens=24).outputs[0]
+    assert ref.token_ids != plain.token_ids
+    assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == _expect(ref.text)
+
+
 def test_stop_strings(client, reference):
     base = _ref_chat(reference, USER, seed=8, max_tokens=16).outputs[0].text
     stop = base[5:7]
@@ -170,7 +179,8 @@ def _error(fn) -> openai.APIStatusError:
     (dict(max_tokens=10_000), 400, "max_tokens", "maximum context length is 512"),
     (dict(temperature=-1.0), 400, "temperature", "temperature"),
     (dict(top_p=0.0), 400, "top_p", "top_p"),
-    (dict(presence_penalty=0.5), 400, "presence_penalty", "not supported"),
+    (dict(presence_penalty=2.5), 400, "presence_penalty", "[-2, 2]"),
+    (dict(extra_body={"repetition_penalty": 0}), 400, "repetition_penalty", "repetition_penalty"),
     (dict(logit_bias={"5": 1.0}), 400, "logit_bias", "not supported"),
     (dict(model="no-such-model"), 404, "model", "does not exist"),
     (dict(extra_body={"top_k": -5}), 400, "top_k", "top_k"),
