@@ -96,7 +96,7 @@ class PaCoReService:
         for name in presets:
             model = f"{server.config.served_model_name}-pacore-{name}"
             server.add_chat_model(model, self._chat_handler(name))
-        server.app.post("/v1/pacore")(self.batch)
+        server.add_route("POST", "/v1/pacore", self.batch)
 
     def config_for(self, preset: str | None, rounds: list[int] | None = None, **overrides: Any) -> PaCoReConfig:
         changes = {k: v for k, v in overrides.items() if v is not None}
@@ -132,8 +132,10 @@ class PaCoReService:
                 return StreamingResponse(self._chat_events(cfg, problem, model, body), media_type="text/event-stream")
             result = await run_problem(self.engine, cfg, problem, _tag())
             _raise_if_prompt_failed(result)
-            return ChatCompletionResponse(id=new_id("chatcmpl"), model=model, choices=[_choice(result)],
-                                          usage=_usage(result), pacore=_record(result))
+            choice, usage = _choice(result), _usage(result)
+            server.metrics.finished([choice.finish_reason], usage.prompt_tokens, usage.completion_tokens)
+            return ChatCompletionResponse(id=new_id("chatcmpl"), model=model, choices=[choice], usage=usage,
+                                          pacore=_record(result))
         return handler
 
     async def _chat_events(self, cfg: PaCoReConfig, problem: Problem, model: str, body: ChatCompletionRequest):

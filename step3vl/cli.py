@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--allowed-local-media-path", type=Path, default=None,
                    help="local image paths / file:// URLs are read only under this directory")
     s.add_argument("--no-fetch-urls", action="store_true", help="refuse http(s) image URLs (data: URLs only)")
+    s.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1/* and /tokenize (default: $STEP3VL_API_KEY)")
     s.add_argument("--think-at", type=int, default=None,
                    help="random-weight checkpoints only (demos, benchmarks): every request writes </think> at this "
                         "output position and only decodable text")
@@ -172,6 +175,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--device", default=None)
     e.add_argument("--kv-cache-memory", default=None, help="e.g. 2GiB (default: 60%% of free GPU memory, 1GiB on CPU)")
     e.add_argument("--max-model-len", type=int, default=None)
+    e.add_argument("--block-size", type=int, default=16, help="tokens per KV block (a power of two)")
+    e.add_argument("--max-num-seqs", type=int, default=256, help="sequences per engine step")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step (chunked prefill)")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -212,7 +218,8 @@ def _load_llm(args, model: Path):
     if not (Path(model) / "config.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {model} (config.json missing)")
     return LLM(model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
-               max_model_len=args.max_model_len)
+               max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens)
 
 
 # -- demo -------------------------------------------------------------------------------------------
@@ -415,6 +422,7 @@ def _cmd_serve(args) -> int:
     llm = _load_llm(args, args.model)
     config = ServerConfig(served_model_name=args.served_model_name or Path(args.model).resolve().name,
                           reasoning_parser=not args.no_reasoning_parser,
+                          api_key=args.api_key or os.environ.get("STEP3VL_API_KEY"),
                           media=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
                                             fetch_urls=not args.no_fetch_urls))
     if args.think_at is not None:

@@ -1,5 +1,5 @@
 """An OpenAI-compatible HTTP server over `AsyncLLM` (FastAPI): /v1/chat/completions, /v1/completions,
-/v1/models, /health, /stats.
+/v1/models, /tokenize, /detokenize, /health, /version, /stats, /metrics (Prometheus).
 
 Every request runs on the one engine, batched continuously with all the others; `n` samples of a request are
 forked from one prefill. A client that disconnects (or closes its stream) aborts its request, which frees its
@@ -16,16 +16,21 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from step3vl import __version__
 from step3vl.engine.async_llm import AsyncLLM, EngineDeadError
 from step3vl.engine.llm import PreparedPrompt
 from step3vl.engine.outputs import RequestOutput
 from step3vl.serve.media import MediaPolicy, resolve_images
+from step3vl.serve.metrics import ServerMetrics, engine_state
 from step3vl.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                    CompletionResponse, ModelCard, ModelList, RequestError, error_body, new_id, now)
+                                    CompletionResponse, DetokenizeRequest, ModelCard, ModelList, RequestError,
+                                    TokenizeRequest, error_body, new_id, now)
 from step3vl.serve.responses import StreamState, chat_choice, completion_choice, sse, usage_of
 
 ChatHandler = Callable[["OpenAIServer", ChatCompletionRequest, list[dict]], Awaitable[Any]]
@@ -38,6 +43,7 @@ class ServerConfig:
     media: MediaPolicy = field(default_factory=MediaPolicy)
     # Applied to every request (vLLM's --logits-processors): fn(output_ids, logits_row) -> logits_row.
     logits_processors: list = field(default_factory=list)
+    api_key: str | None = None  # when set, /v1/* and /tokenize need `Authorization: Bearer <key>`
 
 
 class OpenAIServer:
@@ -47,6 +53,7 @@ class OpenAIServer:
         self.llm = engine.llm
         self.tokenizer = engine.llm.get_tokenizer()
         self._chat_models: dict[str, ChatHandler] = {self.config.served_model_name: OpenAIServer._chat}
+        self.metrics = ServerMetrics(self.config.served_model_name)
         self.app = self._build_app()
 
     @property
@@ -61,27 +68,69 @@ class OpenAIServer:
     # -- app ------------------------------------------------------------------------------------------
 
     def _build_app(self) -> FastAPI:
-        app = FastAPI(title="step3vl", version="0.1.0")
-        app.add_exception_handler(RequestError, _request_error)
-        app.add_exception_handler(RequestValidationError, _validation_error)
-        app.add_exception_handler(EngineDeadError, _engine_dead)
+        app = FastAPI(title="step3vl", version=__version__)
+        app.add_exception_handler(RequestError, self._request_error)
+        app.add_exception_handler(RequestValidationError, self._validation_error)
+        app.add_exception_handler(EngineDeadError, self._engine_dead)
         app.get("/health")(self.health)
+        app.get("/version")(self.version)
         app.get("/stats")(self.stats)
-        app.get("/v1/models")(self.models)
-        app.post("/v1/chat/completions")(self.chat_completions)
-        app.post("/v1/completions")(self.completions)
+        app.get("/metrics")(self.prometheus)
+        self.app = app
+        self.add_route("GET", "/v1/models", self.models)
+        self.add_route("POST", "/v1/chat/completions", self.chat_completions)
+        self.add_route("POST", "/v1/completions", self.completions)
+        self.add_route("POST", "/tokenize", self.tokenize)
+        self.add_route("POST", "/detokenize", self.detokenize)
         return app
+
+    def add_route(self, method: str, path: str, endpoint: Callable) -> None:
+        """A route behind the API key (when one is set)."""
+        self.app.add_api_route(path, endpoint, methods=[method], dependencies=[Depends(self._check_key)])
+
+    async def _check_key(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is not None and request.headers.get("authorization") != f"Bearer {key}":
+            raise RequestError("invalid or missing API key (Authorization: Bearer <key>)", None, 401,
+                               "AuthenticationError")
 
     async def health(self) -> Response:
         return Response(status_code=200 if self.engine.is_running else 503)
 
+    async def version(self) -> dict:
+        return {"version": __version__}
+
     async def stats(self) -> dict:
         return await self.engine.call(lambda llm: llm.kv_stats())
+
+    async def prometheus(self) -> Response:
+        state = await self.engine.call(engine_state)
+        return Response(self.metrics.render(state), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self) -> ModelList:
         root = str(self.llm.model_path)
         return ModelList(data=[ModelCard(id=name, root=root, max_model_len=self.max_model_len)
                                for name in self._chat_models])
+
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        if body.messages is not None:
+            prompt: Any = self.render_chat(body, await resolve_images(body.messages, self.config.media))
+        elif body.prompt is not None:
+            prompt = body.prompt
+        else:
+            raise RequestError("give prompt or messages", "prompt")
+        try:
+            prepared = await asyncio.to_thread(self.llm.prepare, prompt)
+        except ValueError as e:
+            raise RequestError(str(e), "messages" if body.messages is not None else "prompt") from None
+        return {"tokens": prepared.token_ids, "count": len(prepared.token_ids), "max_model_len": self.max_model_len}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
+        vocab = self.llm.model.cfg.text.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", "tokens")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
         body.refuse_unsupported()
@@ -121,13 +170,36 @@ class OpenAIServer:
                                f"reduce the prompt or max_tokens", "max_tokens")
         return prepared, max_tokens
 
-    def render_chat(self, body: ChatCompletionRequest, messages: list[dict]) -> dict:
+    def render_chat(self, body: ChatCompletionRequest | TokenizeRequest, messages: list[dict]) -> dict:
         try:
             text, images = self.llm.processor.apply_chat_template(
                 messages, add_generation_prompt=body.add_generation_prompt, **(body.chat_template_kwargs or {}))
         except ValueError as e:
             raise RequestError(str(e), "messages") from None
-        return {"prompt": text, "images": images, "cache_salt": body.cache_salt}
+        return {"prompt": text, "images": images, "cache_salt": getattr(body, "cache_salt", None)}
+
+    def count_finished(self, outs: list[RequestOutput]) -> None:
+        usage = usage_of(outs)
+        self.metrics.finished([c.finish_reason for o in outs for c in o.outputs], usage.prompt_tokens,
+                              usage.completion_tokens)
+
+    # -- errors ---------------------------------------------------------------------------------------
+
+    def _error(self, message: str, kind: str, param: str | None, status: int) -> JSONResponse:
+        self.metrics.error(status)
+        return JSONResponse(error_body(message, kind, param, status), status_code=status)
+
+    async def _request_error(self, _: Request, e: RequestError) -> JSONResponse:
+        return self._error(str(e), e.kind, e.param, e.status)
+
+    async def _validation_error(self, _: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return self._error(f"{loc}: {first.get('msg', 'invalid request')}" if loc else str(e),
+                           "invalid_request_error", loc or None, 400)
+
+    async def _engine_dead(self, _: Request, e: EngineDeadError) -> JSONResponse:
+        return self._error(str(e), "EngineDeadError", None, 503)
 
     # -- chat -----------------------------------------------------------------------------------------
 
@@ -140,6 +212,7 @@ class OpenAIServer:
         if body.stream:
             return _event_stream(self._chat_events(stream, rid, body))
         out = await last(stream)
+        self.count_finished([out])
         choices = [chat_choice(c, self.tokenizer, self.config.reasoning_parser, body.requested_logprobs)
                    for c in out.outputs]
         return ChatCompletionResponse(id=rid, model=body.model or self.config.served_model_name, choices=choices,
@@ -156,6 +229,8 @@ class OpenAIServer:
                 choices = state.chat_deltas(out, self.tokenizer, top_n)
                 if choices:
                     yield sse({**head, "choices": choices})
+        if out is not None and out.finished:
+            self.count_finished([out])
         if body.include_usage and out is not None:
             yield sse({**head, "choices": [], "usage": usage_of([out]).model_dump()})
 
@@ -176,6 +251,7 @@ class OpenAIServer:
         async with asyncio.TaskGroup() as group:  # one failure cancels (and so aborts) the others
             tasks = [group.create_task(last(s)) for s in streams]
         outs = [t.result() for t in tasks]
+        self.count_finished(outs)
         choices = [completion_choice(i * body.n + c.index, c, self.tokenizer, body.logprobs, echoes[i])
                    for i, out in enumerate(outs) for c in out.outputs]
         return CompletionResponse(id=rid, model=model, choices=choices, usage=usage_of(list(outs)))
@@ -195,6 +271,7 @@ class OpenAIServer:
             choices = state.text_deltas(out, self.tokenizer, body.logprobs, i * body.n, echoes[i])
             if choices:
                 yield sse({**head, "choices": choices})
+        self.count_finished(list(finals.values()))
         if body.include_usage:
             yield sse({**head, "choices": [], "usage": usage_of(list(finals.values())).model_dump()})
 
@@ -273,19 +350,3 @@ def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
         yield sse("[DONE]")
 
     return StreamingResponse(body(), media_type="text/event-stream")
-
-
-async def _request_error(_: Request, e: RequestError) -> JSONResponse:
-    return JSONResponse(error_body(str(e), e.kind, e.param, e.status), status_code=e.status)
-
-
-async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-    first = e.errors()[0] if e.errors() else {}
-    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    msg = f"{loc}: {first.get('msg', 'invalid request')}" if loc else str(e)
-    return JSONResponse(error_body(msg, "invalid_request_error", loc or None, 400), status_code=400)
-
-
-async def _engine_dead(_: Request, e: EngineDeadError) -> JSONResponse:
-    return JSONResponse(error_body(str(e), "EngineDeadError", None, 503), status_code=503)
-

@@ -1,0 +1,79 @@
+"""The server's side routes: API key, /tokenize and /detokenize against the in-process processor, /metrics
+counting what was served, /version."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from step3vl import __version__
+from step3vl.engine import LLM, AsyncLLM
+from step3vl.serve import OpenAIServer, ServerConfig
+from step3vl.serve.background import BackgroundServer
+
+MODEL = "tiny"
+USER = [{"role": "user", "content": "Count the sides of a square."}]
+
+
+def test_tokenize_and_detokenize_match_the_processor(server, reference):
+    _, url = server
+    r = httpx.post(url + "/tokenize", json={"messages": USER}).json()
+    text, _ = reference.processor.apply_chat_template(USER)
+    assert r["tokens"] == reference.prepare({"prompt": text}).token_ids and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == 512
+    r2 = httpx.post(url + "/tokenize", json={"prompt": "plain words"}).json()
+    assert r2["tokens"] == reference.prepare("plain words").token_ids
+    back = httpx.post(url + "/detokenize", json={"tokens": r2["tokens"]}).json()
+    assert back["prompt"] == reference.get_tokenizer().decode(r2["tokens"])
+    bad = httpx.post(url + "/detokenize", json={"tokens": [1, 10**6]})
+    assert bad.status_code == 400 and "outside the vocabulary" in bad.json()["error"]["message"]
+
+
+def test_metrics_count_what_was_served(server, client):
+    _, url = server
+
+    def scrape() -> dict[str, float]:
+        text = httpx.get(url + "/metrics").text
+        return {line.split(" ")[0]: float(line.split(" ")[-1]) for line in text.splitlines()
+                if line.startswith("step3vl:")}
+
+    before = scrape()
+    r = client.chat.completions.create(model=MODEL, messages=USER, n=2, max_tokens=7, seed=1)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=USER, max_tokens=10**6)
+    after = scrape()
+    label = f'{{model_name="{MODEL}"}}'
+
+    def grew(name: str, labels: str = label) -> float:
+        key = f"step3vl:{name}{labels}"
+        return after[key] - before.get(key, 0.0)
+
+    assert grew("generation_tokens_total") == r.usage.completion_tokens == 14
+    assert grew("prompt_tokens_total") == r.usage.prompt_tokens
+    assert grew("request_success_total", f'{{finished_reason="length",model_name="{MODEL}"}}') == 2
+    assert grew("request_errors_total", f'{{model_name="{MODEL}",status="400"}}') == 1
+    assert after[f"step3vl:kv_cache_blocks_total{label}"] > 0
+    assert after[f"step3vl:num_requests_running{label}"] == 0
+
+
+def test_version(server):
+    assert httpx.get(server[1] + "/version").json() == {"version": __version__}
+
+
+@pytest.fixture(scope="module")
+def locked(tiny_ckpt):
+    engine = AsyncLLM(LLM(tiny_ckpt, kv_cache_memory="8MiB", max_model_len=512))
+    srv = OpenAIServer(engine, ServerConfig(served_model_name=MODEL, api_key="sesame"))
+    with BackgroundServer(srv.app) as url:
+        yield url
+    engine.shutdown()
+
+
+def test_api_key_guards_the_api_but_not_health(locked):
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        openai.OpenAI(base_url=locked + "/v1", api_key="wrong", max_retries=0).models.list()
+    ok = openai.OpenAI(base_url=locked + "/v1", api_key="sesame", max_retries=0)
+    assert ok.chat.completions.create(model=MODEL, messages=USER, max_tokens=2).usage.completion_tokens == 2
+    assert httpx.post(locked + "/tokenize", json={"prompt": "x"}).status_code == 401
+    assert httpx.get(locked + "/health").status_code == 200
