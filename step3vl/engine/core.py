@@ -55,7 +55,7 @@ class EngineCore:
                                    self.max_num_seqs)
         self.runner = ModelRunner(self.model, self.kv, self.use_kernels, self.cascade_attention,
                                   self.cpu_kernels)
-        self.sampler = Sampler(self.model.device)
+        self.sampler = Sampler(self.model.device, self.eos_token_ids)
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self._rng = random.Random(self.seed)
@@ -91,6 +91,10 @@ class EngineCore:
         vocab = self.model.cfg.text.vocab_size
         if params.logprobs is not None and params.logprobs > vocab:
             raise ValueError(f"SamplingParams.logprobs = {params.logprobs}: more than the vocabulary ({vocab})")
+        for name in ("logit_bias", "allowed_token_ids"):
+            bad = next((t for t in getattr(params, name) or () if t >= vocab), None)
+            if bad is not None:
+                raise ValueError(f"SamplingParams.{name}: token id {bad} is outside the vocabulary [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"request {request_id!r}: prompt of {len(ids)} tokens does not fit max_model_len "
                              f"{self.max_model_len} (with room for one generated token)")
@@ -230,7 +234,10 @@ class EngineCore:
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.step(tok.token)
         n_out = seq.num_tokens - seq.num_prompt_tokens
-        if not p.ignore_eos and tok.token in self.eos_token_ids:
+        if n_out < p.min_tokens:  # only the length limits end a sample this short
+            if (p.max_tokens is not None and n_out >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+                self._finish(seq, "length")
+        elif not p.ignore_eos and tok.token in self.eos_token_ids:
             self._finish(seq, "stop", cut_text_at=None if p.include_stop_str_in_output else text_before)
         elif tok.token in p.stop_token_ids:
             self._finish(seq, "stop", tok.token, cut_text_at=None if p.include_stop_str_in_output else text_before)

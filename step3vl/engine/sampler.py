@@ -13,6 +13,7 @@ import torch
 
 from step3vl.engine.penalties import apply_penalties, has_penalties
 from step3vl.engine.sequence import Sequence
+from step3vl.engine.token_constraints import apply_constraints, has_constraints
 
 
 @dataclass(slots=True)
@@ -23,8 +24,9 @@ class SampledToken:
 
 
 class Sampler:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, eos_token_ids: set[int] = frozenset()):
         self.device = device
+        self.eos_token_ids = set(eos_token_ids)
         if device.type == "cuda":
             from step3vl_kernels.sampling import sample
         elif device.type == "cpu":
@@ -36,6 +38,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
         logits = self._apply_processors(logits, seqs)
         params = [s.request.params for s in seqs]
+        if any(has_constraints(p) for p in params):
+            logits = apply_constraints(logits, [len(s.token_ids) - s.num_prompt_tokens for s in seqs], params,
+                                       self.eos_token_ids)
         if any(has_penalties(p) for p in params):
             logits = apply_penalties(logits, [s.request.prompt_token_ids for s in seqs], [s.output_ids for s in seqs],
                                      params)

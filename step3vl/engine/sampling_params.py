@@ -16,6 +16,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     max_tokens: int | None = 16
+    min_tokens: int = 0  # EOS / stop ids masked and no stop checked before this many output tokens
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit, in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # only these may be sampled (see engine/token_constraints.py)
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = None
@@ -53,6 +56,15 @@ class SamplingParams:
             raise bad("repetition_penalty", "must be in (0, 10] (1 means off)")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise bad("max_tokens", "must be an int >= 1 or None")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0 or (
+                self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            raise bad("min_tokens", "must be an int in [0, max_tokens]")
+        if self.logit_bias is not None and any(not isinstance(t, int) or t < 0 or not -100 <= b <= 100
+                                               for t, b in self.logit_bias.items()):
+            raise bad("logit_bias", "must map token ids (ints >= 0) to biases in [-100, 100]")
+        if self.allowed_token_ids is not None and (not self.allowed_token_ids or any(
+                not isinstance(t, int) or t < 0 for t in self.allowed_token_ids)):
+            raise bad("allowed_token_ids", "must be a non-empty list of token ids (ints >= 0)")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0 or self.seed >= 2**63):
             raise bad("seed", "must be an int in [0, 2**63)")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):

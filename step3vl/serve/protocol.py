@@ -1,8 +1,8 @@
 """The OpenAI wire format (chat completions, completions, models, errors) as pydantic models, plus vLLM's
 sampling extras (top_k, min_p, ignore_eos, stop_token_ids, ...), and the mapping onto `SamplingParams`.
 
-Fields that would change what is computed but that this engine does not implement (tools, logit_bias,
-response_format) are refused with a 400 naming the field instead of being silently ignored.
+Fields that would change what is computed but that this engine does not implement (tools, response_format)
+are refused with a 400 naming the field instead of being silently ignored.
 Unknown fields are ignored, as OpenAI clients send vendor extras freely.
 """
 
@@ -26,6 +26,15 @@ class RequestError(ValueError):
         self.param, self.status, self.kind = param, status, kind
 
 
+def rejected(error: ValueError, default_param: str | None = None) -> RequestError:
+    """The engine's ValueError as a 400: `SamplingParams.<field> ...` names the field."""
+    msg = str(error)
+    param = default_param
+    if msg.startswith("SamplingParams."):
+        param = msg.removeprefix("SamplingParams.").split(" ", 1)[0].split(":", 1)[0]
+    return RequestError(msg, param)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -45,6 +54,8 @@ class _Request(BaseModel):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    min_tokens: int = 0
+    allowed_token_ids: list[int] | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
@@ -52,8 +63,15 @@ class _Request(BaseModel):
     cache_salt: str | None = None
 
     def refuse_unsupported(self) -> None:
-        if self.logit_bias:
-            raise RequestError("logit_bias is not supported by this engine", "logit_bias")
+        pass
+
+    def token_bias(self) -> dict[int, float] | None:
+        if not self.logit_bias:
+            return None
+        try:
+            return {int(t): float(b) for t, b in self.logit_bias.items()}
+        except ValueError:
+            raise RequestError("logit_bias keys must be token ids", "logit_bias") from None
 
     @property
     def include_usage(self) -> bool:
@@ -69,14 +87,14 @@ class _Request(BaseModel):
                 min_p=self.min_p or 0.0, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty,
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-                max_tokens=max_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
+                max_tokens=max_tokens, min_tokens=self.min_tokens, logit_bias=self.token_bias(),
+                allowed_token_ids=self.allowed_token_ids, stop=self.stop, stop_token_ids=self.stop_token_ids,
                 seed=self.seed, logprobs=logprobs, ignore_eos=self.ignore_eos,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 logits_processors=list(logits_processors or []))
         except ValueError as e:
-            param = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
-            raise RequestError(str(e), param) from None
+            raise rejected(e) from None
 
 
 class ChatCompletionRequest(_Request):

@@ -30,7 +30,7 @@ from step3vl.serve.media import MediaPolicy, resolve_images
 from step3vl.serve.metrics import ServerMetrics, engine_state
 from step3vl.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                     CompletionResponse, DetokenizeRequest, ModelCard, ModelList, RequestError,
-                                    TokenizeRequest, error_body, new_id, now)
+                                    TokenizeRequest, error_body, new_id, now, rejected)
 from step3vl.serve.responses import StreamState, chat_choice, completion_choice, sse, usage_of
 
 ChatHandler = Callable[["OpenAIServer", ChatCompletionRequest, list[dict]], Awaitable[Any]]
@@ -279,10 +279,16 @@ class OpenAIServer:
 # -- helpers ----------------------------------------------------------------------------------------------
 
 async def last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """The final output; the engine refusing the request (a ValueError before any output) is a 400."""
     out = None
-    async with contextlib.aclosing(stream):
-        async for out in stream:
-            pass
+    try:
+        async with contextlib.aclosing(stream):
+            async for out in stream:
+                pass
+    except ValueError as e:
+        if out is not None:
+            raise
+        raise rejected(e) from None
     if out is None:
         raise EngineDeadError("the engine ended a request without any output")
     return out
@@ -344,9 +350,11 @@ def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
             async with contextlib.aclosing(events):
                 async for chunk in events:
                     yield chunk
-        except (RequestError, ValueError, EngineDeadError) as e:  # mid-stream: the status line is already sent
-            status = getattr(e, "status", 400 if isinstance(e, ValueError) else 503)
-            yield sse(error_body(str(e), type(e).__name__, getattr(e, "param", None), status))
+        except EngineDeadError as e:  # mid-stream: the status line is already sent
+            yield sse(error_body(str(e), "EngineDeadError", None, 503))
+        except ValueError as e:  # RequestError included
+            err = e if isinstance(e, RequestError) else rejected(e)
+            yield sse(error_body(str(err), err.kind, err.param, err.status))
         yield sse("[DONE]")
 
     return StreamingResponse(body(), media_type="text/event-stream")

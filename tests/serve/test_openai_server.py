@@ -141,6 +141,17 @@ def test_penalties_reach_the_engine(client, reference):
     assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == _expect(ref.text)
 
 
+def test_logit_bias_min_tokens_and_allowed_ids_reach_the_engine(client, reference):
+    tok = reference.get_tokenizer()
+    a, b = tok.encode("a")[0], tok.encode("b")[0]
+    r = client.chat.completions.create(model=MODEL, messages=USER, seed=1, max_tokens=8, logit_bias={str(a): 100},
+                                       extra_body={"min_tokens": 8})
+    assert r.choices[0].message.reasoning_content == "a" * 8
+    r2 = client.completions.create(model=MODEL, prompt="x", seed=2, max_tokens=10,
+                                   extra_body={"allowed_token_ids": [a, b]})
+    assert set(r2.choices[0].text) <= {"a", "b"} and len(r2.choices[0].text) == 10
+
+
 def test_stop_strings(client, reference):
     base = _ref_chat(reference, USER, seed=8, max_tokens=16).outputs[0].text
     stop = base[5:7]
@@ -181,7 +192,8 @@ def _error(fn) -> openai.APIStatusError:
     (dict(top_p=0.0), 400, "top_p", "top_p"),
     (dict(presence_penalty=2.5), 400, "presence_penalty", "[-2, 2]"),
     (dict(extra_body={"repetition_penalty": 0}), 400, "repetition_penalty", "repetition_penalty"),
-    (dict(logit_bias={"5": 1.0}), 400, "logit_bias", "not supported"),
+    (dict(logit_bias={"5": 101.0}), 400, "logit_bias", "[-100, 100]"),
+    (dict(logit_bias={"100000": 1.0}), 400, "logit_bias", "outside the vocabulary"),
     (dict(model="no-such-model"), 404, "model", "does not exist"),
     (dict(extra_body={"top_k": -5}), 400, "top_k", "top_k"),
 ])
@@ -221,3 +233,12 @@ def test_errors_leave_the_server_serving(client, server):
     r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3)
     assert r.usage.completion_tokens == 3
     assert httpx.get(server[1] + "/stats").json()["blocks_used"] == 0
+
+
+def test_a_stream_the_engine_refuses_ends_with_an_error_event(server):
+    body = {"model": MODEL, "messages": USER, "max_tokens": 4, "stream": True, "logit_bias": {"100000": 1}}
+    with httpx.stream("POST", server[1] + "/v1/chat/completions", json=body, timeout=60) as r:
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == 400 and err["param"] == "logit_bias" and "outside the vocabulary" in err["message"]
