@@ -46,6 +46,7 @@ class EngineCore:
     cascade_attention: bool = True
     cpu_kernels: bool = True
     seed: int = 0
+    structured: object = None  # StructuredOutputBackend, for requests with structured_outputs
     requests: dict[str, Request] = field(default_factory=dict)
     counters: EngineCounters = field(default_factory=EngineCounters)
 
@@ -55,7 +56,7 @@ class EngineCore:
                                    self.max_num_seqs)
         self.runner = ModelRunner(self.model, self.kv, self.use_kernels, self.cascade_attention,
                                   self.cpu_kernels)
-        self.sampler = Sampler(self.model.device, self.eos_token_ids)
+        self.sampler = Sampler(self.model.device, self.eos_token_ids, self.structured)
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self._rng = random.Random(self.seed)
@@ -69,9 +70,10 @@ class EngineCore:
             raise ValueError(f"request id {request_id!r} is already in use")
         params.__post_init__()  # fields set after construction: derive stop strings and validate again
         self._check_fits(request_id, prompt_token_ids, params)
+        grammar = self._grammar(params)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(request_id, prompt, list(prompt_token_ids), params, seed, next(self._arrivals),
-                      images=list(images or []), salt=salt, arrival_time=time.perf_counter())
+                      images=list(images or []), salt=salt, arrival_time=time.perf_counter(), grammar=grammar)
         self.requests[request_id] = req
         leader = self._prefilling.get(req.prompt_key)
         if leader is not None and not leader.aborted:
@@ -102,6 +104,13 @@ class EngineCore:
         if len(ids) + 1 > pool_tokens:
             raise ValueError(f"request {request_id!r}: prompt of {len(ids)} tokens exceeds the whole KV pool "
                              f"({pool_tokens} tokens); raise kv_cache_memory")
+
+    def _grammar(self, params: SamplingParams):
+        if params.structured_outputs is None:
+            return None
+        if self.structured is None:
+            raise ValueError("SamplingParams.structured_outputs: this engine has no tokenizer to compile grammars with")
+        return self.structured.compile(params.structured_outputs)
 
     def _detok(self, params: SamplingParams):
         return self.detokenizer_factory(params.skip_special_tokens) if self.detokenizer_factory else None

@@ -18,6 +18,7 @@ from step3vl.engine.kv_cache import KVCache, block_bytes
 from step3vl.engine.outputs import CompletionOutput, RequestOutput
 from step3vl.engine.sampling_params import SamplingParams
 from step3vl.engine.sequence import Request
+from step3vl.engine.structured_outputs import StructuredOutputBackend
 from step3vl.loader import load_model
 from step3vl.processor import Step3VLProcessor
 
@@ -136,6 +137,7 @@ class LLM:
             # (bench/RESULTS.md); the CPU path always reads a shared prefix once per group.
             cascade_attention=dev.type != "cuda" if cascade_attention is None else cascade_attention,
             cpu_kernels=cpu_kernels,
+            structured=StructuredOutputBackend(tok, cfg.vocab_size, eos),
             seed=seed)
         self.engine = self._new_engine()
         self._ids = itertools.count()

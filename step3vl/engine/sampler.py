@@ -24,9 +24,10 @@ class SampledToken:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, eos_token_ids: set[int] = frozenset()):
+    def __init__(self, device: torch.device, eos_token_ids: set[int] = frozenset(), structured=None):
         self.device = device
         self.eos_token_ids = set(eos_token_ids)
+        self.structured = structured  # StructuredOutputBackend or None
         if device.type == "cuda":
             from step3vl_kernels.sampling import sample
         elif device.type == "cpu":
@@ -38,6 +39,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
         logits = self._apply_processors(logits, seqs)
         params = [s.request.params for s in seqs]
+        if self.structured is not None and any(s.request.grammar is not None for s in seqs):
+            logits = self.structured.mask(logits, seqs)
         if any(has_constraints(p) for p in params):
             logits = apply_constraints(logits, [len(s.token_ids) - s.num_prompt_tokens for s in seqs], params,
                                        self.eos_token_ids)

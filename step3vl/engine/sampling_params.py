@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from step3vl.engine.structured_outputs import StructuredOutputs
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -19,6 +21,8 @@ class SamplingParams:
     min_tokens: int = 0  # EOS / stop ids masked and no stop checked before this many output tokens
     logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit, in [-100, 100]
     allowed_token_ids: list[int] | None = None  # only these may be sampled (see engine/token_constraints.py)
+    # JSON schema / json_object / regex / choice / EBNF grammar; a dict of those fields is accepted too.
+    structured_outputs: StructuredOutputs | dict | None = None
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
     seed: int | None = None
@@ -31,6 +35,11 @@ class SamplingParams:
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            unknown = set(self.structured_outputs) - {"json", "json_object", "regex", "choice", "grammar", "after_token"}
+            if unknown:
+                raise ValueError(f"SamplingParams.structured_outputs: unknown field(s) {sorted(unknown)}")
+            self.structured_outputs = StructuredOutputs(**self.structured_outputs)
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate()

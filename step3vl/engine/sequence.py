@@ -36,6 +36,7 @@ class Sequence:
     stop_reason: int | str | None = None
     detokenizer: Any = None
     num_preemptions: int = 0
+    guide: Any = None  # structured outputs: this sample's grammar matcher (engine/structured_outputs.py)
 
     @property
     def num_tokens(self) -> int:
@@ -85,6 +86,7 @@ class Request:
     num_cached_tokens: int = 0
     first_token_time: float | None = None
     arrival_time: float = 0.0
+    grammar: Any = None  # structured outputs: the compiled grammar every sample follows
 
     @property
     def finished(self) -> bool:

@@ -1,7 +1,9 @@
 """The OpenAI wire format (chat completions, completions, models, errors) as pydantic models, plus vLLM's
 sampling extras (top_k, min_p, ignore_eos, stop_token_ids, ...), and the mapping onto `SamplingParams`.
 
-Fields that would change what is computed but that this engine does not implement (tools, response_format)
+Structured outputs come as OpenAI's `response_format` (json_object, json_schema), vLLM's `structured_outputs`
+({json | json_object | regex | choice | grammar}) or its older `guided_json` / `guided_regex` / `guided_choice` /
+`guided_grammar`. Fields that would change what is computed but that this engine does not implement (tools)
 are refused with a 400 naming the field instead of being silently ignored.
 Unknown fields are ignored, as OpenAI clients send vendor extras freely.
 """
@@ -56,6 +58,11 @@ class _Request(BaseModel):
     repetition_penalty: float | None = None
     min_tokens: int = 0
     allowed_token_ids: list[int] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
@@ -64,6 +71,21 @@ class _Request(BaseModel):
 
     def refuse_unsupported(self) -> None:
         pass
+
+    def structured(self) -> dict[str, Any] | None:
+        """The one structured-output spec of the request (SamplingParams.structured_outputs), or None."""
+        specs = {name: spec for name, spec in self._structured_specs().items() if spec is not None}
+        if len(specs) > 1:
+            raise RequestError(f"give one structured-output field, not {sorted(specs)}", sorted(specs)[1])
+        return next(iter(specs.values()), None)
+
+    def _structured_specs(self) -> dict[str, dict | None]:
+        def wrap(key: str, value: Any) -> dict | None:
+            return None if value is None else {key: value}
+
+        return {"structured_outputs": self.structured_outputs, "guided_json": wrap("json", self.guided_json),
+                "guided_regex": wrap("regex", self.guided_regex), "guided_choice": wrap("choice", self.guided_choice),
+                "guided_grammar": wrap("grammar", self.guided_grammar)}
 
     def token_bias(self) -> dict[int, float] | None:
         if not self.logit_bias:
@@ -80,6 +102,7 @@ class _Request(BaseModel):
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         logits_processors: list | None = None) -> SamplingParams:
         """OpenAI defaults (temperature 1, top_p 1); ValueError from SamplingParams names the field."""
+        structured, bias = self.structured(), self.token_bias()
         try:
             return SamplingParams(
                 n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
@@ -87,8 +110,8 @@ class _Request(BaseModel):
                 min_p=self.min_p or 0.0, presence_penalty=self.presence_penalty,
                 frequency_penalty=self.frequency_penalty,
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-                max_tokens=max_tokens, min_tokens=self.min_tokens, logit_bias=self.token_bias(),
-                allowed_token_ids=self.allowed_token_ids, stop=self.stop, stop_token_ids=self.stop_token_ids,
+                max_tokens=max_tokens, min_tokens=self.min_tokens, logit_bias=bias,
+                allowed_token_ids=self.allowed_token_ids, structured_outputs=structured, stop=self.stop, stop_token_ids=self.stop_token_ids,
                 seed=self.seed, logprobs=logprobs, ignore_eos=self.ignore_eos,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
@@ -114,11 +137,26 @@ class ChatCompletionRequest(_Request):
         super().refuse_unsupported()
         if self.tools or self.tool_choice not in (None, "none"):
             raise RequestError("tools / tool_choice are not supported by this engine", "tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise RequestError("response_format other than 'text' is not supported by this engine",
-                               "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
+
+    def _structured_specs(self) -> dict[str, dict | None]:
+        return {**super()._structured_specs(), "response_format": self._response_format()}
+
+    def _response_format(self) -> dict | None:
+        """OpenAI's response_format: text (no constraint), json_object, or json_schema {name, schema, strict}."""
+        rf = self.response_format or {"type": "text"}
+        kind = rf.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return {"json_object": True}
+        if kind == "json_schema":
+            schema = (rf.get("json_schema") or {}).get("schema")
+            if schema is None:
+                raise RequestError("response_format json_schema needs json_schema.schema", "response_format")
+            return {"json": schema}
+        raise RequestError(f"response_format type {kind!r}: use text, json_object or json_schema", "response_format")
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -26,6 +27,7 @@ from step3vl import __version__
 from step3vl.engine.async_llm import AsyncLLM, EngineDeadError
 from step3vl.engine.llm import PreparedPrompt
 from step3vl.engine.outputs import RequestOutput
+from step3vl.engine.sampling_params import SamplingParams
 from step3vl.serve.media import MediaPolicy, resolve_images
 from step3vl.serve.metrics import ServerMetrics, engine_state
 from step3vl.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
@@ -44,6 +46,9 @@ class ServerConfig:
     # Applied to every request (vLLM's --logits-processors): fn(output_ids, logits_row) -> logits_row.
     logits_processors: list = field(default_factory=list)
     api_key: str | None = None  # when set, /v1/* and /tokenize need `Authorization: Bearer <key>`
+    # With the reasoning parser, a chat request's structured output (response_format, ...) applies to the answer
+    # after </think>, not to the reasoning.
+    structured_after_reasoning: bool = True
 
 
 class OpenAIServer:
@@ -178,6 +183,14 @@ class OpenAIServer:
             raise RequestError(str(e), "messages") from None
         return {"prompt": text, "images": images, "cache_salt": getattr(body, "cache_salt", None)}
 
+    def _after_reasoning(self, params: SamplingParams) -> SamplingParams:
+        think_end = getattr(self.tokenizer, "think_end_id", None)
+        spec = params.structured_outputs
+        if spec is not None and think_end is not None and self.config.reasoning_parser \
+                and self.config.structured_after_reasoning:
+            params.structured_outputs = dataclasses.replace(spec, after_token=think_end)
+        return params
+
     def count_finished(self, outs: list[RequestOutput]) -> None:
         usage = usage_of(outs)
         self.metrics.finished([c.finish_reason for o in outs for c in o.outputs], usage.prompt_tokens,
@@ -206,7 +219,8 @@ class OpenAIServer:
     async def _chat(self, body: ChatCompletionRequest, messages: list[dict]) -> Any:
         prepared, max_tokens = await self.prepare(self.render_chat(body, messages), body.requested_max_tokens,
                                                   "messages")
-        params = body.sampling_params(max_tokens, body.requested_logprobs, self.config.logits_processors)
+        params = self._after_reasoning(body.sampling_params(max_tokens, body.requested_logprobs,
+                                                            self.config.logits_processors))
         rid = new_id("chatcmpl")
         stream = self.engine.generate(prepared, params, rid, final_only=not body.stream)
         if body.stream:

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 from PIL import Image
 
 from step3vl.engine import SamplingParams
@@ -242,3 +243,54 @@ def test_a_stream_the_engine_refuses_ends_with_an_error_event(server):
     assert events[-1] == "[DONE]"
     err = json.loads(events[-2])["error"]
     assert err["code"] == 400 and err["param"] == "logit_bias" and "outside the vocabulary" in err["message"]
+
+
+@pytest.fixture(scope="module")
+def thinking_client(tiny_ckpt):
+    """A server whose (random) model closes its reasoning with </think> at output position 3."""
+    from step3vl.engine import LLM, AsyncLLM
+    from step3vl.serve import OpenAIServer, ServerConfig
+    from step3vl.serve.background import BackgroundServer
+
+    llm = LLM(tiny_ckpt, kv_cache_memory="8MiB", max_model_len=512)
+    think = llm.get_tokenizer().think_end_id
+
+    def close_at_3(out_ids, logits):
+        if len(out_ids) != 3:
+            return logits.index_fill(0, torch.tensor([think]), float("-inf"))
+        return torch.full_like(logits, float("-inf")).index_fill(0, torch.tensor([think]), 0.0)
+
+    engine = AsyncLLM(llm)
+    srv = OpenAIServer(engine, ServerConfig(served_model_name=MODEL, logits_processors=[close_at_3]))
+    with BackgroundServer(srv.app) as url:
+        yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+    engine.shutdown()
+
+
+def test_response_format_applies_to_the_answer_after_reasoning(thinking_client):
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    r = thinking_client.chat.completions.create(
+        model=MODEL, messages=USER, n=6, seed=4, max_tokens=120,
+        response_format={"type": "json_schema", "json_schema": {"name": "count", "schema": schema}})
+    done = [c for c in r.choices if c.finish_reason == "stop"]
+    assert len(done) >= 3
+    for c in done:  # three free tokens of reasoning, </think>, then the schema
+        assert c.message.reasoning_content and isinstance(json.loads(c.message.content)["n"], int)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"guided_regex": "(open"}, "structured_outputs"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_regex"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs"),
+])
+def test_bad_structured_outputs_are_400s(client, extra, param):
+    err = _error(lambda: client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, extra_body=extra))
+    assert err.status_code == 400 and err.body["param"] == param
+
+
+def test_guided_choice_on_completions(client):
+    r = client.completions.create(model=MODEL, prompt="Pick:", n=5, seed=6, max_tokens=8,
+                                  extra_body={"guided_choice": ["left", "right"]})
+    assert {c.text for c in r.choices} <= {"left", "right"}
