@@ -19,6 +19,7 @@ import secrets
 import uuid
 from typing import Any, Callable
 
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
@@ -27,9 +28,9 @@ from step3vl.engine.outputs import RequestOutput
 from step3vl.serve.media import resolve_images
 from step3vl.serve.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
                                     RequestError, Usage, error_body, new_id, now)
-from step3vl.serve.reasoning import ReasoningDeltas
-from step3vl.serve.responses import ChoiceStream, StreamState, sse
-from step3vl.serve.server import OpenAIServer
+from step3vl.serve.reasoning import THINK_END, split_reasoning
+from step3vl.serve.responses import sse
+from step3vl.serve.server import OpenAIServer, gather_or_cancel, until_disconnected
 
 from pacore.config import PRESETS, PaCoReConfig
 from pacore.problem import Problem
@@ -96,7 +97,7 @@ class PaCoReService:
         for name in presets:
             model = f"{server.config.served_model_name}-pacore-{name}"
             server.add_chat_model(model, self._chat_handler(name))
-        server.add_route("POST", "/v1/pacore", self.batch)
+        server.add_route("POST", "/v1/pacore", self._batch_route)
 
     def config_for(self, preset: str | None, rounds: list[int] | None = None, **overrides: Any) -> PaCoReConfig:
         changes = {k: v for k, v in overrides.items() if v is not None}
@@ -131,7 +132,7 @@ class PaCoReService:
             if body.stream:
                 return StreamingResponse(self._chat_events(cfg, problem, model, body), media_type="text/event-stream")
             result = await run_problem(self.engine, cfg, problem, _tag())
-            _raise_if_prompt_failed(result)
+            _raise_if_failed(result)
             choice, usage = _choice(result), _usage(result)
             server.metrics.finished([choice.finish_reason], usage.prompt_tokens, usage.completion_tokens)
             return ChatCompletionResponse(id=new_id("chatcmpl"), model=model, choices=[choice], usage=usage,
@@ -139,26 +140,34 @@ class PaCoReService:
         return handler
 
     async def _chat_events(self, cfg: PaCoReConfig, problem: Problem, model: str, body: ChatCompletionRequest):
+        """The final round's reasoning streams live up to its first </think>; the rest of the reasoning (up to the
+        last </think>, PaCoRe's split) and the answer follow when the problem is done, so the streamed text always
+        equals the non-streamed response."""
+        live = _LiveReasoning(enabled=cfg.unclosed_policy == "drop")  # "keep" may turn it all into the answer
         outputs: asyncio.Queue = asyncio.Queue()
         task = asyncio.create_task(run_problem(self.engine, cfg, problem, _tag(), outputs.put_nowait))
         task.add_done_callback(lambda _: outputs.put_nowait(None))
         head = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": model}
-        # The role goes out at once: the rounds before the final one can take a while.
-        yield sse({**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                        "finish_reason": None}]})
-        state = StreamState(self.server.config.reasoning_parser)
-        state.choices[0] = ChoiceStream(ReasoningDeltas(state.reasoning), started=True)
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            return sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+        yield chunk({"role": "assistant", "content": ""})  # at once: the earlier rounds can take a while
         try:
             while (out := await outputs.get()) is not None:
-                choices = state.chat_deltas(out, self.server.tokenizer, None)
-                if choices:
-                    yield sse({**head, "choices": choices})
+                if thought := live.delta(out.outputs[0].text):
+                    yield chunk({"reasoning_content": thought})
             result = task.result()
         finally:
             task.cancel()  # a closed stream (client gone) aborts the round in flight; no-op when done
-        if result.error is not None and not result.rounds:
-            yield sse(error_body(result.error, "invalid_request_error", "messages", 400))
+        if result.error is not None:
+            status, kind = (400, "invalid_request_error") if not result.rounds else (500, "PaCoReError")
+            yield sse({"error": {**error_body(result.error, kind, "messages" if status == 400 else None,
+                                              status)["error"], "pacore": _record(result)}})
         else:
+            rest = result.final_reasoning_content
+            rest = rest[len(live.sent):] if rest.startswith(live.sent) else ""
+            yield chunk({"reasoning_content": rest, "content": result.final_response}, _choice(result).finish_reason)
             tail = {**head, "choices": [], "pacore": _record(result)}
             if body.include_usage:
                 tail["usage"] = _usage(result).model_dump()
@@ -166,6 +175,9 @@ class PaCoReService:
         yield sse("[DONE]")
 
     # -- batch route ----------------------------------------------------------------------------------
+
+    async def _batch_route(self, body: PaCoReRequest, request: Request) -> Any:
+        return await until_disconnected(request, self.batch(body))  # a client that leaves aborts the rounds
 
     async def batch(self, body: PaCoReRequest) -> dict:
         """Every problem in flight at once on the shared engine; the official result records, in input order."""
@@ -181,9 +193,8 @@ class PaCoReService:
         problems = [dataclasses.replace(p, messages=await resolve_images(p.messages, self.server.config.media))
                     for p in problems]
         tag = _tag()
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(run_problem(self.engine, cfg, p, tag)) for p in problems]
-        return {"object": "pacore.results", "data": [_record(t.result()) for t in tasks]}
+        results = await gather_or_cancel([run_problem(self.engine, cfg, p, tag) for p in problems])
+        return {"object": "pacore.results", "data": [_record(r) for r in results]}
 
 
 def _with_processors(processors: list):
@@ -198,15 +209,42 @@ def _tag() -> str:
     return f"pacore-{uuid.uuid4().hex[:12]}"
 
 
-def _raise_if_prompt_failed(result: PaCoReResult) -> None:
-    """A problem that never ran a round failed on its input: the client's error (400)."""
-    if result.error is not None and not result.rounds:
+def _raise_if_failed(result: PaCoReResult) -> None:
+    """A problem that never ran a round failed on its input: the client's error (400). One that failed later (no
+    trajectory gave a message) is the method's failure: a 500 that still carries the record."""
+    if result.error is None:
+        return
+    if not result.rounds:
         raise RequestError(result.error, "messages")
+    raise PaCoReFailed(result)
+
+
+class PaCoReFailed(RequestError):
+    """No answer after the rounds ran (e.g. no trajectory closed its reasoning): the error carries the record."""
+
+    def __init__(self, result: PaCoReResult):
+        super().__init__(result.error, None, 500, "PaCoReError", {"pacore": _record(result)})
+
+
+class _LiveReasoning:
+    """The final round's reasoning up to its first </think> (a prefix of PaCoRe's reasoning, which ends at the
+    last one), as deltas."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.sent, self.closed = enabled, "", False
+
+    def delta(self, text: str) -> str:
+        if not self.enabled or self.closed:
+            return ""
+        reasoning, _ = split_reasoning(text)
+        self.closed = THINK_END in text
+        out, self.sent = reasoning[len(self.sent):], reasoning
+        return out
 
 
 def _choice(result: PaCoReResult) -> ChatChoice:
     final = result.round_responses[-1][0] if result.round_responses else {}
-    finish = "error" if result.error is not None else final.get("finish_reason", "stop")
+    finish = final.get("finish_reason") or "stop"
     return ChatChoice(index=0, message=ChatMessage(content=result.final_response,
                                                    reasoning_content=result.final_reasoning_content or None),
                       finish_reason=finish)

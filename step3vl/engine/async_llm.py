@@ -28,6 +28,14 @@ class EngineDeadError(RuntimeError):
     """The engine thread failed or was shut down; no request can make progress."""
 
 
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable, *args: Any) -> None:
+    """Schedule fn(*args) on a caller's loop from the engine thread; a closed loop has nobody left to tell."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
+
+
 class _Stream:
     """One request's outputs, read on the caller's loop; written only through `loop.call_soon_threadsafe`."""
 
@@ -42,10 +50,7 @@ class _Stream:
         self.ready.set()
 
     def post(self, item: RequestOutput | BaseException) -> None:  # runs on the engine thread
-        try:
-            self.loop.call_soon_threadsafe(self.put, item)
-        except RuntimeError:
-            pass  # the caller's loop is closed: nobody is listening any more
+        _post(self.loop, self.put, item)
 
     async def next(self) -> RequestOutput:
         await self.ready.wait()
@@ -106,7 +111,7 @@ class AsyncLLM:
         prepared = await asyncio.to_thread(self.llm.prepare, prompt)
         rid = request_id if request_id is not None else f"async-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop())
-        self._commands.put(_Add(rid, prepared, params or SamplingParams(), stream, final_only))
+        self._submit(_Add(rid, prepared, params or SamplingParams(), stream, final_only), stream.put)
         try:
             while True:
                 out = await stream.next()
@@ -114,19 +119,19 @@ class AsyncLLM:
                 if out.finished:
                     return
         finally:
-            if not stream.finished:
-                self._commands.put(("abort", rid))
+            if not stream.finished:  # only this stream's request: a refused duplicate id must not abort the other
+                self._commands.put(("abort", rid, stream))
 
     async def call(self, fn: Callable[[LLM], Any]) -> Any:
         """Run `fn(llm)` on the engine thread between two steps (stats, pins, weight updates)."""
         self._check_alive()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._commands.put(_Call(fn, future, loop))
+        self._submit(_Call(fn, future, loop), lambda e: future.done() or future.set_exception(e))
         return await future
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._commands.put(("abort", request_id, None))
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
         """Stop the engine thread; requests still running end with EngineDeadError."""
@@ -140,6 +145,13 @@ class AsyncLLM:
     def _check_alive(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(f"the engine is not running: {self._dead}") from self._dead
+
+    def _submit(self, cmd, fail: Callable[[BaseException], Any]) -> None:
+        """Queue a command; if the engine died meanwhile (it may have drained the queue already), fail it here.
+        `_die` sets `_dead` before draining, so a command is always answered by one side or both."""
+        self._commands.put(cmd)
+        if self._dead is not None:
+            fail(self._dead)
 
     # -- engine thread -------------------------------------------------------------------------------
 
@@ -165,7 +177,7 @@ class AsyncLLM:
             elif isinstance(cmd, _Call):
                 self._call(cmd)
             elif cmd[0] == "abort":
-                self._abort(cmd[1])
+                self._abort(cmd[1], cmd[2])
             elif cmd[0] == "stop":
                 return False
 
@@ -191,9 +203,11 @@ class AsyncLLM:
             result, ok = cmd.fn(self.llm), True
         except Exception as e:  # noqa: BLE001
             result, ok = e, False
-        cmd.loop.call_soon_threadsafe(settle, ok, result)
+        _post(cmd.loop, settle, ok, result)
 
-    def _abort(self, request_id: str) -> None:
+    def _abort(self, request_id: str, owner: _Stream | None) -> None:
+        if owner is not None and self._streams.get(request_id) is not owner:
+            return  # that stream's request was refused or has ended: the id may belong to another request now
         stream = self._streams.pop(request_id, None)
         self._final_only.discard(request_id)
         out = self.llm.abort(request_id)
@@ -225,4 +239,4 @@ class AsyncLLM:
             if isinstance(cmd, _Add):
                 cmd.stream.post(error)
             elif isinstance(cmd, _Call):
-                cmd.loop.call_soon_threadsafe(lambda f=cmd.future: f.done() or f.set_exception(error))
+                _post(cmd.loop, lambda f=cmd.future: f.done() or f.set_exception(error))

@@ -7,9 +7,11 @@ vLLM: a server must not read arbitrary files of its host because a client named 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 
@@ -20,13 +22,16 @@ from step3vl.serve.protocol import RequestError
 class MediaPolicy:
     allowed_local_media_path: Path | None = None
     fetch_urls: bool = True
-    fetch_timeout_s: float = 10.0
+    fetch_timeout_s: float = 10.0  # for the whole download, not per read
     max_image_bytes: int = 32 << 20
 
 
 async def resolve_images(messages: list[dict], policy: MediaPolicy) -> list[dict]:
     """Copies of the messages whose image parts carry loadable sources: bytes for fetched URLs, paths for
-    allowed local files, data: URLs as they are. Raises RequestError naming the message and part."""
+    allowed local files, data: URLs as they are. Raises RequestError naming the message and part. Anything that
+    is not a list of messages is returned as it is, for the caller's own checks to name."""
+    if not isinstance(messages, list):
+        return messages
     out = []
     for i, msg in enumerate(messages):
         content = msg.get("content") if isinstance(msg, dict) else None
@@ -58,17 +63,25 @@ async def _fetch(url: str, where: str, policy: MediaPolicy) -> bytes:
     if not policy.fetch_urls:
         raise RequestError(f"{where}: fetching image URLs is disabled on this server; send a data: URL", where)
     try:
-        async with httpx.AsyncClient(timeout=policy.fetch_timeout_s, follow_redirects=True) as client:
-            async with client.stream("GET", url) as resp:
-                resp.raise_for_status()
-                data = bytearray()
-                async for chunk in resp.aiter_bytes():
-                    data += chunk
-                    if len(data) > policy.max_image_bytes:
-                        raise RequestError(f"{where}: image at {url} exceeds {policy.max_image_bytes} bytes", where)
-                return bytes(data)
-    except httpx.HTTPError as e:
+        return await asyncio.wait_for(_download(url, where, policy), policy.fetch_timeout_s)
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
+        if isinstance(e, RequestError):
+            raise
         raise RequestError(f"{where}: could not fetch {url}: {type(e).__name__}: {e}", where) from None
+    except asyncio.TimeoutError:
+        raise RequestError(f"{where}: fetching {url} took over {policy.fetch_timeout_s} s", where) from None
+
+
+async def _download(url: str, where: str, policy: MediaPolicy) -> bytes:
+    async with httpx.AsyncClient(timeout=policy.fetch_timeout_s, follow_redirects=True) as client:
+        async with client.stream("GET", url) as resp:
+            resp.raise_for_status()
+            data = bytearray()
+            async for chunk in resp.aiter_bytes():
+                data += chunk
+                if len(data) > policy.max_image_bytes:
+                    raise RequestError(f"{where}: image at {url} exceeds {policy.max_image_bytes} bytes", where)
+            return bytes(data)
 
 
 def _local_path(url: str, where: str, policy: MediaPolicy) -> Path:
@@ -76,7 +89,8 @@ def _local_path(url: str, where: str, policy: MediaPolicy) -> Path:
     if root is None:
         raise RequestError(f"{where}: local image paths are not allowed on this server (start it with "
                            f"--allowed-local-media-path); send a data: URL", where)
-    path = Path(url.removeprefix("file://")).resolve()
+    path = Path(unquote(url.removeprefix("file://")) if url.startswith("file://") else url)
+    path = (path if path.is_absolute() else root / path).resolve()  # relative: under the allowed root
     if not path.is_relative_to(root.resolve()):
         raise RequestError(f"{where}: {path} is outside the allowed media path {root}", where)
     return path

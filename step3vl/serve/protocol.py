@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from step3vl.engine.sampling_params import SamplingParams
 
@@ -23,9 +23,16 @@ class RequestError(ValueError):
     """A request the server refuses: a 400 (or `status`) with OpenAI's error body, naming `param`."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", extra: dict | None = None):
         super().__init__(message)
         self.param, self.status, self.kind = param, status, kind
+        self.extra = extra or {}  # more fields for the error object
+
+
+# Fields whose null means "the default" (the others are Optional already, or required).
+_DEFAULT_ON_NULL = {"n", "stream", "logprobs", "presence_penalty", "frequency_penalty", "echo", "ignore_eos",
+                    "skip_special_tokens", "include_stop_str_in_output", "min_tokens", "add_generation_prompt",
+                    "max_tokens"}
 
 
 def rejected(error: ValueError, default_param: str | None = None) -> RequestError:
@@ -39,6 +46,14 @@ def rejected(error: ValueError, default_param: str | None = None) -> RequestErro
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """OpenAI clients send null for any field they leave unset: null takes the field's default."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in _DEFAULT_ON_NULL}
+        return data
 
     model: str | None = None
     n: int = 1

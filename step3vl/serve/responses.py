@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,9 @@ def _token_text(tokenizer, token_id: int) -> str:
 
 
 def _top(entries: dict[int, float], k: int) -> list[tuple[int, float]]:
-    return sorted(entries.items(), key=lambda kv: -kv[1])[:k]
+    """The k most likely alternatives; tokens a rule masked out (-inf) are not alternatives (and -inf is not
+    JSON)."""
+    return sorted(((t, v) for t, v in entries.items() if math.isfinite(v)), key=lambda kv: -kv[1])[:k]
 
 
 def chat_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int, float]], top_n: int) -> dict:
@@ -75,6 +78,7 @@ class ChoiceStream:
     """What one choice of a stream has sent so far."""
     deltas: ReasoningDeltas
     tokens_sent: int = 0
+    text_offset: int = 0  # completions' logprobs: characters before the next token
     started: bool = False
     done: bool = False
 
@@ -111,7 +115,7 @@ class StreamState:
         """Completions: choice index = base + sample index; `echo` (the prompt) leads each choice's first chunk."""
         chunks = []
         for c in out.outputs:
-            st = self.choices.setdefault(base + c.index, ChoiceStream(ReasoningDeltas(False)))
+            st = self.choices.setdefault(base + c.index, ChoiceStream(ReasoningDeltas(False), text_offset=len(echo)))
             if st.done:
                 continue
             _, text = st.deltas.delta(c.text, c.finish_reason is not None)
@@ -120,8 +124,10 @@ class StreamState:
             if not (text or c.finish_reason):
                 continue
             new = slice(st.tokens_sent, len(c.token_ids))
-            lp = (completion_logprobs(tokenizer, c.token_ids[new], c.logprobs[new], top_n)
+            lp = (completion_logprobs(tokenizer, c.token_ids[new], c.logprobs[new], top_n, st.text_offset)
                   if top_n is not None and c.logprobs and c.token_ids[new] else None)
+            if lp is not None:
+                st.text_offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
             st.tokens_sent, st.started, st.done = len(c.token_ids), True, c.finish_reason is not None
             chunks.append({"index": base + c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
                            "stop_reason": c.stop_reason})

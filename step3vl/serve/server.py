@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import jinja2
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -79,9 +81,9 @@ class OpenAIServer:
         app.add_exception_handler(EngineDeadError, self._engine_dead)
         app.get("/health")(self.health)
         app.get("/version")(self.version)
-        app.get("/stats")(self.stats)
-        app.get("/metrics")(self.prometheus)
+        app.get("/metrics")(self.prometheus)  # open, as Prometheus scrapers expect
         self.app = app
+        self.add_route("GET", "/stats", self.stats)
         self.add_route("GET", "/v1/models", self.models)
         self.add_route("POST", "/v1/chat/completions", self.chat_completions)
         self.add_route("POST", "/v1/completions", self.completions)
@@ -95,7 +97,8 @@ class OpenAIServer:
 
     async def _check_key(self, request: Request) -> None:
         key = self.config.api_key
-        if key is not None and request.headers.get("authorization") != f"Bearer {key}":
+        given = request.headers.get("authorization", "")
+        if key is not None and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             raise RequestError("invalid or missing API key (Authorization: Bearer <key>)", None, 401,
                                "AuthenticationError")
 
@@ -164,6 +167,8 @@ class OpenAIServer:
         except ValueError as e:
             raise RequestError(str(e), param) from None
         n, limit = len(prepared.token_ids), self.max_model_len
+        if n == 0:
+            raise RequestError("the prompt is empty", param)
         if n >= limit:
             raise RequestError(f"This model's maximum context length is {limit} tokens; the prompt has {n} "
                                f"tokens, which leaves no room for a completion", param)
@@ -179,8 +184,10 @@ class OpenAIServer:
         try:
             text, images = self.llm.processor.apply_chat_template(
                 messages, add_generation_prompt=body.add_generation_prompt, **(body.chat_template_kwargs or {}))
-        except ValueError as e:
-            raise RequestError(str(e), "messages") from None
+        except (ValueError, jinja2.TemplateError) as e:
+            raise RequestError(f"{type(e).__name__}: {e}", "messages") from None
+        except TypeError as e:  # chat_template_kwargs colliding with the template's own arguments
+            raise RequestError(f"chat_template_kwargs: {e}", "chat_template_kwargs") from None
         return {"prompt": text, "images": images, "cache_salt": getattr(body, "cache_salt", None)}
 
     def _after_reasoning(self, params: SamplingParams) -> SamplingParams:
@@ -198,12 +205,14 @@ class OpenAIServer:
 
     # -- errors ---------------------------------------------------------------------------------------
 
-    def _error(self, message: str, kind: str, param: str | None, status: int) -> JSONResponse:
+    def _error(self, message: str, kind: str, param: str | None, status: int, extra: dict | None = None) -> JSONResponse:
         self.metrics.error(status)
-        return JSONResponse(error_body(message, kind, param, status), status_code=status)
+        body = error_body(message, kind, param, status)
+        body["error"].update(extra or {})
+        return JSONResponse(body, status_code=status)
 
     async def _request_error(self, _: Request, e: RequestError) -> JSONResponse:
-        return self._error(str(e), e.kind, e.param, e.status)
+        return self._error(str(e), e.kind, e.param, e.status, e.extra)
 
     async def _validation_error(self, _: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
@@ -262,9 +271,7 @@ class OpenAIServer:
         model = body.model or self.config.served_model_name
         if body.stream:
             return _event_stream(self._completion_events(streams, echoes, rid, model, body))
-        async with asyncio.TaskGroup() as group:  # one failure cancels (and so aborts) the others
-            tasks = [group.create_task(last(s)) for s in streams]
-        outs = [t.result() for t in tasks]
+        outs = await gather_or_cancel([last(s) for s in streams])
         self.count_finished(outs)
         choices = [completion_choice(i * body.n + c.index, c, self.tokenizer, body.logprobs, echoes[i])
                    for i, out in enumerate(outs) for c in out.outputs]
@@ -306,6 +313,19 @@ async def last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
     if out is None:
         raise EngineDeadError("the engine ended a request without any output")
     return out
+
+
+async def gather_or_cancel(coros: list) -> list:
+    """All results in order; the first failure cancels (and so aborts) the rest and is raised as it is (no
+    ExceptionGroup, so the error handlers see a RequestError)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -127,3 +128,74 @@ def test_unknown_presets_are_refused_at_startup(make_llm, base_config):
             PaCoReService(OpenAIServer(engine), base_config, ["turbo"])
     finally:
         engine.shutdown()
+
+
+@pytest.fixture
+def served_with(make_llm):
+    """A PaCoRe server over a given base config."""
+    started = []
+
+    def start(config):
+        engine = AsyncLLM(make_llm(max_model_len=1024))
+        srv = OpenAIServer(engine, ServerConfig(served_model_name="m"))
+        PaCoReService(srv, config, ["low"])
+        bg = BackgroundServer(srv.app)
+        url = bg.__enter__()
+        started.append((bg, engine))
+        return url, openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+    yield start
+    for bg, engine in started:
+        bg.__exit__(None, None, None)
+        engine.shutdown()
+
+
+def test_stream_equals_the_response_when_the_answer_has_two_think_ends(served_with, script, hook):
+    twice = script(think_at=4, answer=lambda c: f" draft</think> The answer is {c}.")
+    _, client = served_with(PaCoReConfig(rounds=[3], max_tokens=40, message_max_tokens=20,
+                                         sampling_hook=hook({"*": twice})))
+    full = client.chat.completions.create(model="m-pacore-low", messages=QUESTION, seed=5)
+    msg = full.choices[0].message
+    assert "</think>" in msg.reasoning_content  # PaCoRe splits at the last </think>
+    chunks = list(client.chat.completions.create(model="m-pacore-low", messages=QUESTION, seed=5, stream=True))
+    reasoning = "".join(getattr(c.delta, "reasoning_content", None) or "" for ch in chunks for c in ch.choices)
+    content = "".join(c.delta.content or "" for ch in chunks for c in ch.choices)
+    assert (reasoning, content) == (msg.reasoning_content, msg.content)
+    assert [c.finish_reason for ch in chunks for c in ch.choices if c.finish_reason] == [full.choices[0].finish_reason]
+
+
+def test_a_method_failure_is_a_500_with_the_record(served_with, script, hook):
+    url, client = served_with(PaCoReConfig(rounds=[2], max_tokens=8, sampling_hook=hook({"*": script(close=False)})))
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model="m-pacore-low", messages=QUESTION, seed=1)
+    err = e.value.body
+    assert err["type"] == "PaCoReError" and "none of its 4 trajectories yielded a message" in err["message"]
+    assert [r["k"] for r in err["pacore"]["rounds"]] == [4]
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
+                      json={"model": "m-pacore-low", "messages": QUESTION, "stream": True}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["type"] == "PaCoReError"
+
+
+def test_batch_problems_without_messages_fail_alone(served):
+    url, _ = served
+    body = {"problems": [{"id": "ok", "messages": QUESTION}, {"id": "none"}], "preset": "low"}
+    r = httpx.post(url + "/v1/pacore", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert data[0]["error"] is None and "messages" in data[1]["error"]
+
+
+def test_a_batch_client_that_leaves_aborts_its_rounds(served_with, script, hook):
+    long = script(think_at=200)
+    url, _ = served_with(PaCoReConfig(rounds=[8], max_tokens=400, sampling_hook=hook({"*": long})))
+    body = {"problems": [{"id": f"p{i}", "messages": QUESTION} for i in range(6)], "preset": "low"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/pacore", json=body, timeout=httpx.Timeout(60, read=0.5))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stats = httpx.get(url + "/stats").json()
+        if stats["blocks_used"] == 0:
+            break
+        time.sleep(0.1)
+    assert stats["blocks_used"] == 0

@@ -85,15 +85,36 @@ def test_leaving_a_stream_aborts_the_request_and_frees_its_kv(engine):
     assert stats == (False, 0)
 
 
-def test_duplicate_request_ids_are_refused(engine):
+def test_duplicate_request_ids_are_refused_without_harming_the_first(engine):
     async def go():
-        a = engine.generate("x", SamplingParams(max_tokens=50, ignore_eos=True), "same")
+        a = engine.generate("x", SamplingParams(max_tokens=40, ignore_eos=True), "same")
         await a.__anext__()
         with pytest.raises(ValueError, match="already in use"):
             await _collect(engine, "y", SamplingParams(max_tokens=2), "same")
-        await a.aclose()
+        last = None
+        async for last in a:
+            pass
+        return last
 
-    asyncio.run(go())
+    out = asyncio.run(go())
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 40
+
+
+def test_a_caller_whose_loop_closed_does_not_kill_the_engine(engine):
+    def slow(llm):
+        import time
+        time.sleep(0.3)
+        return 1
+
+    async def impatient():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(engine.call(slow), 0.05)
+
+    asyncio.run(impatient())  # the loop closes before the engine answers
+    import time
+    time.sleep(0.5)
+    assert engine.is_running
+    assert asyncio.run(_collect(engine, "alive", SamplingParams(max_tokens=2)))[-1].finished
 
 
 def test_call_returns_values_and_raises_errors(engine):
@@ -121,6 +142,20 @@ def test_shutdown_ends_streams_with_engine_dead(tiny_ckpt):
 
     asyncio.run(go())
     assert not e.is_running
+
+
+def test_requests_racing_a_shutdown_fail_instead_of_hanging(tiny_ckpt):
+    e = AsyncLLM(LLM(tiny_ckpt, **ENGINE))
+    e.shutdown()
+    e._check_alive = lambda: None  # as if the engine died between the check and the queueing
+
+    async def go():
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(_collect(e, "late", SamplingParams(max_tokens=2)), 5)
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(e.call(lambda llm: 1), 5)
+
+    asyncio.run(go())
 
 
 def test_an_engine_failure_reaches_every_waiter(tiny_ckpt):

@@ -294,3 +294,56 @@ def test_guided_choice_on_completions(client):
     r = client.completions.create(model=MODEL, prompt="Pick:", n=5, seed=6, max_tokens=8,
                                   extra_body={"guided_choice": ["left", "right"]})
     assert {c.text for c in r.choices} <= {"left", "right"}
+
+
+@pytest.mark.parametrize("kw, param", [
+    (dict(prompt=""), "prompt"), (dict(prompt=[[]]), "prompt"), (dict(prompt=["a", ""]), "prompt"),
+    (dict(prompt="a", logit_bias={"99999": 1}), "logit_bias"),
+])
+def test_completions_refusals_are_400s(client, kw, param):
+    err = _error(lambda: client.completions.create(model=MODEL, max_tokens=3, **kw))
+    assert err.status_code == 400 and err.body["param"] == param
+
+
+def test_template_kwargs_and_malformed_urls_are_400s(client):
+    err = _error(lambda: client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2,
+                                                        extra_body={"chat_template_kwargs": {"messages": 1}}))
+    assert err.status_code == 400 and err.body["param"] == "chat_template_kwargs"
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://[::1"}}]}]
+    err = _error(lambda: client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2))
+    assert err.status_code == 400 and err.body["param"] == "messages[0].content[0]"
+
+
+def test_null_fields_take_their_defaults(server):
+    body = {"model": MODEL, "messages": USER, "max_tokens": 3, "stream": None, "logprobs": None, "n": None,
+            "presence_penalty": None, "frequency_penalty": None, "temperature": None, "top_p": None}
+    r = httpx.post(server[1] + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_streamed_completion_logprobs_keep_text_offsets(client):
+    kw = dict(model=MODEL, prompt="abc", seed=3, max_tokens=8, logprobs=2)
+    full = client.completions.create(**kw).choices[0].logprobs
+    tokens, offsets = [], []
+    for ch in client.completions.create(**kw, stream=True):
+        for c in ch.choices:
+            if c.logprobs:
+                tokens += c.logprobs.tokens
+                offsets += c.logprobs.text_offset
+    assert tokens == full.tokens and offsets == full.text_offset
+    assert offsets == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+
+
+def test_masked_alternatives_never_reach_the_json(server, reference):
+    tok = reference.get_tokenizer()
+    allowed = [tok.encode("a")[0], tok.encode("b")[0]]
+    body = {"model": MODEL, "messages": USER, "max_tokens": 4, "seed": 1, "logprobs": True, "top_logprobs": 5,
+            "allowed_token_ids": allowed}
+    full = httpx.post(server[1] + "/v1/chat/completions", json=body, timeout=60).json()
+    for entry in full["choices"][0]["logprobs"]["content"]:
+        assert len(entry["top_logprobs"]) == 2 and all(isinstance(t["logprob"], float) for t in entry["top_logprobs"])
+    with httpx.stream("POST", server[1] + "/v1/chat/completions", json=body | {"stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                json.loads(line[6:], parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))

@@ -118,3 +118,11 @@ def test_files_outside_the_allowed_directory_are_refused(media_server):
     url, allowed = media_server
     r = _chat_with_image(url, str(allowed / ".." / "elsewhere.png"))
     assert r.status_code == 400 and "outside the allowed media path" in r.json()["error"]["message"]
+
+
+def test_media_paths_resolve_under_the_allowed_root(media_server):
+    url, allowed = media_server
+    (allowed / "with space.png").write_bytes((allowed / "ok.png").read_bytes())
+    for src in ("ok.png", f"file://{allowed}/with%20space.png"):
+        r = _chat_with_image(url, src)
+        assert r.status_code == 200, r.text
