@@ -20,33 +20,27 @@ def has_penalties(params) -> bool:
 
 
 def apply_penalties(logits: torch.Tensor, prompts: list[list[int]], outputs: list[list[int]], params: list) -> torch.Tensor:
-    """logits [B, V] (one row per sequence) → penalized logits (a new tensor; rows without penalties unchanged)."""
+    """logits [B, V] (one row per sequence) → penalized logits (a new tensor; rows without penalties unchanged).
+    Touches only each row's distinct seen tokens: O(tokens) per row, not O(vocab)."""
     rows = [i for i, p in enumerate(params) if has_penalties(p)]
     if not rows:
         return logits
-    dev, vocab = logits.device, logits.shape[1]
-    out = logits.clone()
-    sub = out[rows].float()
-    counts = _counts([outputs[i] for i in rows], vocab, dev)
-    seen = (counts > 0) | (_counts([prompts[i] for i in rows], vocab, dev) > 0)
-    rep = torch.tensor([params[i].repetition_penalty for i in rows], dtype=torch.float32, device=dev)[:, None]
-    freq = torch.tensor([params[i].frequency_penalty for i in rows], dtype=torch.float32, device=dev)[:, None]
-    pres = torch.tensor([params[i].presence_penalty for i in rows], dtype=torch.float32, device=dev)[:, None]
-    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    sub = sub - freq * counts - pres * (counts > 0)
-    out[rows] = sub.to(out.dtype)
+    out, vocab = logits.clone(), logits.shape[1]
+    for i in rows:
+        p, row = params[i], out[i]
+        if p.repetition_penalty != 1.0:
+            seen = _ids(set(prompts[i]).union(outputs[i]), vocab, row.device)
+            vals = row[seen].float()
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty).to(row.dtype)
+        if outputs[i] and (p.frequency_penalty or p.presence_penalty):
+            ids, counts = torch.unique(_ids(outputs[i], vocab, row.device), return_counts=True)
+            row[ids] -= (p.frequency_penalty * counts.float() + p.presence_penalty).to(row.dtype)
     return out
 
 
-def _counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[len(token_lists), vocab] float occurrence counts (ids outside the vocabulary ignored)."""
-    counts = torch.zeros(len(token_lists), vocab, dtype=torch.float32, device=device)
-    for r, ids in enumerate(token_lists):
-        if ids:
-            t = torch.tensor(ids, dtype=torch.int64, device=device)
-            t = t[(t >= 0) & (t < vocab)]
-            counts[r].scatter_add_(0, t, torch.ones_like(t, dtype=torch.float32))
-    return counts
+def _ids(tokens, vocab: int, device: torch.device) -> torch.Tensor:
+    """The ids inside the vocabulary, as an int64 tensor."""
+    return torch.tensor([t for t in tokens if 0 <= t < vocab], dtype=torch.int64, device=device)
 
 
 def apply_penalties_ref(logits_row: list[float], prompt: list[int], output: list[int], repetition: float,
