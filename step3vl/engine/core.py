@@ -60,6 +60,7 @@ class EngineCore:
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self._rng = random.Random(self.seed)
+        self._private_salts = itertools.count(1)  # prompt-cache salts no other request shares
         self._prefilling: dict[tuple, Request] = {}  # prompt key -> request whose sample 0 is prefilling
 
     # -- requests -----------------------------------------------------------------------------------
@@ -71,6 +72,8 @@ class EngineCore:
         params.__post_init__()  # fields set after construction: derive stop strings and validate again
         self._check_fits(request_id, prompt_token_ids, params)
         grammar = self._grammar(params)
+        if params.prompt_logprobs is not None:  # every prompt position must be computed: no cached blocks
+            salt = (1 << 62) | next(self._private_salts)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(request_id, prompt, list(prompt_token_ids), params, seed, next(self._arrivals),
                       images=list(images or []), salt=salt, arrival_time=time.perf_counter(), grammar=grammar)
@@ -91,8 +94,9 @@ class EngineCore:
         if not ids:
             raise ValueError(f"request {request_id!r}: the prompt is empty")
         vocab = self.model.cfg.text.vocab_size
-        if params.logprobs is not None and params.logprobs > vocab:
-            raise ValueError(f"SamplingParams.logprobs = {params.logprobs}: more than the vocabulary ({vocab})")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > vocab:
+                raise ValueError(f"SamplingParams.{name} = {getattr(params, name)}: more than the vocabulary ({vocab})")
         for name in ("logit_bias", "allowed_token_ids"):
             bad = next((t for t in getattr(params, name) or () if t >= vocab), None)
             if bad is not None:

@@ -281,7 +281,8 @@ class LLM:
             finish_reason=s.finish_reason, stop_reason=s.stop_reason) for s in sorted(req.sequences, key=lambda s: s.index)]
         ttft = None if req.first_token_time is None else req.first_token_time - req.arrival_time
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, comps, req.finished,
-                             num_cached_tokens=req.num_cached_tokens, metrics={"time_to_first_token": ttft})
+                             num_cached_tokens=req.num_cached_tokens, metrics={"time_to_first_token": ttft},
+                             prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None)
 
     # -- batch API ----------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from step3vl.engine.attention import (CpuPagedAttention, DecodeGroup, PrefillChu
                                      TritonPagedAttention, cpu_cascade_tables)
 from step3vl.engine.cpu_decode import CpuDecodeStack
 from step3vl.engine.kv_cache import KVCache
+from step3vl.engine.prompt_logprobs import record_prompt_logprobs, wants_prompt_logprobs
 from step3vl.engine.scheduler import ScheduledStep
 from step3vl.engine.sequence import Request, Sequence
 from step3vl.model.rope import rope_cos_sin
@@ -50,8 +51,17 @@ class ModelRunner:
                 mask = torch.tensor(image_mask, dtype=torch.bool, device=self.device)
                 embeds[mask] = torch.cat(features).to(embeds.dtype)
             hidden = self.model.model(embeds, positions_t, self.backend(self.kv, meta))
+            self._prompt_logprobs(step, hidden)
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=self.device)
         return self.model.compute_logits(hidden[rows]).float()
+
+    def _prompt_logprobs(self, step: ScheduledStep, hidden: torch.Tensor) -> None:
+        q = len(step.decodes)  # prefill rows follow the decode rows, chunk after chunk
+        for work in step.prefills:
+            req = work.seq.request
+            if work.seq.index == 0 and wants_prompt_logprobs(req, work.start, work.length):
+                record_prompt_logprobs(self.model, hidden[q:q + work.length], req, work.start)
+            q += work.length
 
     def _inputs(self, step: ScheduledStep):
         ids, positions, slots, image_mask, features = [], [], [], [], []

@@ -28,3 +28,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    prompt_logprobs: list | None = None  # with SamplingParams.prompt_logprobs: None, then {token: logprob} per token

@@ -27,6 +27,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     logprobs: int | None = None  # top-k alternatives per token, besides the sampled one
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (engine/prompt_logprobs.py)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -76,8 +77,10 @@ class SamplingParams:
             raise bad("allowed_token_ids", "must be a non-empty list of token ids (ints >= 0)")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0 or self.seed >= 2**63):
             raise bad("seed", "must be an int in [0, 2**63)")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise bad("logprobs", "must be an int >= 0 or None")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise bad(name, "must be an int >= 0 or None")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise bad("stop", "must be a non-empty string or a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -87,6 +87,7 @@ class Request:
     first_token_time: float | None = None
     arrival_time: float = 0.0
     grammar: Any = None  # structured outputs: the compiled grammar every sample follows
+    prompt_logprobs: list | None = None  # per prompt position: None (the first) or {token: logprob}
 
     @property
     def finished(self) -> bool:

@@ -115,7 +115,7 @@ class _Request(BaseModel):
         return bool((self.stream_options or {}).get("include_usage"))
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        logits_processors: list | None = None) -> SamplingParams:
+                        logits_processors: list | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         """OpenAI defaults (temperature 1, top_p 1); ValueError from SamplingParams names the field."""
         structured, bias = self.structured(), self.token_bias()
         try:
@@ -127,7 +127,7 @@ class _Request(BaseModel):
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
                 max_tokens=max_tokens, min_tokens=self.min_tokens, logit_bias=bias,
                 allowed_token_ids=self.allowed_token_ids, structured_outputs=structured, stop=self.stop, stop_token_ids=self.stop_token_ids,
-                seed=self.seed, logprobs=logprobs, ignore_eos=self.ignore_eos,
+                seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs, ignore_eos=self.ignore_eos,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 logits_processors=list(logits_processors or []))
@@ -145,6 +145,7 @@ class ChatCompletionRequest(_Request):
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     # vLLM's extras
+    prompt_logprobs: int | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -187,6 +188,7 @@ class CompletionRequest(_Request):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    prompt_logprobs: int | None = None  # vLLM's extra
     suffix: str | None = None
     best_of: int | None = None
 
@@ -196,8 +198,17 @@ class CompletionRequest(_Request):
             raise RequestError("suffix (insertion) is not supported by this engine", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise RequestError("best_of other than n is not supported by this engine", "best_of")
-        if self.echo and self.logprobs is not None:
-            raise RequestError("echo with logprobs (prompt log-probs) is not supported by this engine", "echo")
+
+    @property
+    def echo_logprobs(self) -> bool:
+        """Legacy echo + logprobs: the prompt's tokens come back with their log-probs too."""
+        return self.echo and self.logprobs is not None
+
+    @property
+    def requested_prompt_logprobs(self) -> int | None:
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo_logprobs else None
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -274,6 +285,7 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
     # PaCoRe models attach their per-round record here (rounds, messages, tokens); None otherwise.
     pacore: dict[str, Any] | None = None
+    prompt_logprobs: list | None = None  # vLLM's, when the request asked for them
 
 
 class CompletionChoice(BaseModel):
@@ -282,6 +294,7 @@ class CompletionChoice(BaseModel):
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list | None = None
 
 
 class CompletionResponse(BaseModel):

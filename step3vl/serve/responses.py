@@ -66,11 +66,36 @@ def chat_choice(c: CompletionOutput, tokenizer, reasoning: bool, top_n: int | No
                       stop_reason=c.stop_reason)
 
 
-def completion_choice(index: int, c: CompletionOutput, tokenizer, top_n: int | None, echo: str) -> CompletionChoice:
+def echo_logprobs(tokenizer, out: RequestOutput, top_n: int) -> dict:
+    """The legacy completions format for an echoed prompt: the first token has no log-prob (null)."""
+    ids, plp = out.prompt_token_ids, out.prompt_logprobs
+    rest = completion_logprobs(tokenizer, ids[1:], plp[1:], top_n, len(_token_text(tokenizer, ids[0])))
+    return {"tokens": [_token_text(tokenizer, ids[0])] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
+            "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
+
+
+def join_logprobs(a: dict | None, b: dict | None) -> dict | None:
+    if a is None or b is None:
+        return a or b
+    return {k: a[k] + b[k] for k in a}
+
+
+def vllm_prompt_logprobs(tokenizer, out: RequestOutput) -> list | None:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, decoded_token}}."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if d is None else {str(t): {"logprob": v, "decoded_token": _token_text(tokenizer, t)}
+                                    for t, v in d.items() if math.isfinite(v)} for d in out.prompt_logprobs]
+
+
+def completion_choice(index: int, c: CompletionOutput, out: RequestOutput, tokenizer, top_n: int | None, echo: str,
+                      echo_lp: bool) -> CompletionChoice:
     lp = (completion_logprobs(tokenizer, c.token_ids, c.logprobs, top_n, len(echo))
           if top_n is not None and c.logprobs else None)
+    if echo_lp:
+        lp = join_logprobs(echo_logprobs(tokenizer, out, top_n), lp)
     return CompletionChoice(index=index, text=echo + c.text, logprobs=lp, finish_reason=c.finish_reason,
-                            stop_reason=c.stop_reason)
+                            stop_reason=c.stop_reason, prompt_logprobs=vllm_prompt_logprobs(tokenizer, out))
 
 
 @dataclass(slots=True)
@@ -111,8 +136,10 @@ class StreamState:
                            "stop_reason": c.stop_reason})
         return chunks
 
-    def text_deltas(self, out: RequestOutput, tokenizer, top_n: int | None, base: int, echo: str) -> list[dict]:
-        """Completions: choice index = base + sample index; `echo` (the prompt) leads each choice's first chunk."""
+    def text_deltas(self, out: RequestOutput, tokenizer, top_n: int | None, base: int, echo: str,
+                    echo_lp: bool = False) -> list[dict]:
+        """Completions: choice index = base + sample index; `echo` (the prompt) leads each choice's first chunk,
+        with the prompt's log-probs when `echo_lp`."""
         chunks = []
         for c in out.outputs:
             st = self.choices.setdefault(base + c.index, ChoiceStream(ReasoningDeltas(False), text_offset=len(echo)))
@@ -128,6 +155,8 @@ class StreamState:
                   if top_n is not None and c.logprobs and c.token_ids[new] else None)
             if lp is not None:
                 st.text_offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
+            if echo_lp and not st.started:
+                lp = join_logprobs(echo_logprobs(tokenizer, out, top_n), lp)
             st.tokens_sent, st.started, st.done = len(c.token_ids), True, c.finish_reason is not None
             chunks.append({"index": base + c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
                            "stop_reason": c.stop_reason})

@@ -35,7 +35,8 @@ from step3vl.serve.metrics import ServerMetrics, engine_state
 from step3vl.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                     CompletionResponse, DetokenizeRequest, ModelCard, ModelList, RequestError,
                                     TokenizeRequest, error_body, new_id, now, rejected)
-from step3vl.serve.responses import StreamState, chat_choice, completion_choice, sse, usage_of
+from step3vl.serve.responses import (StreamState, chat_choice, completion_choice, sse, usage_of,
+                                     vllm_prompt_logprobs)
 
 ChatHandler = Callable[["OpenAIServer", ChatCompletionRequest, list[dict]], Awaitable[Any]]
 
@@ -229,7 +230,7 @@ class OpenAIServer:
         prepared, max_tokens = await self.prepare(self.render_chat(body, messages), body.requested_max_tokens,
                                                   "messages")
         params = self._after_reasoning(body.sampling_params(max_tokens, body.requested_logprobs,
-                                                            self.config.logits_processors))
+                                                            self.config.logits_processors, body.prompt_logprobs))
         rid = new_id("chatcmpl")
         stream = self.engine.generate(prepared, params, rid, final_only=not body.stream)
         if body.stream:
@@ -239,7 +240,7 @@ class OpenAIServer:
         choices = [chat_choice(c, self.tokenizer, self.config.reasoning_parser, body.requested_logprobs)
                    for c in out.outputs]
         return ChatCompletionResponse(id=rid, model=body.model or self.config.served_model_name, choices=choices,
-                                      usage=usage_of([out]))
+                                      usage=usage_of([out]), prompt_logprobs=vllm_prompt_logprobs(self.tokenizer, out))
 
     async def _chat_events(self, stream: AsyncIterator[RequestOutput], rid: str,
                            body: ChatCompletionRequest) -> AsyncIterator[str]:
@@ -265,7 +266,8 @@ class OpenAIServer:
         rid = new_id("cmpl")
         streams, echoes = [], []
         for i, (p, max_tokens) in enumerate(prepared):
-            params = body.sampling_params(max_tokens, body.logprobs, self.config.logits_processors)
+            params = body.sampling_params(max_tokens, body.logprobs, self.config.logits_processors,
+                                          body.requested_prompt_logprobs)
             streams.append(self.engine.generate(p, params, f"{rid}-{i}", final_only=not body.stream))
             echoes.append(self._echo(body, p))
         model = body.model or self.config.served_model_name
@@ -273,8 +275,8 @@ class OpenAIServer:
             return _event_stream(self._completion_events(streams, echoes, rid, model, body))
         outs = await gather_or_cancel([last(s) for s in streams])
         self.count_finished(outs)
-        choices = [completion_choice(i * body.n + c.index, c, self.tokenizer, body.logprobs, echoes[i])
-                   for i, out in enumerate(outs) for c in out.outputs]
+        choices = [completion_choice(i * body.n + c.index, c, out, self.tokenizer, body.logprobs, echoes[i],
+                                     body.echo_logprobs) for i, out in enumerate(outs) for c in out.outputs]
         return CompletionResponse(id=rid, model=model, choices=choices, usage=usage_of(list(outs)))
 
     def _echo(self, body: CompletionRequest, p: PreparedPrompt) -> str:
@@ -289,7 +291,7 @@ class OpenAIServer:
         finals: dict[int, RequestOutput] = {}
         async for i, out in merge(streams):
             finals[i] = out
-            choices = state.text_deltas(out, self.tokenizer, body.logprobs, i * body.n, echoes[i])
+            choices = state.text_deltas(out, self.tokenizer, body.logprobs, i * body.n, echoes[i], body.echo_logprobs)
             if choices:
                 yield sse({**head, "choices": choices})
         self.count_finished(list(finals.values()))

@@ -347,3 +347,36 @@ def test_masked_alternatives_never_reach_the_json(server, reference):
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 json.loads(line[6:], parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, reference):
+    ids = reference.get_tokenizer().encode("the quick brown fox")
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, echo=True, logprobs=1)
+    ref = reference.generate(ids, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=1, logprobs=1),
+                             use_tqdm=False)[0]
+    lp = r.choices[0].logprobs
+    n = len(ids)
+    assert len(lp.tokens) == n + 2 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want = [ref.prompt_logprobs[p][ids[p]] for p in range(1, n)]
+    assert lp.token_logprobs[1:n] == pytest.approx(want, abs=1e-5)
+    assert lp.token_logprobs[n:] == pytest.approx([d[t] for t, d in zip(ref.outputs[0].token_ids,
+                                                                       ref.outputs[0].logprobs)], abs=1e-5)
+    assert lp.text_offset == sorted(lp.text_offset)
+    streamed = []
+    for ch in client.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0, echo=True, logprobs=1,
+                                        stream=True):
+        for c in ch.choices:
+            if c.logprobs:
+                streamed += c.logprobs.token_logprobs
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)
+
+
+def test_vllm_prompt_logprobs_field(client, reference):
+    r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=1, extra_body={"prompt_logprobs": 2})
+    plp = r.model_extra["prompt_logprobs"]
+    ref = _ref_chat(reference, USER, max_tokens=1, prompt_logprobs=2)
+    assert plp[0] is None and len(plp) == len(ref.prompt_token_ids)
+    for p in range(1, len(plp)):
+        tok = ref.prompt_token_ids[p]
+        assert plp[p][str(tok)]["logprob"] == pytest.approx(ref.prompt_logprobs[p][tok], abs=1e-5)
+        assert len(plp[p]) <= 3
