@@ -8,8 +8,10 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2        # native module + fatbins for this card
-python -m pytest -m gpu -q -x 2>&1 | tee "$OUT/pytest-gpu.log" | tail -5
-python -m pytest -q tests/engine tests/pacore 2>&1 | tee "$OUT/pytest-engine-gpu.log" | tail -3
+# The GPU machines have torch/triton but not every dependency (no network there): files that import a missing
+# one (the server's fastapi/openai, xgrammar) fail to collect; the rest must still run.
+python -m pytest -m gpu -q --continue-on-collection-errors 2>&1 | tee "$OUT/pytest-gpu.log" | tail -5
+python -m pytest -q --continue-on-collection-errors tests/engine tests/pacore 2>&1 | tee "$OUT/pytest-engine-gpu.log" | tail -3
 python bench/rl.py --out "$OUT/rl-cuda.json" 2>&1 | tail -8                # engine rollouts + update on the GPU
 python bench/kernels.py --sweep --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -40
 for c in off on; do
