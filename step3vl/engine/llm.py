@@ -340,6 +340,12 @@ class LLM:
         _, ids, images = self._process(prompt)
         self.engine.block_manager.unpin_prefix(ids, images_salt(images))
 
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached prompt block that no running request uses (pinned prefixes stay); vLLM's name.
+        Returns the blocks dropped. For benchmarks that must start cold, or after a tokenizer/template change."""
+        bm = self.engine.block_manager
+        return bm.evict(bm.num_cached())
+
     def reset_stats(self) -> None:
         """Start kv_stats()' counters (peaks, totals) afresh, e.g. after a warm-up request."""
         self.engine.counters = EngineCounters()

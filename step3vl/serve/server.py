@@ -90,6 +90,7 @@ class OpenAIServer:
         self.add_route("POST", "/v1/completions", self.completions)
         self.add_route("POST", "/tokenize", self.tokenize)
         self.add_route("POST", "/detokenize", self.detokenize)
+        self.add_route("POST", "/reset_prefix_cache", self.reset_prefix_cache)
         return app
 
     def add_route(self, method: str, path: str, endpoint: Callable) -> None:
@@ -111,6 +112,9 @@ class OpenAIServer:
 
     async def stats(self) -> dict:
         return await self.engine.call(lambda llm: llm.kv_stats())
+
+    async def reset_prefix_cache(self) -> dict:
+        return {"blocks_dropped": await self.engine.call(lambda llm: llm.reset_prefix_cache())}
 
     async def prometheus(self) -> Response:
         state = await self.engine.call(engine_state)

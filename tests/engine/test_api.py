@@ -330,3 +330,18 @@ def test_reset_stats_starts_counters_afresh(tiny_ckpt):
     stats = llm.kv_stats()
     assert stats["prefix_hit_tokens"] == 32  # the two full 16-token blocks of the same prompt, cached
     assert stats["peak_blocks_used"] > 0
+
+
+def test_reset_prefix_cache_drops_unpinned_cached_blocks(tiny_ckpt):
+    from step3vl import LLM, SamplingParams
+
+    llm = LLM(tiny_ckpt, kv_cache_memory="8MiB", block_size=16)
+    prompt = list(range(3, 3 + 80))
+    pinned = list(range(200, 240))
+    llm.generate([prompt, pinned], SamplingParams(max_tokens=2), use_tqdm=False)
+    llm.pin_prefix(pinned)
+    assert llm.kv_stats()["blocks_cached"] == 5  # the 80-token prompt's full blocks (pinned ones are not evictable)
+    assert llm.reset_prefix_cache() == 5 and llm.kv_stats()["blocks_cached"] == 0
+    llm.reset_stats()
+    llm.generate([prompt, pinned], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert llm.kv_stats()["prefix_hit_tokens"] == 32  # the pinned 40-token prompt's two full blocks, nothing else
