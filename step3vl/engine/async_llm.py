@@ -109,9 +109,10 @@ class AsyncLLM:
         final_only: yield only the finished output (no per-step copies for a caller that does not stream)."""
         self._check_alive()
         prepared = await asyncio.to_thread(self.llm.prepare, prompt)
+        params = await asyncio.to_thread(self.llm.prepare_params, params or SamplingParams())  # grammar compile
         rid = request_id if request_id is not None else f"async-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop())
-        self._submit(_Add(rid, prepared, params or SamplingParams(), stream, final_only), stream.put)
+        self._submit(_Add(rid, prepared, params, stream, final_only), stream.put)
         try:
             while True:
                 out = await stream.next()

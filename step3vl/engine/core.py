@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from step3vl.engine.kv_cache import KVCache
 from step3vl.engine.model_runner import ModelRunner, sample_rows_for
-from step3vl.engine.sampler import SampledToken, Sampler
+from step3vl.engine.sampler import NO_TOKEN, SampledToken, Sampler
 from step3vl.engine.scheduler import Scheduler, ScheduledStep
 from step3vl.engine.sequence import Request, Sequence, SeqStatus
 from step3vl.engine.sampling_params import SamplingParams
@@ -47,6 +47,7 @@ class EngineCore:
     cpu_kernels: bool = True
     seed: int = 0
     structured: object = None  # StructuredOutputBackend, for requests with structured_outputs
+    max_logprobs: int = 20  # the most alternatives per token a request may ask for (vLLM's default)
     requests: dict[str, Request] = field(default_factory=dict)
     counters: EngineCounters = field(default_factory=EngineCounters)
 
@@ -77,6 +78,8 @@ class EngineCore:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(request_id, prompt, list(prompt_token_ids), params, seed, next(self._arrivals),
                       images=list(images or []), salt=salt, arrival_time=time.perf_counter(), grammar=grammar)
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None] * len(prompt_token_ids)
         self.requests[request_id] = req
         leader = self._prefilling.get(req.prompt_key)
         if leader is not None and not leader.aborted:
@@ -95,8 +98,9 @@ class EngineCore:
             raise ValueError(f"request {request_id!r}: the prompt is empty")
         vocab = self.model.cfg.text.vocab_size
         for name in ("logprobs", "prompt_logprobs"):
-            if (getattr(params, name) or 0) > vocab:
-                raise ValueError(f"SamplingParams.{name} = {getattr(params, name)}: more than the vocabulary ({vocab})")
+            if (getattr(params, name) or 0) > min(vocab, self.max_logprobs):
+                raise ValueError(f"SamplingParams.{name} = {getattr(params, name)}: more than max_logprobs "
+                                 f"({min(vocab, self.max_logprobs)}; LLM(max_logprobs=...) raises it)")
         for name in ("logit_bias", "allowed_token_ids"):
             bad = next((t for t in getattr(params, name) or () if t >= vocab), None)
             if bad is not None:
@@ -239,6 +243,10 @@ class EngineCore:
 
     def _append(self, seq: Sequence, tok: SampledToken) -> None:
         p = seq.request.params
+        if tok.token == NO_TOKEN:  # the request's own rules left nothing to sample: end this sample, not the engine
+            self._finish(seq, "abort", "no token is allowed by the request's rules (structured outputs, "
+                                       "allowed_token_ids, min_tokens)")
+            return
         seq.token_ids.append(tok.token)
         if tok.logprob is not None:
             seq.cumulative_logprob += tok.logprob

@@ -100,13 +100,15 @@ class LLM:
     prefill). max_num_seqs: sequences per step. seed: the default for requests without one.
     use_kernels: Triton/CUDA kernels (default on CUDA). cascade_attention: the shared-prefix cascade decode kernel on
     CUDA (default off until measured there). cpu_kernels: on the CPU, the native decoder (packed linears, C++
-    paged attention, in fp32 one native call per decode step); False keeps the plain PyTorch path.
+    paged attention, in fp32 one native call per decode step); False keeps the plain PyTorch path. max_logprobs:
+    the most alternatives per token (logprobs, prompt_logprobs) a request may ask for.
     """
 
     def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", device: str | None = None,
                  kv_cache_memory: int | str | None = None, block_size: int = 16, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, max_num_seqs: int = 256, seed: int = 0,
-                 use_kernels: bool | None = None, cascade_attention: bool | None = None, cpu_kernels: bool = True):
+                 use_kernels: bool | None = None, cascade_attention: bool | None = None, cpu_kernels: bool = True,
+                 max_logprobs: int = 20):
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size {block_size}: must be a power of two")
@@ -138,6 +140,7 @@ class LLM:
             cascade_attention=dev.type != "cuda" if cascade_attention is None else cascade_attention,
             cpu_kernels=cpu_kernels,
             structured=StructuredOutputBackend(tok, cfg.vocab_size, eos),
+            max_logprobs=max_logprobs,
             seed=seed)
         self.engine = self._new_engine()
         self._ids = itertools.count()
@@ -243,6 +246,13 @@ class LLM:
         if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
             salt = _mix_salt(salt, str(prompt["cache_salt"]))
         return PreparedPrompt(text, ids, images, salt)
+
+    def prepare_params(self, params: SamplingParams) -> SamplingParams:
+        """Compile the params' structured-output grammar into the engine's cache (thread-safe), so adding the
+        request later costs the engine thread nothing. Raises ValueError naming the field for a bad spec."""
+        if params.structured_outputs is not None:
+            self._engine_args["structured"].compile(params.structured_outputs)
+        return params
 
     @property
     def max_model_len(self) -> int:

@@ -24,8 +24,6 @@ def record_prompt_logprobs(model, hidden: torch.Tensor, req, start: int) -> None
     """hidden [L, H]: the chunk's rows for prompt positions start, start+1, ...; fills req.prompt_logprobs[p + 1]
     (a {token: logprob} dict with the actual token first) for the positions whose next token is in the prompt."""
     ids, k = req.prompt_token_ids, req.params.prompt_logprobs
-    if req.prompt_logprobs is None:
-        req.prompt_logprobs = [None] * len(ids)
     n = min(hidden.shape[0], len(ids) - 1 - start)  # the last prompt position predicts the first output token
     for a in range(0, n, ROWS_PER_SLAB):
         b = min(n, a + ROWS_PER_SLAB)

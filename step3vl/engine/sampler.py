@@ -16,6 +16,9 @@ from step3vl.engine.sequence import Sequence
 from step3vl.engine.token_constraints import apply_constraints, has_constraints
 
 
+NO_TOKEN = -1  # a row whose request's rules allow no token at all
+
+
 @dataclass(slots=True)
 class SampledToken:
     token: int
@@ -37,16 +40,15 @@ class Sampler:
         self._sample = sample
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
-        logits = self._apply_processors(logits, seqs)
+        """Log-probs are the model's own (vLLM's default "raw" log-probs): before the request's processors, rules
+        and penalties, and before temperature. A row whose rules leave no token gets NO_TOKEN (the engine ends
+        that sample) instead of an arbitrary draw."""
+        raw = logits
         params = [s.request.params for s in seqs]
-        if self.structured is not None and any(s.request.grammar is not None for s in seqs):
-            logits = self.structured.mask(logits, seqs)
-        if any(has_constraints(p) for p in params):
-            logits = apply_constraints(logits, [len(s.token_ids) - s.num_prompt_tokens for s in seqs], params,
-                                       self.eos_token_ids)
-        if any(has_penalties(p) for p in params):
-            logits = apply_penalties(logits, [s.request.prompt_token_ids for s in seqs], [s.output_ids for s in seqs],
-                                     params)
+        logits, dead = self._adjust(logits, seqs, params)
+        if dead:
+            logits = logits.clone()
+            logits[dead] = 0.0  # any finite row: its draw is discarded
         if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)
         else:
@@ -63,10 +65,12 @@ class Sampler:
                 torch.tensor([len(s.token_ids) - s.num_prompt_tokens for s in seqs], **i64),
             )
         token_list = tokens.tolist()
-        want = [p.logprobs is not None for p in params]
+        for i in dead:
+            token_list[i] = NO_TOKEN
+        want = [p.logprobs is not None and t != NO_TOKEN for p, t in zip(params, token_list)]
         if not any(want):
             return [SampledToken(t, None, None) for t in token_list]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        logprobs = torch.log_softmax(raw.float(), dim=-1)
         out = []
         for i, (t, p) in enumerate(zip(token_list, params)):
             if not want[i]:
@@ -80,6 +84,22 @@ class Sampler:
             top[t] = lp
             out.append(SampledToken(t, lp, top))
         return out
+
+    def _adjust(self, logits: torch.Tensor, seqs: list[Sequence], params: list) -> tuple[torch.Tensor, list[int]]:
+        """Processors, the structured-output mask, allowed ids / bias / min_tokens, penalties (in that order);
+        and the rows left without any allowed token."""
+        logits = self._apply_processors(logits, seqs)
+        broken: list[int] = []
+        if self.structured is not None and any(s.request.grammar is not None for s in seqs):
+            logits, broken = self.structured.mask(logits, seqs)
+        if any(has_constraints(p) for p in params):
+            logits = apply_constraints(logits, seqs, self.eos_token_ids)
+        if any(has_penalties(p) for p in params):
+            logits = apply_penalties(logits, seqs)
+        if not (broken or any(has_constraints(p) or p.logits_processors or p.structured_outputs for p in params)):
+            return logits, []
+        allowed = torch.isfinite(logits).any(dim=-1).tolist()
+        return logits, sorted(set(broken) | {i for i, ok in enumerate(allowed) if not ok})
 
     @staticmethod
     def _apply_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -42,8 +42,25 @@ class SamplingParams:
                 raise ValueError(f"SamplingParams.structured_outputs: unknown field(s) {sorted(unknown)}")
             self.structured_outputs = StructuredOutputs(**self.structured_outputs)
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self._check_containers()
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate()
+
+    def _check_containers(self) -> None:
+        """Wrong container types fail here, naming the field, not deep inside a step."""
+        def seq_of_ints(v) -> bool:
+            return isinstance(v, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+        if self.stop_token_ids is not None and not seq_of_ints(self.stop_token_ids):
+            raise ValueError(f"SamplingParams.stop_token_ids = {self.stop_token_ids!r}: must be a list of token ids")
+        if self.allowed_token_ids is not None and not seq_of_ints(self.allowed_token_ids):
+            raise ValueError(f"SamplingParams.allowed_token_ids = {self.allowed_token_ids!r}: must be a list of "
+                             f"token ids")
+        if self.logit_bias is not None and not (isinstance(self.logit_bias, dict) and all(
+                isinstance(t, int) and isinstance(b, (int, float)) and not isinstance(b, bool)
+                for t, b in self.logit_bias.items())):
+            raise ValueError(f"SamplingParams.logit_bias = {self.logit_bias!r}: must map token ids (ints) to "
+                             f"numbers")
 
     def _validate(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -51,8 +68,8 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "must be an int >= 1")
-        if not self.temperature >= 0.0:
-            raise bad("temperature", "must be >= 0 (0 means greedy)")
+        if not 0.0 <= self.temperature < float("inf"):
+            raise bad("temperature", "must be a finite number >= 0 (0 means greedy)")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "must be in (0, 1]")
         if not isinstance(self.top_k, int) or self.top_k < -1:

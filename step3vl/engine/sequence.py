@@ -37,6 +37,7 @@ class Sequence:
     detokenizer: Any = None
     num_preemptions: int = 0
     guide: Any = None  # structured outputs: this sample's grammar matcher (engine/structured_outputs.py)
+    rule_state: dict = field(default_factory=dict)  # the sampler's per-sample incremental state (penalties)
 
     @property
     def num_tokens(self) -> int:
@@ -88,6 +89,7 @@ class Request:
     arrival_time: float = 0.0
     grammar: Any = None  # structured outputs: the compiled grammar every sample follows
     prompt_logprobs: list | None = None  # per prompt position: None (the first) or {token: logprob}
+    rule_cache: dict = field(default_factory=dict)  # the sampler's per-request tensors (masks, prompt ids)
 
     @property
     def finished(self) -> bool:

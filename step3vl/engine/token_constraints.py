@@ -18,28 +18,44 @@ def has_constraints(params) -> bool:
     return bool(params.allowed_token_ids or params.logit_bias or params.min_tokens)
 
 
-def apply_constraints(logits: torch.Tensor, num_outputs: list[int], params: list, eos_ids: set[int]) -> torch.Tensor:
-    """logits [B, V] → constrained logits (a new tensor when any row has a rule)."""
-    rows = [i for i, p in enumerate(params) if has_constraints(p)]
+def apply_constraints(logits: torch.Tensor, seqs: list, eos_ids: set[int]) -> torch.Tensor:
+    """logits [B, V] (row i for seqs[i]) → constrained logits (a new tensor when any row has a rule). The allowed
+    mask and the bias tensors are built once per request."""
+    rows = [i for i, s in enumerate(seqs) if has_constraints(s.request.params)]
     if not rows:
         return logits
     out = logits.clone()
-    vocab = out.shape[1]
     for i in rows:
-        p = params[i]
+        seq, row = seqs[i], out[i]
+        p = seq.request.params
         if p.allowed_token_ids:
-            keep = torch.zeros(vocab, dtype=torch.bool, device=out.device)
-            keep[torch.tensor(p.allowed_token_ids, device=out.device)] = True
-            out[i].masked_fill_(~keep, float("-inf"))
+            row.masked_fill_(~_allowed_mask(seq.request, row), float("-inf"))
         if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), dtype=torch.int64, device=out.device)
-            out[i, ids] += torch.tensor(list(p.logit_bias.values()), dtype=out.dtype, device=out.device)
-        if num_outputs[i] < p.min_tokens:
-            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids)
-            banned = [t for t in banned if 0 <= t < vocab]
+            ids, bias = _bias(seq.request, row)
+            row[ids] += bias
+        if len(seq.token_ids) - seq.num_prompt_tokens < p.min_tokens:
+            banned = [t for t in set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids) if 0 <= t < row.numel()]
             if banned:
-                out[i, torch.tensor(banned, device=out.device)] = float("-inf")
+                row[torch.tensor(banned, device=row.device)] = float("-inf")
     return out
+
+
+def _allowed_mask(req, row: torch.Tensor) -> torch.Tensor:
+    key = ("allowed", row.device)
+    if key not in req.rule_cache:
+        keep = torch.zeros(row.numel(), dtype=torch.bool, device=row.device)
+        keep[torch.tensor(list(req.params.allowed_token_ids), dtype=torch.int64, device=row.device)] = True
+        req.rule_cache[key] = keep
+    return req.rule_cache[key]
+
+
+def _bias(req, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    key = ("bias", row.device, row.dtype)
+    if key not in req.rule_cache:
+        bias = req.params.logit_bias
+        req.rule_cache[key] = (torch.tensor(list(bias), dtype=torch.int64, device=row.device),
+                               torch.tensor(list(bias.values()), dtype=row.dtype, device=row.device))
+    return req.rule_cache[key]
 
 
 def apply_constraints_ref(row: list[float], num_output: int, allowed: list[int] | None, bias: dict[int, float] | None,

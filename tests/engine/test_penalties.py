@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from step3vl import LLM, SamplingParams
 from step3vl.engine.penalties import apply_penalties, apply_penalties_ref
+from step3vl.engine.sequence import Request, Sequence
 
 VOCAB = 40
 
@@ -24,10 +25,20 @@ VOCAB = 40
 def test_batched_penalties_equal_the_definition(rows, seed):
     logits = torch.randn(len(rows), VOCAB, generator=torch.Generator().manual_seed(seed))
     params = [SamplingParams(repetition_penalty=r, frequency_penalty=f, presence_penalty=p) for _, _, r, f, p in rows]
-    got = apply_penalties(logits, [r[0] for r in rows], [r[1] for r in rows], params)
+    seqs = [_seq(prompt, [], sp) for (prompt, _, *_), sp in zip(rows, params)]
+    for seq, (_, out, *_) in zip(seqs, rows):  # outputs arrive a token at a time, as in decoding
+        for t in out:
+            apply_penalties(logits, seqs)
+            seq.token_ids.append(t)
+    got = apply_penalties(logits, seqs)
     for i, (prompt, out, r, f, p) in enumerate(rows):
         want = apply_penalties_ref(logits[i].tolist(), prompt, out, r, f, p)
         torch.testing.assert_close(got[i], torch.tensor(want), rtol=1e-6, atol=1e-6)
+
+
+def _seq(prompt: list[int], output: list[int], params: SamplingParams) -> Sequence:
+    req = Request("r", None, list(prompt), params, seed=0, arrival=0)
+    return Sequence(0, req, 0, list(prompt) + list(output))
 
 
 @pytest.mark.parametrize("field, value", [("presence_penalty", 2.5), ("frequency_penalty", -3.0),

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from step3vl import LLM, SamplingParams
+from step3vl.engine.sequence import Request, Sequence
 from step3vl.engine.token_constraints import apply_constraints, apply_constraints_ref
 
 VOCAB = 30
@@ -26,7 +27,9 @@ def test_batched_rules_equal_the_definition(rows, seed):
     logits = torch.randn(len(rows), VOCAB, generator=torch.Generator().manual_seed(seed))
     params = [SamplingParams(allowed_token_ids=a, logit_bias=b, min_tokens=m, stop_token_ids=s, ignore_eos=ie)
               for a, b, m, _, s, ie in rows]
-    got = apply_constraints(logits, [r[3] for r in rows], params, EOS)
+    seqs = [Sequence(0, Request("r", None, [1, 2], sp, seed=0, arrival=0), 0, [1, 2] + [5] * n)
+            for sp, (_, _, _, n, _, _) in zip(params, rows)]
+    got = apply_constraints(logits, seqs, EOS)
     for i, (a, b, m, n, s, ie) in enumerate(rows):
         want = torch.tensor(apply_constraints_ref(logits[i].tolist(), n, a, b, m, s, EOS, ie))
         torch.testing.assert_close(got[i], want, rtol=1e-6, atol=1e-5)

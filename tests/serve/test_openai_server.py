@@ -335,14 +335,18 @@ def test_streamed_completion_logprobs_keep_text_offsets(client):
     assert offsets == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
 
 
-def test_masked_alternatives_never_reach_the_json(server, reference):
+def test_logprobs_are_the_models_own_under_masking_rules(server, reference):
+    """vLLM's default (raw log-probs): the sampled token obeys the rules, its log-prob and the alternatives are the
+    model's, all finite JSON numbers."""
     tok = reference.get_tokenizer()
     allowed = [tok.encode("a")[0], tok.encode("b")[0]]
     body = {"model": MODEL, "messages": USER, "max_tokens": 4, "seed": 1, "logprobs": True, "top_logprobs": 5,
             "allowed_token_ids": allowed}
     full = httpx.post(server[1] + "/v1/chat/completions", json=body, timeout=60).json()
-    for entry in full["choices"][0]["logprobs"]["content"]:
-        assert len(entry["top_logprobs"]) == 2 and all(isinstance(t["logprob"], float) for t in entry["top_logprobs"])
+    ref = _ref_chat(reference, USER, max_tokens=4, seed=1, logprobs=5, allowed_token_ids=allowed).outputs[0]
+    for entry, t, alts in zip(full["choices"][0]["logprobs"]["content"], ref.token_ids, ref.logprobs):
+        assert t in allowed and entry["logprob"] == pytest.approx(alts[t], abs=1e-6)
+        assert len(entry["top_logprobs"]) == 5 and all(isinstance(x["logprob"], float) for x in entry["top_logprobs"])
     with httpx.stream("POST", server[1] + "/v1/chat/completions", json=body | {"stream": True}, timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
