@@ -9,8 +9,9 @@ sampling:
 Repetition first, then frequency and presence. They read only the sequence's own tokens, so a sample's draws still
 do not depend on what else is in the batch.
 
-Per step the cost is O(distinct tokens seen), never O(prompt) or O(vocab) again: the prompt's distinct ids are
-kept per request, each sample's output counts grow by the tokens added since the last step.
+Per step the cost is a gather/scatter over the distinct tokens seen, with no Python work over the prompt or the
+whole output: the prompt's distinct ids are kept per request (on the logits' device), and each sample keeps its
+distinct output ids and their counts as device tensors that grow only by the tokens added since the last step.
 """
 
 from __future__ import annotations
@@ -26,10 +27,29 @@ def has_penalties(params) -> bool:
 
 @dataclass
 class _OutputCounts:
-    """One sample's output token counts, and its distinct output ids that are not in the prompt."""
+    """One sample's distinct output ids with their counts (and which of them the prompt lacks), kept as device
+    tensors that grow with the output."""
+    device: torch.device
     counted: int = 0
-    counts: dict[int, int] = field(default_factory=dict)
-    new_ids: list[int] = field(default_factory=list)
+    slot: dict[int, int] = field(default_factory=dict)  # token -> its index in ids / counts
+    ids: torch.Tensor | None = None  # [distinct] int64
+    counts: torch.Tensor | None = None  # [distinct] float32
+    new_ids: torch.Tensor | None = None  # [distinct not in the prompt] int64
+
+    def add(self, tokens: list[int], prompt_set: set[int]) -> None:
+        fresh = []
+        for t in tokens:
+            if t not in self.slot:
+                self.slot[t] = len(self.slot)
+                fresh.append(t)
+        grow = torch.tensor(fresh, dtype=torch.int64, device=self.device)
+        self.ids = grow if self.ids is None else torch.cat([self.ids, grow])
+        self.counts = torch.cat([self.counts if self.counts is not None else grow.new_zeros(0, dtype=torch.float32),
+                                 grow.new_zeros(len(fresh), dtype=torch.float32)])
+        self.counts.index_add_(0, torch.tensor([self.slot[t] for t in tokens], device=self.device),
+                               torch.ones(len(tokens), device=self.device))
+        outside = torch.tensor([t for t in fresh if t not in prompt_set], dtype=torch.int64, device=self.device)
+        self.new_ids = outside if self.new_ids is None else torch.cat([self.new_ids, outside])
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list) -> torch.Tensor:
@@ -42,15 +62,13 @@ def apply_penalties(logits: torch.Tensor, seqs: list) -> torch.Tensor:
         seq, row = seqs[i], out[i]
         p = seq.request.params
         prompt_set, prompt_ids = _prompt_ids(seq.request, vocab, row.device)
-        st = _counts(seq, prompt_set, vocab)
+        st = _counts(seq, prompt_set, vocab, row.device)
         if p.repetition_penalty != 1.0:
-            seen = torch.cat([prompt_ids, torch.tensor(st.new_ids, dtype=torch.int64, device=row.device)])
+            seen = prompt_ids if st.new_ids is None else torch.cat([prompt_ids, st.new_ids])
             vals = row[seen].float()
             row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty).to(row.dtype)
-        if st.counts and (p.frequency_penalty or p.presence_penalty):
-            ids = torch.tensor(list(st.counts), dtype=torch.int64, device=row.device)
-            n = torch.tensor(list(st.counts.values()), dtype=torch.float32, device=row.device)
-            row[ids] -= (p.frequency_penalty * n + p.presence_penalty).to(row.dtype)
+        if st.ids is not None and len(st.ids) and (p.frequency_penalty or p.presence_penalty):
+            row[st.ids] -= (p.frequency_penalty * st.counts + p.presence_penalty).to(row.dtype)
     return out
 
 
@@ -63,14 +81,12 @@ def _prompt_ids(req, vocab: int, device: torch.device) -> tuple[set[int], torch.
     return req.rule_cache[key]
 
 
-def _counts(seq, prompt_set: set[int], vocab: int) -> _OutputCounts:
-    st = seq.rule_state.setdefault("penalty_counts", _OutputCounts())
+def _counts(seq, prompt_set: set[int], vocab: int, device: torch.device) -> _OutputCounts:
+    st = seq.rule_state.setdefault("penalty_counts", _OutputCounts(device))
     out = seq.output_ids
-    for t in out[st.counted:]:
-        if 0 <= t < vocab:
-            if t not in st.counts and t not in prompt_set:
-                st.new_ids.append(t)
-            st.counts[t] = st.counts.get(t, 0) + 1
+    new = [t for t in out[st.counted:] if 0 <= t < vocab]
+    if new:
+        st.add(new, prompt_set)
     st.counted = len(out)
     return st
 
