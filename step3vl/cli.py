@@ -88,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions; PaCoRe models beside the base)")
-    s.add_argument("--model", required=True, type=Path)
+    s.add_argument("--model", type=Path, default=None, help="checkpoint directory (or --demo)")
+    s.add_argument("--demo", action="store_true",
+                   help=f"serve the demo's random-weight checkpoint ({DEMO_DIR}, made if missing) with </think> "
+                        f"forced at output position 48, to try the API without real weights")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
@@ -419,6 +422,11 @@ def _cmd_serve(args) -> int:
     from step3vl.engine.async_llm import AsyncLLM
     from step3vl.serve import MediaPolicy, OpenAIServer, ServerConfig
 
+    if args.demo:
+        args.model, _ = _demo_checkpoint(DEMO_DIR)
+        args.think_at = 48 if args.think_at is None else args.think_at
+    if args.model is None:
+        raise ValueError("give --model DIR (a checkpoint directory) or --demo")
     llm = _load_llm(args, args.model)
     config = ServerConfig(served_model_name=args.served_model_name or Path(args.model).resolve().name,
                           reasoning_parser=not args.no_reasoning_parser,

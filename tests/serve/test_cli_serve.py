@@ -59,3 +59,10 @@ def test_serve_answers_the_base_and_the_pacore_model(served_cli):
     assert record["error"] is None and [rd["k"] for rd in record["rounds"]] == [4, 1]
     assert p.choices[0].message.content == record["final_response"] != ""
     assert p.usage.completion_tokens == record["effective_ttc"] == 5 * 12
+
+
+def test_serve_without_a_model_says_what_to_give(capsys):
+    from step3vl.cli import main
+
+    assert main(["serve"]) == 2
+    assert "give --model DIR (a checkpoint directory) or --demo" in capsys.readouterr().err
