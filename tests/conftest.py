@@ -1,6 +1,4 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,12 +6,6 @@ import torch
 # The Triton interpreter must be chosen before any @triton.jit function runs.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-# `python -m pytest` puts the repository root on sys.path, where the kernels/ folder (installed as
-# step3vl_kernels) would shadow the PyPI package `kernels` that transformers >= 5.25 imports. Our packages are
-# installed (editable in CI), so the root is not needed on the path.
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
 
 
 @pytest.fixture(scope="module")
