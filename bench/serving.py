@@ -11,6 +11,7 @@ Load: --requests streaming chat requests of ~--prompt-tokens tokens, --max-token
 Poisson process at --rate requests/s (0 = all at once), sent by the official `openai` AsyncOpenAI client. Reported:
 output tokens/s over the run, TTFT and end-to-end latency percentiles, inter-token latency.
 
+    pip install "transformers[serving]"      # transformers' server extras, for the baseline
     python bench/serving.py [--requests 32] [--rate 0] [--prompt-tokens 256] [--max-tokens 64] [--threads 2]
 """
 
