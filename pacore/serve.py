@@ -86,7 +86,9 @@ class PaCoReRequest(BaseModel):
 class PaCoReService:
     """Registers PaCoRe on an `OpenAIServer`: one chat model per preset, and the batch route."""
 
-    def __init__(self, server: OpenAIServer, base: PaCoReConfig, presets: list[str] | None = None):
+    def __init__(self, server: OpenAIServer, base: PaCoReConfig, presets: list[str] | None = None,
+                 max_trajectories: int | None = 64):
+        self.max_trajectories = max_trajectories  # per problem, all rounds together (None: no limit)
         if server.config.logits_processors and base.sampling_hook is None:
             base = dataclasses.replace(base, sampling_hook=_with_processors(server.config.logits_processors))
         self.server, self.engine, self.base = server, server.engine, base
@@ -110,9 +112,14 @@ class PaCoReService:
         elif rounds is not None:
             changes["rounds"] = rounds
         try:
-            return dataclasses.replace(self.base, **changes)
+            cfg = dataclasses.replace(self.base, **changes)
         except (ValueError, TypeError) as e:
             raise RequestError(str(e), str(e).split(" ", 1)[0].removeprefix("PaCoReConfig.")) from None
+        limit = self.max_trajectories
+        if limit is not None and cfg.trajectories_per_problem > limit:
+            raise RequestError(f"rounds {cfg.schedule} are {cfg.trajectories_per_problem} trajectories per problem, "
+                               f"over this server's limit of {limit}", "rounds")
+        return cfg
 
     # -- chat models ----------------------------------------------------------------------------------
 

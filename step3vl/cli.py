@@ -105,6 +105,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--allowed-local-media-path", type=Path, default=None,
                    help="local image paths / file:// URLs are read only under this directory")
     s.add_argument("--no-fetch-urls", action="store_true", help="refuse http(s) image URLs (data: URLs only)")
+    s.add_argument("--allow-private-urls", action="store_true",
+                   help="also fetch image URLs on loopback / private addresses (off: the server's own network is "
+                        "not reachable through it)")
+    s.add_argument("--max-n", type=int, default=64, help="the most samples (n) one request may ask for")
+    s.add_argument("--max-pacore-trajectories", type=int, default=64,
+                   help="the most trajectories, all rounds together, one PaCoRe problem may ask for")
     s.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on /v1/* and /tokenize (default: $STEP3VL_API_KEY)")
     s.add_argument("--think-at", type=int, default=None,
@@ -432,7 +438,9 @@ def _cmd_serve(args) -> int:
                           reasoning_parser=not args.no_reasoning_parser,
                           api_key=args.api_key or os.environ.get("STEP3VL_API_KEY"),
                           media=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
-                                            fetch_urls=not args.no_fetch_urls))
+                                            fetch_urls=not args.no_fetch_urls,
+                                            allow_private_urls=args.allow_private_urls),
+                          max_n=args.max_n)
     if args.think_at is not None:
         config.logits_processors = [RandomWeightsProcessor(llm.get_tokenizer(), llm.model.cfg.text.vocab_size,
                                                            args.think_at)]
@@ -442,7 +450,7 @@ def _cmd_serve(args) -> int:
     if presets:
         base = PaCoReConfig(max_tokens=args.pacore_max_tokens or llm.max_model_len,
                             message_max_tokens=args.message_max_tokens)
-        PaCoReService(server, base, presets)
+        PaCoReService(server, base, presets, max_trajectories=args.max_pacore_trajectories)
     print(f"step3vl serve: {config.served_model_name} on http://{args.host}:{args.port}/v1 "
           f"(max_model_len {llm.max_model_len}; models: {', '.join(m.id for m in _model_ids(server))})",
           file=sys.stderr)

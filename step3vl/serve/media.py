@@ -2,16 +2,21 @@
 
 A request can carry `data:` URLs (always accepted), `http(s)://` URLs (fetched with a timeout and a size cap,
 unless fetching is off) and local paths / `file://` URLs — those only under `allowed_local_media_path`, as in
-vLLM: a server must not read arbitrary files of its host because a client named them.
+vLLM: a server must not read arbitrary files of its host because a client named them. For the same reason URLs
+whose host resolves to a loopback, private, link-local or reserved address are refused (every redirect hop is
+checked) unless `allow_private_urls`: a client must not make the server probe its own network. (A host whose DNS
+answer changes between the check and the connection is not covered.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urljoin
 
 import httpx
 
@@ -24,6 +29,8 @@ class MediaPolicy:
     fetch_urls: bool = True
     fetch_timeout_s: float = 10.0  # for the whole download, not per read
     max_image_bytes: int = 32 << 20
+    allow_private_urls: bool = False
+    max_redirects: int = 5
 
 
 async def resolve_images(messages: list[dict], policy: MediaPolicy) -> list[dict]:
@@ -73,15 +80,40 @@ async def _fetch(url: str, where: str, policy: MediaPolicy) -> bytes:
 
 
 async def _download(url: str, where: str, policy: MediaPolicy) -> bytes:
-    async with httpx.AsyncClient(timeout=policy.fetch_timeout_s, follow_redirects=True) as client:
-        async with client.stream("GET", url) as resp:
-            resp.raise_for_status()
-            data = bytearray()
-            async for chunk in resp.aiter_bytes():
-                data += chunk
-                if len(data) > policy.max_image_bytes:
-                    raise RequestError(f"{where}: image at {url} exceeds {policy.max_image_bytes} bytes", where)
-            return bytes(data)
+    async with httpx.AsyncClient(timeout=policy.fetch_timeout_s, follow_redirects=False) as client:
+        for _ in range(policy.max_redirects + 1):
+            if not policy.allow_private_urls:
+                await _check_public(url, where)
+            async with client.stream("GET", url) as resp:
+                if resp.is_redirect:
+                    url = urljoin(url, resp.headers["location"])
+                    continue
+                resp.raise_for_status()
+                return await _read_capped(resp, url, where, policy)
+    raise RequestError(f"{where}: more than {policy.max_redirects} redirects fetching the image", where)
+
+
+async def _read_capped(resp: httpx.Response, url: str, where: str, policy: MediaPolicy) -> bytes:
+    data = bytearray()
+    async for chunk in resp.aiter_bytes():
+        data += chunk
+        if len(data) > policy.max_image_bytes:
+            raise RequestError(f"{where}: image at {url} exceeds {policy.max_image_bytes} bytes", where)
+    return bytes(data)
+
+
+async def _check_public(url: str, where: str) -> None:
+    host = httpx.URL(url).host
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise RequestError(f"{where}: cannot resolve the image host {host!r}: {e}", where) from None
+    for *_, addr in infos:
+        ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast \
+                or ip.is_unspecified:
+            raise RequestError(f"{where}: the image host {host!r} is a private or local address; this server "
+                               f"fetches public URLs only (--allow-private-urls to change that)", where)
 
 
 def _local_path(url: str, where: str, policy: MediaPolicy) -> Path:

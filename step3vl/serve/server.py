@@ -52,6 +52,7 @@ class ServerConfig:
     # With the reasoning parser, a chat request's structured output (response_format, ...) applies to the answer
     # after </think>, not to the reasoning.
     structured_after_reasoning: bool = True
+    max_n: int | None = 64  # the most samples one request may ask for (None: no limit)
 
 
 class OpenAIServer:
@@ -145,8 +146,14 @@ class OpenAIServer:
             raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", "tokens")
         return {"prompt": self.tokenizer.decode(body.tokens)}
 
+    def _check_n(self, body) -> None:
+        limit = self.config.max_n
+        if limit is not None and body.n > limit:
+            raise RequestError(f"n = {body.n} is over this server's limit of {limit} samples per request", "n")
+
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
         body.refuse_unsupported()
+        self._check_n(body)
         name = body.model or self.config.served_model_name
         handler = self._chat_models.get(name)
         if handler is None:
@@ -157,6 +164,7 @@ class OpenAIServer:
 
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         body.refuse_unsupported()
+        self._check_n(body)
         if body.model not in (None, self.config.served_model_name):
             raise RequestError(f"The model `{body.model}` does not serve completions; use "
                                f"`{self.config.served_model_name}`", "model", 404, "NotFoundError")

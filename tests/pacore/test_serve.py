@@ -101,6 +101,7 @@ def test_a_bad_problem_fails_alone_in_a_batch(served):
 
 
 @pytest.mark.parametrize("body, param", [
+    ({"problems": [], "rounds": [64, 8]}, "rounds"),  # 73 trajectories: over the default limit of 64
     ({"problems": [], "preset": "extreme"}, "preset"),
     ({"problems": [], "rounds": [0]}, "rounds"),
     ({"problems": [], "preset": "low", "rounds": [2]}, "rounds"),

@@ -197,6 +197,7 @@ def _error(fn) -> openai.APIStatusError:
     (dict(logit_bias={"100000": 1.0}), 400, "logit_bias", "outside the vocabulary"),
     (dict(model="no-such-model"), 404, "model", "does not exist"),
     (dict(extra_body={"top_k": -5}), 400, "top_k", "top_k"),
+    (dict(n=65), 400, "n", "limit of 64"),
 ])
 def test_bad_requests_name_the_field(client, kw, status, param, words):
     args = dict(model=MODEL, messages=USER, max_tokens=4) | kw

@@ -62,6 +62,11 @@ def image_host():
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path in ("/redirect", "/loop"):
+                self.send_response(302)
+                self.send_header("Location", "/ok.png" if self.path == "/redirect" else "/loop")
+                self.end_headers()
+                return
             body = files.get(self.path)
             self.send_response(200 if body else 404)
             self.end_headers()
@@ -81,7 +86,7 @@ def media_server(tiny_ckpt, tmp_path_factory):
     allowed = tmp_path_factory.mktemp("media")
     Image.new("RGB", (24, 20), (0, 90, 200)).save(allowed / "ok.png")
     engine = AsyncLLM(LLM(tiny_ckpt, kv_cache_memory="8MiB", max_model_len=512))
-    policy = MediaPolicy(allowed_local_media_path=allowed, max_image_bytes=1 << 20)
+    policy = MediaPolicy(allowed_local_media_path=allowed, max_image_bytes=1 << 20, allow_private_urls=True)
     srv = OpenAIServer(engine, ServerConfig(served_model_name=MODEL, media=policy))
     with BackgroundServer(srv.app) as url:
         yield url, allowed
@@ -107,7 +112,18 @@ def test_url_file_and_data_url_give_the_same_answer(media_server, image_host):
                 for a in answers}) == 1
 
 
-@pytest.mark.parametrize("path, words", [("/missing.png", "404"), ("/big.png", "exceeds 1048576 bytes")])
+def test_redirects_are_followed(media_server, image_host):
+    r = _chat_with_image(media_server[0], image_host[0] + "/redirect")
+    assert r.status_code == 200, r.text
+
+
+def test_the_default_policy_refuses_private_hosts(server, image_host):
+    r = _chat_with_image(server[1], image_host[0] + "/ok.png")
+    assert r.status_code == 400 and "private or local address" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path, words", [("/missing.png", "404"), ("/big.png", "exceeds 1048576 bytes"),
+                                         ("/loop", "more than 5 redirects")])
 def test_bad_urls_are_refused(media_server, image_host, path, words):
     r = _chat_with_image(media_server[0], image_host[0] + path)
     assert r.status_code == 400 and words in r.json()["error"]["message"]
