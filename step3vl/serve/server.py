@@ -1,5 +1,5 @@
 """An OpenAI-compatible HTTP server over `AsyncLLM` (FastAPI): /v1/chat/completions, /v1/completions,
-/v1/models, /tokenize, /detokenize, /health, /version, /stats, /metrics (Prometheus).
+/v1/models, /tokenize, /detokenize, /reset_prefix_cache, /health, /version, /stats, /metrics (Prometheus).
 
 Every request runs on the one engine, batched continuously with all the others; `n` samples of a request are
 forked from one prefill. A client that disconnects (or closes its stream) aborts its request, which frees its
@@ -22,7 +22,6 @@ import jinja2
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from step3vl import __version__
