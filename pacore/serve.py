@@ -43,9 +43,11 @@ FinalRoundHook = Callable[[RequestOutput], None]
 CHAT_PROBLEM_ID = "chat"  # a chat request's problem id: `PaCoRe.run` on Problem("chat", messages) reproduces it
 
 
-async def run_problem(engine: AsyncLLM, config: PaCoReConfig, problem: Problem, tag: str,
+async def run_problem(engine: AsyncLLM, config: PaCoReConfig, problem: Problem, tag: str | None = None,
                       on_final_round: FinalRoundHook | None = None) -> PaCoReResult:
-    """One problem's rounds on a shared engine. Cancelling it aborts the round in flight."""
+    """One problem's rounds on a shared engine (from any asyncio code, not only the server). Cancelling it aborts
+    the round in flight. `tag` prefixes its engine request ids (default: a fresh one)."""
+    tag = tag or _tag()
     llm = engine.llm
     run = ProblemRun(problem, config, llm.processor, think_end_marker(llm.get_tokenizer()), llm.model.device, tag)
     req = await asyncio.to_thread(run.start)  # loads the problem's images

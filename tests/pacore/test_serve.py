@@ -200,3 +200,19 @@ def test_a_batch_client_that_leaves_aborts_its_rounds(served_with, script, hook)
             break
         time.sleep(0.1)
     assert stats["blocks_used"] == 0
+
+
+def test_run_problem_from_plain_asyncio_equals_the_runner(make_llm, base_config):
+    import asyncio
+
+    from pacore.serve import run_problem
+
+    problem = Problem("q", QUESTION)
+    engine = AsyncLLM(make_llm(max_model_len=1024))
+    try:
+        got = asyncio.run(run_problem(engine, base_config, problem))
+    finally:
+        engine.shutdown()
+    want = _reference(make_llm, base_config, [problem])[0]
+    assert got.ok and got.final_response == want.final_response
+    assert got.round_responses == want.round_responses
