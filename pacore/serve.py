@@ -129,8 +129,7 @@ class PaCoReService:
         async def handler(server: OpenAIServer, body: ChatCompletionRequest, messages: list[dict]) -> Any:
             if body.n != 1:
                 raise RequestError("a PaCoRe model gives one synthesized answer: n must be 1", "n")
-            if body.logprobs:
-                raise RequestError("logprobs are not available from a PaCoRe model", "logprobs")
+            _refuse_plain_only(body)
             # Like any OpenAI model: random without a seed, reproducible with one (the round seeds hash the seed
             # with the problem id, so every chat problem has the same id).
             seed = body.seed if body.seed is not None else secrets.randbits(63)
@@ -204,6 +203,24 @@ class PaCoReService:
         tag = _tag()
         results = await gather_or_cancel([run_problem(self.engine, cfg, p, tag) for p in problems])
         return {"object": "pacore.results", "data": [_record(r) for r in results]}
+
+
+# Request fields a PaCoRe model cannot honour (its rounds sample with the method's own settings): refused, not
+# silently ignored. temperature, top_p, max_tokens and seed are taken.
+_PLAIN_ONLY = {"logprobs": False, "top_logprobs": None, "prompt_logprobs": None, "stop": None, "stop_token_ids": None,
+               "top_k": None, "min_p": None, "min_tokens": 0, "logit_bias": None, "allowed_token_ids": None,
+               "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": None, "ignore_eos": False,
+               "structured_outputs": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
+               "guided_grammar": None}
+
+
+def _refuse_plain_only(body: ChatCompletionRequest) -> None:
+    for name, default in _PLAIN_ONLY.items():
+        if getattr(body, name) not in (default, None) or (name == "stop" and body.stop):
+            raise RequestError(f"{name} is not available from a PaCoRe model (its rounds sample with the method's "
+                               f"settings; only temperature, top_p, max_tokens and seed apply)", name)
+    if (body.response_format or {}).get("type", "text") != "text":
+        raise RequestError("response_format is not available from a PaCoRe model", "response_format")
 
 
 def _with_processors(processors: list):

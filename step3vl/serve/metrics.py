@@ -21,7 +21,7 @@ class ServerMetrics:
         def gauge(name: str, doc: str):
             return Gauge(f"step3vl:{name}", doc, ["model_name"], registry=r).labels(**label)
 
-        self._requests = counter("request_success", "Requests that ended, by finish reason", "finished_reason")
+        self._choices = counter("choices_finished", "Choices (samples) that ended, by finish reason", "finished_reason")
         self._errors = counter("request_errors", "Requests refused or failed, by HTTP status", "status")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests").labels(**label)
         self.generation_tokens = counter("generation_tokens", "Generated tokens of finished requests").labels(**label)
@@ -35,7 +35,7 @@ class ServerMetrics:
 
     def finished(self, finish_reasons: list[str | None], prompt_tokens: int, generated_tokens: int) -> None:
         for reason in finish_reasons:
-            self._requests.labels(finished_reason=reason or "unknown", **self._label).inc()
+            self._choices.labels(finished_reason=reason or "unknown", **self._label).inc()
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(generated_tokens)
 

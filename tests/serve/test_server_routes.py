@@ -51,7 +51,7 @@ def test_metrics_count_what_was_served(server, client):
 
     assert grew("generation_tokens_total") == r.usage.completion_tokens == 14
     assert grew("prompt_tokens_total") == r.usage.prompt_tokens
-    assert grew("request_success_total", f'{{finished_reason="length",model_name="{MODEL}"}}') == 2
+    assert grew("choices_finished_total", f'{{finished_reason="length",model_name="{MODEL}"}}') == 2  # n = 2
     assert grew("request_errors_total", f'{{model_name="{MODEL}",status="400"}}') == 1
     assert after[f"step3vl:kv_cache_blocks_total{label}"] > 0
     assert after[f"step3vl:num_requests_running{label}"] == 0
