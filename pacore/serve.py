@@ -216,7 +216,8 @@ _PLAIN_ONLY = {"logprobs": False, "top_logprobs": None, "prompt_logprobs": None,
 
 def _refuse_plain_only(body: ChatCompletionRequest) -> None:
     for name, default in _PLAIN_ONLY.items():
-        if getattr(body, name) not in (default, None) or (name == "stop" and body.stop):
+        value = getattr(body, name)
+        if value not in (None, default, [], {}):
             raise RequestError(f"{name} is not available from a PaCoRe model (its rounds sample with the method's "
                                f"settings; only temperature, top_p, max_tokens and seed apply)", name)
     if (body.response_format or {}).get("type", "text") != "text":
