@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--pacore-max-tokens", type=int, default=None,
                    help="per-trajectory new tokens when a request names none (default: the context's room)")
     s.add_argument("--message-max-tokens", type=int, default=4096, help="bound on each message passed between rounds")
+    s.add_argument("--chat-template", type=Path, default=None,
+                   help="a Jinja chat template file to use instead of the checkpoint's (vLLM's flag)")
     s.add_argument("--no-reasoning-parser", action="store_true",
                    help="return the raw text as content (no reasoning_content split at </think>)")
     s.add_argument("--allowed-local-media-path", type=Path, default=None,
@@ -433,7 +435,10 @@ def _cmd_serve(args) -> int:
         args.think_at = 48 if args.think_at is None else args.think_at
     if args.model is None:
         raise ValueError("give --model DIR (a checkpoint directory) or --demo")
+    template = _read_template(args.chat_template) if args.chat_template is not None else None  # before loading
     llm = _load_llm(args, args.model)
+    if template is not None:
+        llm.get_tokenizer().chat_template = template
     config = ServerConfig(served_model_name=args.served_model_name or Path(args.model).resolve().name,
                           reasoning_parser=not args.no_reasoning_parser,
                           api_key=args.api_key or os.environ.get("STEP3VL_API_KEY"),
@@ -459,6 +464,17 @@ def _cmd_serve(args) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def _read_template(path: Path) -> str:
+    import jinja2
+
+    text = path.read_text(encoding="utf-8")  # a missing file: FileNotFoundError, reported by main()
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"{path}:{e.lineno}: not a valid Jinja template: {e.message}") from None
+    return text
 
 
 def _model_ids(server):

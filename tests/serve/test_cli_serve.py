@@ -66,3 +66,39 @@ def test_serve_without_a_model_says_what_to_give(capsys):
 
     assert main(["serve"]) == 2
     assert "give --model DIR (a checkpoint directory) or --demo" in capsys.readouterr().err
+
+
+def test_a_chat_template_flag_replaces_the_checkpoints(tiny_ckpt, tmp_path):
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant:{% endif %}")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "step3vl.cli", "serve", "--model", str(tiny_ckpt), "--port", str(port),
+           "--pacore-presets", "", "--chat-template", str(template), "--kv-cache-memory", "8MiB", "--threads", "1",
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+                time.sleep(0.2)
+        got = httpx.post(url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()["tokens"]
+        want = httpx.post(url + "/tokenize", json={"prompt": "user: hi\nassistant:"}).json()["tokens"]
+        assert got == want
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_broken_chat_template_is_refused_at_startup(tiny_ckpt, tmp_path, capsys):
+    from step3vl.cli import main
+
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}")
+    assert main(["serve", "--model", str(tiny_ckpt), "--chat-template", str(bad), "--kv-cache-memory", "8MiB"]) == 2
+    assert "not a valid Jinja template" in capsys.readouterr().err
