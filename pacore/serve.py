@@ -144,7 +144,7 @@ class PaCoReService:
             choice, usage = _choice(result), _usage(result)
             server.metrics.finished([choice.finish_reason], usage.prompt_tokens, usage.completion_tokens)
             return ChatCompletionResponse(id=new_id("chatcmpl"), model=model, choices=[choice], usage=usage,
-                                          pacore=_record(result))
+                                          pacore=result.to_dict())
         return handler
 
     async def _chat_events(self, cfg: PaCoReConfig, problem: Problem, model: str, body: ChatCompletionRequest):
@@ -168,15 +168,16 @@ class PaCoReService:
             result = task.result()
         finally:
             task.cancel()  # a closed stream (client gone) aborts the round in flight; no-op when done
-        if result.error is not None:
-            status, kind = (400, "invalid_request_error") if not result.rounds else (500, "PaCoReError")
-            yield sse({"error": {**error_body(result.error, kind, "messages" if status == 400 else None,
-                                              status)["error"], "pacore": _record(result)}})
+        try:
+            _raise_if_failed(result)
+        except RequestError as e:  # mid-stream: the same error as the non-streamed response, as an event
+            error = error_body(str(e), e.kind, e.param, e.status)["error"]
+            yield sse({"error": {**error, "pacore": result.to_dict()}})
         else:
             rest = result.final_reasoning_content
             rest = rest[len(live.sent):] if rest.startswith(live.sent) else ""
             yield chunk({"reasoning_content": rest, "content": result.final_response}, _choice(result).finish_reason)
-            tail = {**head, "choices": [], "pacore": _record(result)}
+            tail = {**head, "choices": [], "pacore": result.to_dict()}
             if body.include_usage:
                 tail["usage"] = _usage(result).model_dump()
             yield sse(tail)
@@ -202,7 +203,7 @@ class PaCoReService:
                     for p in problems]
         tag = _tag()
         results = await gather_or_cancel([run_problem(self.engine, cfg, p, tag) for p in problems])
-        return {"object": "pacore.results", "data": [_record(r) for r in results]}
+        return {"object": "pacore.results", "data": [r.to_dict() for r in results]}
 
 
 # Request fields a PaCoRe model cannot honour (its rounds sample with the method's own settings): refused, not
@@ -250,7 +251,7 @@ class PaCoReFailed(RequestError):
     """No answer after the rounds ran (e.g. no trajectory closed its reasoning): the error carries the record."""
 
     def __init__(self, result: PaCoReResult):
-        super().__init__(result.error, None, 500, "PaCoReError", {"pacore": _record(result)})
+        super().__init__(result.error, None, 500, "PaCoReError", {"pacore": result.to_dict()})
 
 
 class _LiveReasoning:
@@ -279,7 +280,3 @@ def _choice(result: PaCoReResult) -> ChatChoice:
 
 def _usage(result: PaCoReResult) -> Usage:
     return Usage.of(result.prompt_tokens, result.effective_ttc, result.prefix_hit_tokens)
-
-
-def _record(result: PaCoReResult) -> dict:
-    return result.to_dict()

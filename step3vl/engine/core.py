@@ -13,7 +13,6 @@ import random
 import time
 from dataclasses import dataclass, field
 
-
 from step3vl.engine.kv_cache import KVCache
 from step3vl.engine.model_runner import ModelRunner, sample_rows_for
 from step3vl.engine.sampler import NO_TOKEN, SampledToken, Sampler
@@ -97,10 +96,11 @@ class EngineCore:
         if not ids:
             raise ValueError(f"request {request_id!r}: the prompt is empty")
         vocab = self.model.cfg.text.vocab_size
+        limit = min(vocab, self.max_logprobs)
         for name in ("logprobs", "prompt_logprobs"):
-            if (getattr(params, name) or 0) > min(vocab, self.max_logprobs):
+            if (getattr(params, name) or 0) > limit:
                 raise ValueError(f"SamplingParams.{name} = {getattr(params, name)}: more than max_logprobs "
-                                 f"({min(vocab, self.max_logprobs)}; LLM(max_logprobs=...) raises it)")
+                                 f"({limit}; LLM(max_logprobs=...) raises it)")
         for name in ("logit_bias", "allowed_token_ids"):
             bad = next((t for t in getattr(params, name) or () if t >= vocab), None)
             if bad is not None:

@@ -69,9 +69,9 @@ def chat_choice(c: CompletionOutput, tokenizer, reasoning: bool, top_n: int | No
 def echo_logprobs(tokenizer, out: RequestOutput, top_n: int) -> dict:
     """The legacy completions format for an echoed prompt: the first token has no log-prob (null)."""
     ids, plp = out.prompt_token_ids, out.prompt_logprobs
-    rest = completion_logprobs(tokenizer, ids[1:], plp[1:], top_n, len(_token_text(tokenizer, ids[0])))
-    return {"tokens": [_token_text(tokenizer, ids[0])] + rest["tokens"], "token_logprobs": [None] + rest["token_logprobs"],
-            "top_logprobs": [None] + rest["top_logprobs"], "text_offset": [0] + rest["text_offset"]}
+    first = _token_text(tokenizer, ids[0])
+    head = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
+    return join_logprobs(head, completion_logprobs(tokenizer, ids[1:], plp[1:], top_n, len(first)))
 
 
 def join_logprobs(a: dict | None, b: dict | None) -> dict | None:
@@ -88,14 +88,19 @@ def vllm_prompt_logprobs(tokenizer, out: RequestOutput) -> list | None:
                                     for t, v in d.items() if math.isfinite(v)} for d in out.prompt_logprobs]
 
 
-def completion_choice(index: int, c: CompletionOutput, out: RequestOutput, tokenizer, top_n: int | None, echo: str,
-                      echo_lp: bool) -> CompletionChoice:
-    lp = (completion_logprobs(tokenizer, c.token_ids, c.logprobs, top_n, len(echo))
-          if top_n is not None and c.logprobs else None)
-    if echo_lp:
-        lp = join_logprobs(echo_logprobs(tokenizer, out, top_n), lp)
-    return CompletionChoice(index=index, text=echo + c.text, logprobs=lp, finish_reason=c.finish_reason,
-                            stop_reason=c.stop_reason, prompt_logprobs=vllm_prompt_logprobs(tokenizer, out))
+def completion_choices(base: int, out: RequestOutput, tokenizer, top_n: int | None, echo: str,
+                       echo_lp: bool) -> list[CompletionChoice]:
+    """One prompt's choices (index base + sample index); the prompt's own log-probs are formatted once for all."""
+    prompt_lp = echo_logprobs(tokenizer, out, top_n) if echo_lp else None
+    prompt_logprobs = vllm_prompt_logprobs(tokenizer, out)
+    choices = []
+    for c in out.outputs:
+        lp = (completion_logprobs(tokenizer, c.token_ids, c.logprobs, top_n, len(echo))
+              if top_n is not None and c.logprobs else None)
+        choices.append(CompletionChoice(index=base + c.index, text=echo + c.text, logprobs=join_logprobs(prompt_lp, lp),
+                                        finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                                        prompt_logprobs=prompt_logprobs))
+    return choices
 
 
 @dataclass(slots=True)
@@ -113,6 +118,7 @@ class StreamState:
     """Turns successive cumulative outputs into delta chunks, per choice index."""
     reasoning: bool
     choices: dict[int, ChoiceStream] = field(default_factory=dict)
+    echo_lp: dict[int, dict] = field(default_factory=dict)  # completions: a prompt's echoed log-probs, by base index
 
     def chat_deltas(self, out: RequestOutput, tokenizer, top_n: int | None) -> list[dict]:
         chunks = []
@@ -156,7 +162,9 @@ class StreamState:
             if lp is not None:
                 st.text_offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
             if echo_lp and not st.started:
-                lp = join_logprobs(echo_logprobs(tokenizer, out, top_n), lp)
+                if base not in self.echo_lp:  # once per prompt, whichever of its choices starts first
+                    self.echo_lp[base] = echo_logprobs(tokenizer, out, top_n)
+                lp = join_logprobs(self.echo_lp[base], lp)
             st.tokens_sent, st.started, st.done = len(c.token_ids), True, c.finish_reason is not None
             chunks.append({"index": base + c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason,
                            "stop_reason": c.stop_reason})

@@ -34,7 +34,7 @@ from step3vl.serve.metrics import ServerMetrics, engine_state
 from step3vl.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                     CompletionResponse, DetokenizeRequest, ModelCard, ModelList, RequestError,
                                     TokenizeRequest, error_body, new_id, now, rejected)
-from step3vl.serve.responses import (StreamState, chat_choice, completion_choice, sse, usage_of,
+from step3vl.serve.responses import (StreamState, chat_choice, completion_choices, sse, usage_of,
                                      vllm_prompt_logprobs)
 
 ChatHandler = Callable[["OpenAIServer", ChatCompletionRequest, list[dict]], Awaitable[Any]]
@@ -286,8 +286,9 @@ class OpenAIServer:
             return _event_stream(self._completion_events(streams, echoes, rid, model, body))
         outs = await gather_or_cancel([last(s) for s in streams])
         self.count_finished(outs)
-        choices = [completion_choice(i * body.n + c.index, c, out, self.tokenizer, body.logprobs, echoes[i],
-                                     body.echo_logprobs) for i, out in enumerate(outs) for c in out.outputs]
+        choices = [c for i, out in enumerate(outs)
+                   for c in completion_choices(i * body.n, out, self.tokenizer, body.logprobs, echoes[i],
+                                               body.echo_logprobs)]
         return CompletionResponse(id=rid, model=model, choices=choices, usage=usage_of(list(outs)))
 
     def _echo(self, body: CompletionRequest, p: PreparedPrompt) -> str:
