@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from step3vl.engine.image_inputs import cache_token_ids, image_layout
 from step3vl.engine.kv_cache import KVCache
 from step3vl.engine.model_runner import ModelRunner, sample_rows_for
 from step3vl.engine.sampler import NO_TOKEN, SampledToken, Sampler
@@ -47,6 +48,7 @@ class EngineCore:
     seed: int = 0
     structured: object = None  # StructuredOutputBackend, for requests with structured_outputs
     max_logprobs: int = 20  # the most alternatives per token a request may ask for (vLLM's default)
+    encoder_cache_bytes: int = 256 << 20  # image features kept by image digest (engine/image_inputs.py)
     requests: dict[str, Request] = field(default_factory=dict)
     counters: EngineCounters = field(default_factory=EngineCounters)
 
@@ -55,7 +57,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.block_manager, self.block_size, self.max_num_batched_tokens,
                                    self.max_num_seqs)
         self.runner = ModelRunner(self.model, self.kv, self.use_kernels, self.cascade_attention,
-                                  self.cpu_kernels)
+                                  self.cpu_kernels, self.encoder_cache_bytes)
         self.sampler = Sampler(self.model.device, self.eos_token_ids, self.structured)
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
@@ -66,7 +68,8 @@ class EngineCore:
     # -- requests -----------------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    images: list | None = None, salt: int = 0, prompt: str | None = None) -> Request:
+                    images: list | None = None, salt: int = 0, prompt: str | None = None,
+                    image_hashes: list[int] | None = None) -> Request:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         params.__post_init__()  # fields set after construction: derive stop strings and validate again
@@ -77,6 +80,9 @@ class EngineCore:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         req = Request(request_id, prompt, list(prompt_token_ids), params, seed, next(self._arrivals),
                       images=list(images or []), salt=salt, arrival_time=time.perf_counter(), grammar=grammar)
+        if req.images:
+            req.image_layout = image_layout(self.model, req.prompt_token_ids, req.images, image_hashes)
+            req.cache_prompt_ids = cache_token_ids(req.prompt_token_ids, req.image_layout)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None] * len(prompt_token_ids)
         self.requests[request_id] = req
@@ -91,6 +97,13 @@ class EngineCore:
         req.sequences.append(seq)
         self.scheduler.add(seq)
         return req
+
+    def prefix_cache_ids(self, prompt_token_ids: list[int], images: list,
+                         image_hashes: list[int] | None = None) -> list[int]:
+        """A prompt's ids as the prefix cache hashes them (image rows carry their image's digest)."""
+        if not images:
+            return prompt_token_ids
+        return cache_token_ids(prompt_token_ids, image_layout(self.model, prompt_token_ids, images, image_hashes))
 
     def _check_fits(self, request_id: str, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -187,9 +200,6 @@ class EngineCore:
                 seq.request.first_token_time = now
             self._append(seq, tok)
             changed[seq.request.request_id] = seq.request
-        for req in changed.values():
-            if req.finished:
-                req.image_features = None
         return list(changed.values())
 
     def _account(self, step: ScheduledStep) -> None:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from step3vl.engine.core import EngineCore, EngineCounters
 from step3vl.engine.cpu_modules import should_use_native, use_native_decoder
+from step3vl.engine.image_inputs import image_hash
 from step3vl.engine.kv_cache import KVCache, block_bytes
 from step3vl.engine.outputs import CompletionOutput, RequestOutput
 from step3vl.engine.sampling_params import SamplingParams
@@ -27,14 +28,14 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 _SIZE_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1}
 
 
-def parse_bytes(value: int | str) -> int:
+def parse_bytes(value: int | str, name: str = "kv_cache_memory") -> int:
     if isinstance(value, int):
         return value
     s = value.strip().lower().replace(" ", "")
     num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = s[len(num):] or "b"
     if unit not in _SIZE_UNITS or not num:
-        raise ValueError(f"kv_cache_memory {value!r}: use bytes or a size like '2GiB' / '512MiB'")
+        raise ValueError(f"{name} {value!r}: use bytes or a size like '2GiB' / '512MiB'")
     return int(float(num) * _SIZE_UNITS[unit])
 
 
@@ -56,20 +57,8 @@ def _finite(t: torch.Tensor, limit: float) -> bool:
     return bool((lo >= -limit) & (hi <= limit))
 
 
-def images_salt(images: list) -> int:
-    """Prefix-cache salt: prompts with identical ids but other images must never share blocks."""
-    if not images:
-        return 0
-    h = hashlib.blake2b(digest_size=8)
-    for im in images:
-        for t in (im.global_view, im.crops):
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
-
-
-def _mix_salt(salt: int, cache_salt: str) -> int:
-    h = hashlib.blake2b(cache_salt.encode(), digest_size=8, key=salt.to_bytes(8, "little"))
-    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
+def _cache_salt(cache_salt: str) -> int:
+    return int.from_bytes(hashlib.blake2b(cache_salt.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
 
 
 def _visible_text(seq) -> str:
@@ -87,7 +76,8 @@ class PreparedPrompt:
     prompt: str | None
     token_ids: list[int]
     images: list = field(default_factory=list)
-    salt: int = 0  # prefix-cache salt: images and cache_salt
+    salt: int = 0  # prefix-cache salt: cache_salt
+    image_hashes: list[int] = field(default_factory=list)  # per image, its pixels' digest (the prefix cache's key)
 
 
 class LLM:
@@ -101,14 +91,16 @@ class LLM:
     use_kernels: Triton/CUDA kernels (default on CUDA). cascade_attention: the shared-prefix cascade decode kernel on
     CUDA (default off until measured there). cpu_kernels: on the CPU, the native decoder (packed linears, C++
     paged attention, in fp32 one native call per decode step); False keeps the plain PyTorch path. max_logprobs:
-    the most alternatives per token (logprobs, prompt_logprobs) a request may ask for.
+    the most alternatives per token (logprobs, prompt_logprobs) a request may ask for. encoder_cache_memory: image
+    features kept by image digest, so an image that recurs (PaCoRe rounds, chat turns, a shared picture) is encoded
+    once while cached.
     """
 
     def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", device: str | None = None,
                  kv_cache_memory: int | str | None = None, block_size: int = 16, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, max_num_seqs: int = 256, seed: int = 0,
                  use_kernels: bool | None = None, cascade_attention: bool | None = None, cpu_kernels: bool = True,
-                 max_logprobs: int = 20):
+                 max_logprobs: int = 20, encoder_cache_memory: int | str = "256MiB"):
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size {block_size}: must be a power of two")
@@ -141,6 +133,7 @@ class LLM:
             cpu_kernels=cpu_kernels,
             structured=StructuredOutputBackend(tok, cfg.vocab_size, eos),
             max_logprobs=max_logprobs,
+            encoder_cache_bytes=parse_bytes(encoder_cache_memory, "encoder_cache_memory"),
             seed=seed)
         self.engine = self._new_engine()
         self._ids = itertools.count()
@@ -242,10 +235,10 @@ class LLM:
             return prompt
         text, ids, images = self._process(prompt)
         self._check_ids(ids)
-        salt = images_salt(images)
+        salt = 0
         if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
-            salt = _mix_salt(salt, str(prompt["cache_salt"]))
-        return PreparedPrompt(text, ids, images, salt)
+            salt = _cache_salt(str(prompt["cache_salt"]))
+        return PreparedPrompt(text, ids, images, salt, [image_hash(im) for im in images])
 
     def prepare_params(self, params: SamplingParams) -> SamplingParams:
         """Compile the params' structured-output grammar into the engine's cache (thread-safe), so adding the
@@ -262,7 +255,8 @@ class LLM:
         params = params or SamplingParams()
         p = self.prepare(prompt)
         rid = request_id if request_id is not None else str(next(self._ids))
-        self.engine.add_request(rid, p.token_ids, params, images=p.images, salt=p.salt, prompt=p.prompt)
+        self.engine.add_request(rid, p.token_ids, params, images=p.images, salt=p.salt, prompt=p.prompt,
+                                image_hashes=p.image_hashes)
         return rid
 
     def step(self) -> list[RequestOutput]:
@@ -343,12 +337,14 @@ class LLM:
 
     def pin_prefix(self, prompt: Any) -> int:
         """Keep a prompt's cached full blocks resident across calls; returns the tokens pinned."""
-        _, ids, images = self._process(prompt)
-        return self.engine.block_manager.pin_prefix(ids, images_salt(images))
+        return self.engine.block_manager.pin_prefix(*self._prefix_key(prompt))
 
     def unpin_prefix(self, prompt: Any) -> None:
-        _, ids, images = self._process(prompt)
-        self.engine.block_manager.unpin_prefix(ids, images_salt(images))
+        self.engine.block_manager.unpin_prefix(*self._prefix_key(prompt))
+
+    def _prefix_key(self, prompt: Any) -> tuple[list[int], int]:
+        p = self.prepare(prompt)
+        return self.engine.prefix_cache_ids(p.token_ids, p.images, p.image_hashes), p.salt
 
     def reset_prefix_cache(self) -> int:
         """Drop every cached prompt block that no running request uses (pinned prefixes stay); vLLM's name.
@@ -373,4 +369,7 @@ class LLM:
             "prefill_tokens_computed": c.prefill_tokens, "decode_tokens_computed": c.decode_tokens,
             "preemptions": self.engine.scheduler.num_preemptions - self._stats_base[1], "forks": c.forks,
             "deduplicated_prompts": c.deduplicated_prompts,
+            "images_encoded": self.engine.runner.images.images_encoded,
+            "encoder_calls": self.engine.runner.images.encoder_calls,
+            "encoder_cache_hits": self.engine.runner.images.cache_hits,
         }

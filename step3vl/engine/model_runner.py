@@ -8,17 +8,19 @@ import torch
 from step3vl.engine.attention import (CpuPagedAttention, DecodeGroup, PrefillChunk, StepMetadata, TorchPagedAttention,
                                      TritonPagedAttention, cpu_cascade_tables)
 from step3vl.engine.cpu_decode import CpuDecodeStack
+from step3vl.engine.image_inputs import ImageInputs
 from step3vl.engine.kv_cache import KVCache
 from step3vl.engine.prompt_logprobs import record_prompt_logprobs, wants_prompt_logprobs
 from step3vl.engine.scheduler import ScheduledStep
-from step3vl.engine.sequence import Request, Sequence
+from step3vl.engine.sequence import Sequence
 from step3vl.model.rope import rope_cos_sin
+from step3vl.model.vision import sdpa_vision_attention
 from step3vl.model.vlm import Step3VLForCausalLM
 
 
 class ModelRunner:
     def __init__(self, model: Step3VLForCausalLM, kv: KVCache, use_kernels: bool, cascade_attention: bool = True,
-                 cpu_kernels: bool = True):
+                 cpu_kernels: bool = True, encoder_cache_bytes: int = 256 << 20):
         self.model, self.kv = model, kv
         self.cascade_attention = cascade_attention
         self.block_size = kv.block_size
@@ -29,10 +31,10 @@ class ModelRunner:
         # Pure-decode steps in one native call when the decoder runs the native CPU modules (cpu_decode.py).
         self.decode_stack = (CpuDecodeStack(model, kv) if self.backend is CpuPagedAttention
                              and CpuDecodeStack.supported(model, kv) else None)
-        self.vision_attention = None
+        vision_attention = sdpa_vision_attention
         if use_kernels:
             from step3vl_kernels.vision_attention import vision_attention
-            self.vision_attention = vision_attention
+        self.images = ImageInputs(model, vision_attention, encoder_cache_bytes)
 
     @torch.inference_mode()
     def run(self, step: ScheduledStep, sample_rows: list[int]) -> torch.Tensor:
@@ -64,7 +66,7 @@ class ModelRunner:
             q += work.length
 
     def _inputs(self, step: ScheduledStep):
-        ids, positions, slots, image_mask, features = [], [], [], [], []
+        ids, positions, slots, image_mask = [], [], [], []
         for seq, slot in zip(step.decodes, step.decode_slots):
             ids.append(seq.token_ids[-1])
             positions.append(seq.num_tokens - 1)
@@ -77,27 +79,8 @@ class ModelRunner:
             positions += range(a, b)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(a, b)]
-            image_mask += self._image_mask(seq.request, a, b, features)
-        return ids, positions, slots, image_mask, features
-
-    def _image_mask(self, req: Request, a: int, b: int, features: list[torch.Tensor]) -> list[bool]:
-        """Image rows of prompt positions [a, b); appends their features (encoding the images once)."""
-        n_prompt = len(req.prompt_token_ids)
-        if not req.images or a >= n_prompt:
-            return [False] * (b - a)
-        if req.image_features is None:
-            with torch.inference_mode():
-                feats = self.model.encode_images(req.images, self.vision_attention or _default_vision_attention())
-            req.image_features = torch.cat(feats)
-            req.image_rank = torch.cumsum(torch.tensor(
-                [t == self.model.cfg.image_token_id for t in req.prompt_token_ids], dtype=torch.int64), 0).tolist()
-        rank = req.image_rank
-        mask = [p < n_prompt and req.prompt_token_ids[p] == self.model.cfg.image_token_id for p in range(a, b)]
-        lo = rank[a - 1] if a > 0 else 0
-        hi = rank[min(b, n_prompt) - 1]
-        if hi > lo:
-            features.append(req.image_features[lo:hi])
-        return mask
+        mask, features = self.images.gather([(w.seq.request, w.start, w.start + w.length) for w in step.prefills])
+        return ids, positions, slots, image_mask + mask, features
 
     def _metadata(self, step: ScheduledStep, slot_mapping: torch.Tensor) -> StepMetadata:
         bs = self.block_size
@@ -129,11 +112,6 @@ def _native_cpu_attention(kv: KVCache) -> bool:
 
     return (kv.k[0].dtype in (torch.float32, torch.bfloat16) and kv.k[0].shape[3] % 16 == 0
             and step3vl_native.cpu_has_avx512())
-
-
-def _default_vision_attention():
-    from step3vl.model.vision import sdpa_vision_attention
-    return sdpa_vision_attention
 
 
 def sample_rows_for(step: ScheduledStep) -> tuple[list[int], list[Sequence]]:

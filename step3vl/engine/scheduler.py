@@ -156,7 +156,7 @@ class Scheduler:
             if self.running and self.bm.num_free() - need < watermark:
                 break  # keep room for the running sequences to grow
             try:
-                cached = self.bm.allocate(seq.seq_id, seq.token_ids, seq.request.salt)
+                cached = self.bm.allocate(seq.seq_id, seq.cache_token_ids, seq.request.salt)
             except RuntimeError:
                 if not self.running and not step.decodes and not step.prefills:
                     # Nothing will ever free a block for it (pinned prefixes hold the rest): end it, no deadlock.

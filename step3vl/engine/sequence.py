@@ -6,8 +6,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from step3vl.engine.sampling_params import SamplingParams
 
 
@@ -52,6 +50,12 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
+    def cache_token_ids(self) -> list[int]:
+        """`token_ids` as the prefix cache hashes them: the prompt's image rows carry their image's digest."""
+        cached = self.request.cache_prompt_ids
+        return self.token_ids if cached is None else cached + self.output_ids
+
+    @property
     def num_uncomputed(self) -> int:
         return self.num_tokens - self.num_computed
 
@@ -77,9 +81,10 @@ class Request:
     seed: int
     arrival: int
     images: list[Any] = field(default_factory=list)  # per image: .global_view, .crops
-    salt: int = 0  # hash of the images: prompts with other images never share cached blocks
+    salt: int = 0  # prefix-cache salt (cache_salt): requests with other salts never share cached blocks
     sequences: list[Sequence] = field(default_factory=list)
-    image_features: torch.Tensor | None = None  # [num <im_patch> tokens, hidden], computed once
+    image_layout: Any = None  # image_inputs.RequestImages: image spans and features not yet in the cache
+    cache_prompt_ids: list[int] | None = None  # the prompt as the prefix cache hashes it, when it has images
     leader: "Request | None" = None  # an identical prompt being prefilled; we fork from it when done
     followers: list["Request"] = field(default_factory=list)
     forked: bool = False  # all n samples exist
@@ -97,4 +102,4 @@ class Request:
 
     @property
     def prompt_key(self) -> tuple:
-        return (self.salt, tuple(self.prompt_token_ids))
+        return (self.salt, tuple(self.cache_prompt_ids or self.prompt_token_ids))

@@ -27,6 +27,14 @@ def processor(tiny_ckpt) -> Step3VLProcessor:
     return Step3VLProcessor.from_pretrained(tiny_ckpt)
 
 
+def _dense(tiny_dense, processor, text: str, images: list, max_tokens: int = 6) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy continuation of the model run densely with the images' features)."""
+    p = processor.process(text, images)
+    with torch.inference_mode():
+        feats = torch.cat(tiny_dense.model.encode_images(p.images))
+    return p.input_ids, tiny_dense.greedy(p.input_ids, max_tokens, feats)
+
+
 @pytest.fixture(scope="module")
 def dense_greedy(tiny_dense, processor):
     """text, image → (prompt ids, dense greedy continuation)."""
@@ -35,10 +43,7 @@ def dense_greedy(tiny_dense, processor):
     def run(text: str, image: Image.Image, max_tokens: int = 6) -> tuple[list[int], list[int]]:
         key = (text, image.tobytes(), max_tokens)
         if key not in cache:
-            p = processor.process(text, [image])
-            with torch.inference_mode():
-                feats = torch.cat(tiny_dense.model.encode_images(p.images))
-            cache[key] = p.input_ids, tiny_dense.greedy(p.input_ids, max_tokens, feats)
+            cache[key] = _dense(tiny_dense, processor, text, [image], max_tokens)
         return cache[key]
 
     return run
@@ -108,3 +113,90 @@ def test_image_request_through_preemption(tiny_ckpt):
     (got,) = small.generate(prompt, sp, use_tqdm=False)
     assert small.kv_stats()["preemptions"] > 0
     assert [c.token_ids for c in got.outputs] == [c.token_ids for c in big.outputs]
+
+
+def _conversation(img1, img2):
+    turn1 = [{"role": "user", "content": [{"type": "image", "image": img1}, {"type": "text", "text": "What is it?"}]}]
+    turn2 = turn1 + [{"role": "assistant", "content": "A picture of noise, I think."},
+                     {"role": "user", "content": "Are you sure about that?"}]
+    turn3 = turn2 + [{"role": "assistant", "content": "Yes."},
+                     {"role": "user", "content": [{"type": "image", "image": img2}, {"type": "text", "text": "And this?"}]}]
+    return turn1, turn2, turn3
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@pytest.mark.parametrize("encoder_cache", ["256MiB", 0])
+def test_chat_turns_share_image_blocks_and_encode_new_images_only(tiny_ckpt, tiny_dense, processor, encoder_cache):
+    """The next turns of a chat: the first image's blocks come from the prefix cache even when the turn adds a
+    second image (an image's rows are hashed by its pixels, not by the request's whole image set), and the
+    new image is the only one encoded, with or without the encoder cache. The dense model's continuation each time."""
+    turns = _conversation(_image(6), _image(7, size=(40, 72)))
+    llm = _llm(tiny_ckpt, kv_cache_memory="4MiB", encoder_cache_memory=encoder_cache)
+    bs = llm.kv_stats()["block_size"]
+    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    encoded, hits, prompts = [], [], []
+    for messages in turns:
+        ids, want = _dense(tiny_dense, processor, *processor.apply_chat_template(messages))
+        before = llm.kv_stats()["prefix_hit_tokens"]
+        (o,) = llm.chat(messages, sp, use_tqdm=False)
+        assert o.prompt_token_ids == ids and o.outputs[0].token_ids == want
+        encoded.append(llm.kv_stats()["images_encoded"])
+        hits.append(llm.kv_stats()["prefix_hit_tokens"] - before)
+        prompts.append(ids)
+    image_id = llm.model.cfg.image_token_id
+    last_row_1 = max(p for p, t in enumerate(prompts[0]) if t == image_id)
+    assert _common(prompts[1], prompts[2]) - last_row_1 > bs  # image 1 lies in blocks turn 3 can take from turn 2
+    assert hits[2] == _common(prompts[1], prompts[2]) // bs * bs
+    assert encoded[2] - encoded[1] == 1
+    if encoder_cache:
+        assert encoded == [1, 1, 2]
+
+
+def test_encoder_cache_serves_one_picture_to_many_prompts(tiny_ckpt, dense_greedy):
+    """Prompts about the same picture, one after another: encoded once, each with its own dense continuation.
+    With the cache off, a prompt whose chunk covers image rows encodes again."""
+    img = _image(9)
+    texts = [f"{IMAGE_PLACEHOLDER} Question {i}?" for i in range(3)]
+    for cache, want_encoded in (("256MiB", 1), (0, 3)):
+        llm = _llm(tiny_ckpt, kv_cache_memory="4MiB", encoder_cache_memory=cache)
+        for text in texts:
+            llm.reset_prefix_cache()  # every prompt's image rows must be computed again
+            (o,) = llm.generate({"prompt": text, "images": [img]}, GREEDY, use_tqdm=False)
+            assert o.outputs[0].token_ids == dense_greedy(text, img)[1]
+        stats = llm.kv_stats()
+        assert stats["images_encoded"] == want_encoded
+        assert stats["encoder_cache_hits"] == (2 if cache else 0)
+
+
+def test_images_of_a_step_are_encoded_together(tiny_ckpt, dense_greedy):
+    """Three image requests admitted in one step go through the encoder in one call; each gets its own image."""
+    imgs = [_image(10 + i) for i in range(3)]
+    llm = _llm(tiny_ckpt, kv_cache_memory="4MiB", max_num_batched_tokens=2048)
+    outs = llm.generate([{"prompt": TEXT, "images": [im]} for im in imgs], GREEDY, use_tqdm=False)
+    for o, im in zip(outs, imgs):
+        assert [c.token_ids for c in o.outputs] == [dense_greedy(TEXT, im)[1]] * 2
+    stats = llm.kv_stats()
+    assert (stats["images_encoded"], stats["encoder_calls"]) == (3, 1)
+
+
+def test_encoder_calls_are_bounded_in_views(tiny_ckpt, dense_greedy):
+    """A cap on views per encoder call splits a step's images over several calls without changing outputs."""
+    imgs = [_image(20 + i) for i in range(3)]
+    llm = _llm(tiny_ckpt, kv_cache_memory="4MiB", max_num_batched_tokens=2048)
+    llm.engine.runner.images.max_views_per_call = 1
+    outs = llm.generate([{"prompt": TEXT, "images": [im]} for im in imgs], GREEDY, use_tqdm=False)
+    for o, im in zip(outs, imgs):
+        assert o.outputs[0].token_ids == dense_greedy(TEXT, im)[1]
+    assert llm.kv_stats()["encoder_calls"] == 3
+
+
+def test_image_rows_must_match_the_prompt(tiny_ckpt, processor):
+    """Images whose rows disagree with the prompt's <im_patch> count are refused when added, naming both."""
+    p = processor.process(TEXT, [_image(8)])
+    llm = _llm(tiny_ckpt)
+    with pytest.raises(ValueError, match=r"<im_patch> tokens .* take \d+ feature rows"):
+        llm.engine.add_request("bad", p.input_ids[:-8] + p.input_ids[-4:], SamplingParams(), images=p.images * 2)
+    assert "bad" not in llm.engine.requests
