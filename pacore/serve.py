@@ -212,7 +212,7 @@ _PLAIN_ONLY = {"logprobs": False, "top_logprobs": None, "prompt_logprobs": None,
                "top_k": None, "min_p": None, "min_tokens": 0, "logit_bias": None, "allowed_token_ids": None,
                "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": None, "ignore_eos": False,
                "structured_outputs": None, "guided_json": None, "guided_regex": None, "guided_choice": None,
-               "guided_grammar": None}
+               "guided_grammar": None, "tools": None}
 
 
 def _refuse_plain_only(body: ChatCompletionRequest) -> None:

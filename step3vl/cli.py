@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a Jinja chat template file to use instead of the checkpoint's (vLLM's flag)")
     s.add_argument("--no-reasoning-parser", action="store_true",
                    help="return the raw text as content (no reasoning_content split at </think>)")
+    s.add_argument("--tool-call-parser", choices=["hermes", "none"], default="hermes",
+                   help="tool calls in answers to requests with tools: hermes parses STEP3-VL's <tool_call> blocks "
+                        "into tool_calls (vLLM's/SGLang's parser for it); none returns them as content")
     s.add_argument("--allowed-local-media-path", type=Path, default=None,
                    help="local image paths / file:// URLs are read only under this directory")
     s.add_argument("--no-fetch-urls", action="store_true", help="refuse http(s) image URLs (data: URLs only)")
@@ -189,6 +192,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV block (a power of two)")
     e.add_argument("--max-num-seqs", type=int, default=256, help="sequences per engine step")
     e.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step (chunked prefill)")
+    e.add_argument("--encoder-cache-memory", default="256MiB",
+                   help="image features kept by image digest, so a recurring image is encoded once")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -230,7 +235,7 @@ def _load_llm(args, model: Path):
         raise FileNotFoundError(f"no checkpoint at {model} (config.json missing)")
     return LLM(model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
                max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens)
+               max_num_batched_tokens=args.max_num_batched_tokens, encoder_cache_memory=args.encoder_cache_memory)
 
 
 # -- demo -------------------------------------------------------------------------------------------
@@ -445,7 +450,7 @@ def _cmd_serve(args) -> int:
                           media=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
                                             fetch_urls=not args.no_fetch_urls,
                                             allow_private_urls=args.allow_private_urls),
-                          max_n=args.max_n)
+                          max_n=args.max_n, tool_call_parser=args.tool_call_parser == "hermes")
     if args.think_at is not None:
         config.logits_processors = [RandomWeightsProcessor(llm.get_tokenizer(), llm.model.cfg.text.vocab_size,
                                                            args.think_at)]

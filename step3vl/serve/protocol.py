@@ -3,8 +3,8 @@ sampling extras (top_k, min_p, ignore_eos, stop_token_ids, ...), and the mapping
 
 Structured outputs come as OpenAI's `response_format` (json_object, json_schema), vLLM's `structured_outputs`
 ({json | json_object | regex | choice | grammar}) or its older `guided_json` / `guided_regex` / `guided_choice` /
-`guided_grammar`. Fields that would change what is computed but that this engine does not implement (tools)
-are refused with a 400 naming the field instead of being silently ignored.
+`guided_grammar`; tools and tool_choice as OpenAI's (serve/tool_calls.py). Fields that would change what is computed
+but that this engine does not implement are refused with a 400 naming the field instead of being silently ignored.
 Unknown fields are ignored, as OpenAI clients send vendor extras freely.
 """
 
@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from step3vl.engine.sampling_params import SamplingParams
+from step3vl.serve.tool_calls import NO_TOOLS, ToolPlan
 
 
 class RequestError(ValueError):
@@ -151,13 +152,16 @@ class ChatCompletionRequest(_Request):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise RequestError("tools / tool_choice are not supported by this engine", "tools")
+        self.tool_plan()
         if self.top_logprobs is not None and not self.logprobs:
             raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
 
     def _structured_specs(self) -> dict[str, dict | None]:
-        return {**super()._structured_specs(), "response_format": self._response_format()}
+        return {**super()._structured_specs(), "response_format": self._response_format(),
+                "tool_choice": self.tool_plan().structured()}
+
+    def tool_plan(self) -> ToolPlan:
+        return tool_plan(self.tools, self.tool_choice)
 
     def _response_format(self) -> dict | None:
         """OpenAI's response_format: text (no constraint), json_object, or json_schema {name, schema, strict}."""
@@ -181,6 +185,42 @@ class ChatCompletionRequest(_Request):
     @property
     def requested_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def tool_plan(tools: list | None, tool_choice: Any) -> ToolPlan:
+    """Check `tools` and `tool_choice` (400s naming the field) and say what the request asks of them."""
+    if not tools:
+        if tool_choice not in (None, "none", "auto"):
+            raise RequestError("tool_choice needs tools", "tool_choice")
+        return NO_TOOLS
+    functions = [_checked_function(i, tool) for i, tool in enumerate(tools)]
+    names = [fn["name"] for fn in functions]
+    if len(set(names)) != len(names):
+        raise RequestError(f"tools: function names must be unique, got {names}", "tools")
+    tools = [{"type": "function", "function": fn} for fn in functions]
+    if tool_choice in (None, "auto"):
+        return ToolPlan("auto", tools)
+    if tool_choice in ("none", "required"):
+        return ToolPlan(tool_choice, tools)
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        name = (tool_choice.get("function") or {}).get("name")
+        if name not in names:
+            raise RequestError(f"tool_choice names function {name!r}, which is not among the tools {names}",
+                               "tool_choice")
+        return ToolPlan("named", tools, name)
+    raise RequestError(f"tool_choice {tool_choice!r}: use 'none', 'auto', 'required' or "
+                       f"{{'type': 'function', 'function': {{'name': ...}}}}", "tool_choice")
+
+
+def _checked_function(i: int, tool: Any) -> dict:
+    fn = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict):
+        raise RequestError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}", "tools")
+    if not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise RequestError(f"tools[{i}].function.name must be a non-empty string", "tools")
+    if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+        raise RequestError(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
+    return fn
 
 
 class CompletionRequest(_Request):
@@ -230,6 +270,10 @@ class TokenizeRequest(BaseModel):
     messages: list[dict[str, Any]] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+
+    def tool_plan(self) -> ToolPlan:
+        return tool_plan(self.tools, None)
 
 
 class DetokenizeRequest(BaseModel):
@@ -266,6 +310,7 @@ class ChatMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # [{id, type: "function", function: {name, arguments}}]
 
 
 class ChatChoice(BaseModel):

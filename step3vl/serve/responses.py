@@ -10,6 +10,7 @@ from typing import Any
 from step3vl.engine.outputs import CompletionOutput, RequestOutput
 from step3vl.serve.protocol import ChatChoice, ChatMessage, CompletionChoice, Usage
 from step3vl.serve.reasoning import ReasoningDeltas, split_reasoning
+from step3vl.serve.tool_calls import NO_TOOLS, ToolDeltas, ToolPlan, answer_finish_reason
 
 
 def sse(payload: dict[str, Any] | str) -> str:
@@ -55,14 +56,18 @@ def completion_logprobs(tokenizer, token_ids: list[int], logprobs: list[dict[int
             "text_offset": offsets}
 
 
-def chat_choice(c: CompletionOutput, tokenizer, reasoning: bool, top_n: int | None) -> ChatChoice:
-    if reasoning:
-        thought, content = split_reasoning(c.text, finished=True)
-        message = ChatMessage(content=content, reasoning_content=thought or None)
-    else:
-        message = ChatMessage(content=c.text)
+def chat_choice(c: CompletionOutput, tokenizer, reasoning: bool, top_n: int | None,
+                tools: ToolPlan = NO_TOOLS) -> ChatChoice:
+    thought, content = split_reasoning(c.text, finished=True) if reasoning else ("", c.text)
+    calls = ToolDeltas(tools)
+    content, deltas = calls.delta(content, finished=True)
+    if deltas and not content.strip():
+        content = None
+    message = ChatMessage(content=content, reasoning_content=thought or None,
+                          tool_calls=[{k: v for k, v in d.items() if k != "index"} for d in deltas] or None)
     lp = chat_logprobs(tokenizer, c.token_ids, c.logprobs, top_n) if top_n is not None and c.logprobs else None
-    return ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=c.finish_reason,
+    return ChatChoice(index=c.index, message=message, logprobs=lp,
+                      finish_reason=answer_finish_reason(tools, calls.called, c.finish_reason),
                       stop_reason=c.stop_reason)
 
 
@@ -107,6 +112,7 @@ def completion_choices(base: int, out: RequestOutput, tokenizer, top_n: int | No
 class ChoiceStream:
     """What one choice of a stream has sent so far."""
     deltas: ReasoningDeltas
+    calls: ToolDeltas | None = None
     tokens_sent: int = 0
     text_offset: int = 0  # completions' logprobs: characters before the next token
     started: bool = False
@@ -117,28 +123,34 @@ class ChoiceStream:
 class StreamState:
     """Turns successive cumulative outputs into delta chunks, per choice index."""
     reasoning: bool
+    tools: ToolPlan = NO_TOOLS
     choices: dict[int, ChoiceStream] = field(default_factory=dict)
     echo_lp: dict[int, dict] = field(default_factory=dict)  # completions: a prompt's echoed log-probs, by base index
 
     def chat_deltas(self, out: RequestOutput, tokenizer, top_n: int | None) -> list[dict]:
         chunks = []
         for c in out.outputs:
-            st = self.choices.setdefault(c.index, ChoiceStream(ReasoningDeltas(self.reasoning)))
+            st = self.choices.setdefault(c.index, ChoiceStream(ReasoningDeltas(self.reasoning), ToolDeltas(self.tools)))
             if st.done:
                 continue
-            thought, text = st.deltas.delta(c.text, c.finish_reason is not None)
-            if not (thought or text or c.finish_reason or not st.started):
+            finished = c.finish_reason is not None
+            thought, text = st.deltas.delta(c.text, finished)
+            text, calls = st.calls.delta(text, finished)
+            if not (thought or text or calls or finished or not st.started):
                 continue
             delta: dict[str, Any] = {} if st.started else {"role": "assistant", "content": ""}
             if thought:
                 delta["reasoning_content"] = thought
             if text:
                 delta["content"] = text
+            if calls:
+                delta["tool_calls"] = calls
             new = slice(st.tokens_sent, len(c.token_ids))
             lp = (chat_logprobs(tokenizer, c.token_ids[new], c.logprobs[new], top_n)
                   if top_n is not None and c.logprobs and c.token_ids[new] else None)
             st.tokens_sent, st.started, st.done = len(c.token_ids), True, c.finish_reason is not None
-            chunks.append({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": c.finish_reason,
+            chunks.append({"index": c.index, "delta": delta, "logprobs": lp,
+                           "finish_reason": answer_finish_reason(self.tools, st.calls.called, c.finish_reason),
                            "stop_reason": c.stop_reason})
         return chunks
 

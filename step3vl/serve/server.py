@@ -36,6 +36,7 @@ from step3vl.serve.protocol import (ChatCompletionRequest, ChatCompletionRespons
                                     TokenizeRequest, error_body, new_id, now, rejected)
 from step3vl.serve.responses import (StreamState, chat_choice, completion_choices, sse, usage_of,
                                      vllm_prompt_logprobs)
+from step3vl.serve.tool_calls import NO_TOOLS, ToolPlan
 
 ChatHandler = Callable[["OpenAIServer", ChatCompletionRequest, list[dict]], Awaitable[Any]]
 
@@ -52,6 +53,9 @@ class ServerConfig:
     # after </think>, not to the reasoning.
     structured_after_reasoning: bool = True
     max_n: int | None = 64  # the most samples one request may ask for (None: no limit)
+    # Parse the Hermes <tool_call> blocks of answers to requests with tools (tool_choice "auto"); off, the text is
+    # returned as content. "required" and named tool choices are always honoured (structured outputs).
+    tool_call_parser: bool = True
 
 
 class OpenAIServer:
@@ -193,9 +197,12 @@ class OpenAIServer:
         return prepared, max_tokens
 
     def render_chat(self, body: ChatCompletionRequest | TokenizeRequest, messages: list[dict]) -> dict:
+        kwargs = dict(body.chat_template_kwargs or {})
+        if body.tools:  # the checked list, in OpenAI's shape, as transformers passes `tools` to templates
+            kwargs["tools"] = body.tool_plan().tools
         try:
             text, images = self.llm.processor.apply_chat_template(
-                messages, add_generation_prompt=body.add_generation_prompt, **(body.chat_template_kwargs or {}))
+                messages, add_generation_prompt=body.add_generation_prompt, **kwargs)
         except (ValueError, jinja2.TemplateError) as e:
             raise RequestError(f"{type(e).__name__}: {e}", "messages") from None
         except TypeError as e:  # chat_template_kwargs colliding with the template's own arguments
@@ -248,14 +255,18 @@ class OpenAIServer:
             return _event_stream(self._chat_events(stream, rid, body))
         out = await last(stream)
         self.count_finished([out])
-        choices = [chat_choice(c, self.tokenizer, self.config.reasoning_parser, body.requested_logprobs)
-                   for c in out.outputs]
+        choices = [chat_choice(c, self.tokenizer, self.config.reasoning_parser, body.requested_logprobs,
+                               self._tools(body)) for c in out.outputs]
         return ChatCompletionResponse(id=rid, model=body.model or self.config.served_model_name, choices=choices,
                                       usage=usage_of([out]), prompt_logprobs=vllm_prompt_logprobs(self.tokenizer, out))
 
+    def _tools(self, body: ChatCompletionRequest) -> ToolPlan:
+        plan = body.tool_plan()
+        return plan if self.config.tool_call_parser or plan.mode != "auto" else NO_TOOLS
+
     async def _chat_events(self, stream: AsyncIterator[RequestOutput], rid: str,
                            body: ChatCompletionRequest) -> AsyncIterator[str]:
-        state, created = StreamState(self.config.reasoning_parser), now()
+        state, created = StreamState(self.config.reasoning_parser, self._tools(body)), now()
         head = {"id": rid, "object": "chat.completion.chunk", "created": created,
                 "model": body.model or self.config.served_model_name}
         top_n, out = body.requested_logprobs, None

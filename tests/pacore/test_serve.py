@@ -114,7 +114,8 @@ def test_batch_route_refuses_bad_options(served, body, param):
 
 @pytest.mark.parametrize("kw", [dict(stop=["x"]), dict(logit_bias={"5": 1}), dict(frequency_penalty=0.5),
                                 dict(logprobs=True), dict(response_format={"type": "json_object"}),
-                                dict(extra_body={"top_k": 5}), dict(extra_body={"guided_choice": ["a"]})])
+                                dict(extra_body={"top_k": 5}), dict(extra_body={"guided_choice": ["a"]}),
+                                dict(tools=[{"type": "function", "function": {"name": "f"}}])])
 def test_pacore_chat_refuses_fields_it_cannot_honour(served, kw):
     _, client = served
     with pytest.raises(openai.BadRequestError, match="not available from a PaCoRe model"):
