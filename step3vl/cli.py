@@ -177,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the official format")
     m.add_argument("dir", type=Path)
-    m.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    m.add_argument("--preset", default="tiny", choices=["tiny", "small", "small-vl"])
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=_cmd_make_checkpoint)
     return ap

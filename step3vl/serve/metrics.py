@@ -1,7 +1,7 @@
 """Prometheus metrics of one server (`GET /metrics`, vLLM-style names under `step3vl:`).
 
 Counters are bumped by the handlers as requests end; the engine's state (running / waiting sequences, KV blocks,
-prefix hits, preemptions) is read on the engine thread at scrape time. Each server has its own registry, so two
+prefix hits, preemptions, images encoded and encoder-cache hits) is read on the engine thread at scrape time. Each server has its own registry, so two
 servers in one process never mix their numbers.
 """
 
@@ -31,6 +31,8 @@ class ServerMetrics:
         self.kv_blocks = gauge("kv_cache_blocks_total", "Blocks in the KV pool")
         self.prefix_hits = gauge("prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache (since start)")
         self.preemptions = gauge("num_preemptions", "Sequences preempted (since start)")
+        self.images_encoded = gauge("images_encoded", "Images run through the vision encoder (since start)")
+        self.encoder_cache_hits = gauge("encoder_cache_hits", "Images whose features came from the encoder cache")
         self._label = label
 
     def finished(self, finish_reasons: list[str | None], prompt_tokens: int, generated_tokens: int) -> None:
@@ -49,6 +51,8 @@ class ServerMetrics:
         self.kv_usage.set(engine_state["blocks_used"] / max(engine_state["blocks_total"], 1))
         self.prefix_hits.set(engine_state["prefix_hit_tokens"])
         self.preemptions.set(engine_state["preemptions"])
+        self.images_encoded.set(engine_state["images_encoded"])
+        self.encoder_cache_hits.set(engine_state["encoder_cache_hits"])
         return generate_latest(self.registry)
 
 

@@ -1,6 +1,6 @@
 """Write a randomly initialised STEP3-VL checkpoint in the official on-disk format.
 
-    python -m step3vl.tools.make_tiny_checkpoint DIR --preset tiny|small [--seed 0] [--shards 2]
+    python -m step3vl.tools.make_tiny_checkpoint DIR --preset tiny|small|small-vl [--seed 0] [--shards 2]
 
 `tiny` (a few hundred thousand parameters) is for tests; `small` (a ~50M-parameter decoder) for benchmarks.
 The directory gets config.json, sharded safetensors with the official key names and an index, and tokenizer
@@ -35,6 +35,15 @@ PRESETS = {
         text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
                   num_key_value_heads=4, head_dim=64, max_position_embeddings=8192),
         vision=dict(width=64, layers=2, heads=4, mlp_ratio=2.0),
+    ),
+    # The small decoder with a vision tower that costs, per image, about what STEP3-VL's does against its decoder
+    # (~3.6x the decoder's prefill FLOPs over the image's rows: the ViT sees 16 patches per image row). For
+    # benchmarks of image work (bench/images.py).
+    "small-vl": dict(
+        tokenizer_vocab=8192,
+        text=dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
+                  num_key_value_heads=4, head_dim=64, max_position_embeddings=8192),
+        vision=dict(width=256, layers=12, heads=4, mlp_ratio=4.0),
     ),
 }
 

@@ -3,9 +3,13 @@ counting what was served, /version."""
 
 from __future__ import annotations
 
+import base64
+import io
+
 import httpx
 import openai
 import pytest
+from PIL import Image
 
 from step3vl import __version__
 from step3vl.engine import LLM, AsyncLLM
@@ -55,6 +59,19 @@ def test_metrics_count_what_was_served(server, client):
     assert grew("request_errors_total", f'{{model_name="{MODEL}",status="400"}}') == 1
     assert after[f"step3vl:kv_cache_blocks_total{label}"] > 0
     assert after[f"step3vl:num_requests_running{label}"] == 0
+
+    before = after
+    for question in ("What is it?", "What colour is it?"):  # one picture, two prompts: encoded once
+        client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _png_data_url()}}, {"type": "text", "text": question}]}])
+    after = scrape()
+    assert grew("images_encoded") == 1
+
+
+def _png_data_url() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def test_version(server):
