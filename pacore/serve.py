@@ -30,7 +30,8 @@ from step3vl.serve.protocol import (ChatChoice, ChatCompletionRequest, ChatCompl
                                     RequestError, Usage, error_body, new_id, now)
 from step3vl.serve.reasoning import THINK_END, split_reasoning
 from step3vl.serve.responses import sse
-from step3vl.serve.server import OpenAIServer, gather_or_cancel, until_disconnected
+from step3vl.serve.server import OpenAIServer
+from step3vl.serve.streams import gather_or_cancel, until_disconnected
 
 from pacore.config import PRESETS, PaCoReConfig
 from pacore.problem import Problem

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import jinja2
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from step3vl import __version__
@@ -33,9 +33,10 @@ from step3vl.serve.media import MediaPolicy, resolve_images
 from step3vl.serve.metrics import ServerMetrics, engine_state
 from step3vl.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                     CompletionResponse, DetokenizeRequest, ModelCard, ModelList, RequestError,
-                                    TokenizeRequest, error_body, new_id, now, rejected)
+                                    TokenizeRequest, error_body, new_id, now)
 from step3vl.serve.responses import (StreamState, chat_choice, completion_choices, sse, usage_of,
                                      vllm_prompt_logprobs)
+from step3vl.serve.streams import event_stream, gather_or_cancel, last, merge, until_disconnected
 from step3vl.serve.tool_calls import NO_TOOLS, ToolPlan
 
 ChatHandler = Callable[["OpenAIServer", ChatCompletionRequest, list[dict]], Awaitable[Any]]
@@ -252,7 +253,7 @@ class OpenAIServer:
         rid = new_id("chatcmpl")
         stream = self.engine.generate(prepared, params, rid, final_only=not body.stream)
         if body.stream:
-            return _event_stream(self._chat_events(stream, rid, body))
+            return event_stream(self._chat_events(stream, rid, body))
         out = await last(stream)
         self.count_finished([out])
         choices = [chat_choice(c, self.tokenizer, self.config.reasoning_parser, body.requested_logprobs,
@@ -294,7 +295,7 @@ class OpenAIServer:
             echoes.append(self._echo(body, p))
         model = body.model or self.config.served_model_name
         if body.stream:
-            return _event_stream(self._completion_events(streams, echoes, rid, model, body))
+            return event_stream(self._completion_events(streams, echoes, rid, model, body))
         outs = await gather_or_cancel([last(s) for s in streams])
         self.count_finished(outs)
         choices = [c for i, out in enumerate(outs)
@@ -320,100 +321,3 @@ class OpenAIServer:
         self.count_finished(list(finals.values()))
         if body.include_usage:
             yield sse({**head, "choices": [], "usage": usage_of(list(finals.values())).model_dump()})
-
-
-# -- helpers ----------------------------------------------------------------------------------------------
-
-async def last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-    """The final output; the engine refusing the request (a ValueError before any output) is a 400."""
-    out = None
-    try:
-        async with contextlib.aclosing(stream):
-            async for out in stream:
-                pass
-    except ValueError as e:
-        if out is not None:
-            raise
-        raise rejected(e) from None
-    if out is None:
-        raise EngineDeadError("the engine ended a request without any output")
-    return out
-
-
-async def gather_or_cancel(coros: list) -> list:
-    """All results in order; the first failure cancels (and so aborts) the rest and is raised as it is (no
-    ExceptionGroup, so the error handlers see a RequestError)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-async def merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Items of several streams as they come, tagged with the stream's index; closing it closes them all."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async with contextlib.aclosing(stream):
-                async for out in stream:
-                    await queue.put((i, out, None))
-        except Exception as e:  # noqa: BLE001 - handed to the reader
-            await queue.put((i, None, e))
-        await queue.put((i, None, None))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        live = len(tasks)
-        while live:
-            i, out, err = await queue.get()
-            if err is not None:
-                raise err
-            if out is None:
-                live -= 1
-            else:
-                yield i, out
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """Run a handler, cancelling it (and so aborting its engine requests) if the client goes away first.
-    Streaming responses are returned at once; Starlette closes their generators on disconnect itself."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not task.done():
-        task.cancel()
-        return Response(status_code=499)
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
-    async def body() -> AsyncIterator[str]:
-        try:
-            async with contextlib.aclosing(events):
-                async for chunk in events:
-                    yield chunk
-        except EngineDeadError as e:  # mid-stream: the status line is already sent
-            yield sse(error_body(str(e), "EngineDeadError", None, 503))
-        except ValueError as e:  # RequestError included
-            err = e if isinstance(e, RequestError) else rejected(e)
-            yield sse(error_body(str(err), err.kind, err.param, err.status))
-        yield sse("[DONE]")
-
-    return StreamingResponse(body(), media_type="text/event-stream")
