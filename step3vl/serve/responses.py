@@ -17,10 +17,20 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def usage_of(outs: list[RequestOutput]) -> Usage:
-    return Usage.of(sum(len(o.prompt_token_ids) for o in outs),
-                    sum(len(c.token_ids) for o in outs for c in o.outputs),
-                    sum(o.num_cached_tokens for o in outs))
+def usage_of(outs: list[RequestOutput], think_end_id: int | None = None) -> Usage:
+    """think_end_id: with the reasoning split on, also count the reasoning tokens (up to and including the first
+    `</think>`; all of them when it never came)."""
+    usage = Usage.of(sum(len(o.prompt_token_ids) for o in outs),
+                     sum(len(c.token_ids) for o in outs for c in o.outputs),
+                     sum(o.num_cached_tokens for o in outs))
+    if think_end_id is not None:
+        usage.completion_tokens_details = {"reasoning_tokens": sum(
+            _reasoning_tokens(c.token_ids, think_end_id) for o in outs for c in o.outputs)}
+    return usage
+
+
+def _reasoning_tokens(ids: list[int], think_end_id: int) -> int:
+    return ids.index(think_end_id) + 1 if think_end_id in ids else len(ids)
 
 
 def _token_text(tokenizer, token_id: int) -> str:

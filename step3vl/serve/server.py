@@ -1,5 +1,5 @@
 """An OpenAI-compatible HTTP server over `AsyncLLM` (FastAPI): /v1/chat/completions, /v1/completions,
-/v1/models, /tokenize, /detokenize, /reset_prefix_cache, /health, /version, /stats, /metrics (Prometheus).
+/v1/responses (serve/responses_api.py), /v1/models, /tokenize, /detokenize, /reset_prefix_cache, /health, /version, /stats, /metrics (Prometheus).
 
 Every request runs on the one engine, batched continuously with all the others; `n` samples of a request are
 forked from one prefill. A client that disconnects (or closes its stream) aborts its request, which frees its
@@ -36,6 +36,7 @@ from step3vl.serve.protocol import (ChatCompletionRequest, ChatCompletionRespons
                                     TokenizeRequest, error_body, new_id, now)
 from step3vl.serve.responses import (StreamState, chat_choice, completion_choices, sse, usage_of,
                                      vllm_prompt_logprobs)
+from step3vl.serve.responses_api import ResponsesAPI
 from step3vl.serve.streams import event_stream, gather_or_cancel, last, merge, until_disconnected
 from step3vl.serve.tool_calls import NO_TOOLS, ToolPlan
 
@@ -96,6 +97,7 @@ class OpenAIServer:
         self.add_route("POST", "/tokenize", self.tokenize)
         self.add_route("POST", "/detokenize", self.detokenize)
         self.add_route("POST", "/reset_prefix_cache", self.reset_prefix_cache)
+        self.responses = ResponsesAPI(self)
         return app
 
     def add_route(self, method: str, path: str, endpoint: Callable) -> None:
@@ -156,6 +158,10 @@ class OpenAIServer:
             raise RequestError(f"n = {body.n} is over this server's limit of {limit} samples per request", "n")
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
+        return await until_disconnected(request, self.chat_completions_for(body))
+
+    async def chat_completions_for(self, body: ChatCompletionRequest) -> Any:
+        """A chat request through its model's handler: the response, or a StreamingResponse when it streams."""
         body.refuse_unsupported()
         self._check_n(body)
         name = body.model or self.config.served_model_name
@@ -164,7 +170,7 @@ class OpenAIServer:
             raise RequestError(f"The model `{name}` does not exist. Served: {sorted(self._chat_models)}",
                                "model", 404, "NotFoundError")
         messages = await resolve_images(body.messages, self.config.media)
-        return await until_disconnected(request, handler(self, body, messages))
+        return await handler(self, body, messages)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         body.refuse_unsupported()
@@ -259,7 +265,12 @@ class OpenAIServer:
         choices = [chat_choice(c, self.tokenizer, self.config.reasoning_parser, body.requested_logprobs,
                                self._tools(body)) for c in out.outputs]
         return ChatCompletionResponse(id=rid, model=body.model or self.config.served_model_name, choices=choices,
-                                      usage=usage_of([out]), prompt_logprobs=vllm_prompt_logprobs(self.tokenizer, out))
+                                      usage=usage_of([out], self._think_end()),
+                                      prompt_logprobs=vllm_prompt_logprobs(self.tokenizer, out))
+
+    def _think_end(self) -> int | None:
+        """The `</think>` id when answers are split into reasoning and content (usage counts reasoning tokens)."""
+        return getattr(self.tokenizer, "think_end_id", None) if self.config.reasoning_parser else None
 
     def _tools(self, body: ChatCompletionRequest) -> ToolPlan:
         plan = body.tool_plan()
@@ -279,7 +290,7 @@ class OpenAIServer:
         if out is not None and out.finished:
             self.count_finished([out])
         if body.include_usage and out is not None:
-            yield sse({**head, "choices": [], "usage": usage_of([out]).model_dump()})
+            yield sse({**head, "choices": [], "usage": usage_of([out], self._think_end()).model_dump()})
 
     # -- completions ----------------------------------------------------------------------------------
 

@@ -12,11 +12,6 @@ import json
 
 import openai
 import pytest
-import torch
-
-from step3vl.engine import LLM, AsyncLLM
-from step3vl.serve import OpenAIServer, ServerConfig
-from step3vl.serve.background import BackgroundServer
 
 MODEL = "tiny"
 WEATHER = {"type": "function", "function": {
@@ -28,59 +23,6 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "additionalProperties": False}}}
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-
-
-class Script:
-    """A logits processor that writes `text` (after `</think>`) and then ends; empty text: the model is free."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids = tokenizer, []
-        self.end = tokenizer.eos_token_ids[0]
-
-    def say(self, text: str) -> None:
-        self.ids = [self.tokenizer.think_end_id] + self.tokenizer.encode(text) if text else []
-
-    def __call__(self, out_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        if not self.ids:
-            return logits
-        forced = self.ids[len(out_ids)] if len(out_ids) < len(self.ids) else self.end
-        return torch.full_like(logits, float("-inf")).index_fill(0, torch.tensor([forced]), 0.0)
-
-
-class CloseAt3:
-    """Free text, with the reasoning closed at output position 3 (so the answer is what structured outputs shape)."""
-
-    def __init__(self, think_id: int):
-        self.think = think_id
-
-    def __call__(self, out_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        if len(out_ids) != 3:
-            return logits.index_fill(0, torch.tensor([self.think]), float("-inf"))
-        return torch.full_like(logits, float("-inf")).index_fill(0, torch.tensor([self.think]), 0.0)
-
-
-def _serve(tiny_ckpt, processor_of):
-    llm = LLM(tiny_ckpt, kv_cache_memory="16MiB", max_model_len=2048)
-    proc = processor_of(llm.get_tokenizer())
-    engine = AsyncLLM(llm)
-    srv = OpenAIServer(engine, ServerConfig(served_model_name=MODEL, logits_processors=[proc]))
-    return engine, srv, proc
-
-
-@pytest.fixture(scope="module")
-def scripted(tiny_ckpt):
-    engine, srv, script = _serve(tiny_ckpt, Script)
-    with BackgroundServer(srv.app) as url:
-        yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120), script, srv
-    engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def free(tiny_ckpt):
-    engine, srv, _ = _serve(tiny_ckpt, lambda tok: CloseAt3(tok.think_end_id))
-    with BackgroundServer(srv.app) as url:
-        yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
-    engine.shutdown()
 
 
 def _streamed(client, **kw) -> tuple[str, str, dict[int, dict], str]:
