@@ -122,6 +122,9 @@ class ImageInputs:
                  max_views_per_call: int = 32):
         self.model, self.attn_fn, self.max_views_per_call = model, attn_fn, max_views_per_call
         self.cache = EncoderCache(cache_bytes)
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
         self.images_encoded = self.encoder_calls = self.cache_hits = 0  # for stats and tests
 
     def gather(self, chunks: list[tuple[Request, int, int]]) -> tuple[list[bool], list[torch.Tensor]]:

@@ -200,16 +200,25 @@ def tool_plan(tools: list | None, tool_choice: Any) -> ToolPlan:
     tools = [{"type": "function", "function": fn} for fn in functions]
     if tool_choice in (None, "auto"):
         return ToolPlan("auto", tools)
-    if tool_choice in ("none", "required"):
-        return ToolPlan(tool_choice, tools)
-    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
-        name = (tool_choice.get("function") or {}).get("name")
+    if tool_choice == "none":
+        return ToolPlan("none", tools)
+    if tool_choice == "required":
+        plan = ToolPlan("required", tools)
+    elif isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
         if name not in names:
             raise RequestError(f"tool_choice names function {name!r}, which is not among the tools {names}",
                                "tool_choice")
-        return ToolPlan("named", tools, name)
-    raise RequestError(f"tool_choice {tool_choice!r}: use 'none', 'auto', 'required' or "
-                       f"{{'type': 'function', 'function': {{'name': ...}}}}", "tool_choice")
+        plan = ToolPlan("named", tools, name)
+    else:
+        raise RequestError(f"tool_choice {tool_choice!r}: use 'none', 'auto', 'required' or "
+                           f"{{'type': 'function', 'function': {{'name': ...}}}}", "tool_choice")
+    try:
+        plan.structured()  # the schema the choice forces must be one (e.g. no clashing $defs across tools)
+    except ValueError as e:
+        raise RequestError(str(e), "tools") from None
+    return plan
 
 
 def _checked_function(i: int, tool: Any) -> dict:

@@ -71,7 +71,7 @@ def chat_choice(c: CompletionOutput, tokenizer, reasoning: bool, top_n: int | No
     thought, content = split_reasoning(c.text, finished=True) if reasoning else ("", c.text)
     calls = ToolDeltas(tools)
     content, deltas = calls.delta(content, finished=True)
-    if deltas and not content.strip():
+    if deltas and not content:  # vLLM's: text before a call (even whitespace) stays content, as it streamed
         content = None
     message = ChatMessage(content=content, reasoning_content=thought or None,
                           tool_calls=[{k: v for k, v in d.items() if k != "index"} for d in deltas] or None)

@@ -212,8 +212,9 @@ class OpenAIServer:
                 messages, add_generation_prompt=body.add_generation_prompt, **kwargs)
         except (ValueError, jinja2.TemplateError) as e:
             raise RequestError(f"{type(e).__name__}: {e}", "messages") from None
-        except TypeError as e:  # chat_template_kwargs colliding with the template's own arguments
-            raise RequestError(f"chat_template_kwargs: {e}", "chat_template_kwargs") from None
+        except TypeError as e:  # chat_template_kwargs colliding with the template's own arguments, or odd messages
+            param = "chat_template_kwargs" if body.chat_template_kwargs else "messages"
+            raise RequestError(f"{param}: {e}", param) from None
         return {"prompt": text, "images": images, "cache_salt": getattr(body, "cache_salt", None)}
 
     def _after_reasoning(self, params: SamplingParams) -> SamplingParams:

@@ -51,8 +51,8 @@ def parse_call(block: str) -> dict | None:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
-    args = obj.get("arguments", obj.get("parameters", {}))
-    return tool_call(obj["name"], args)
+    args = obj.get("arguments", obj.get("parameters"))
+    return tool_call(obj["name"], {} if args is None else args)
 
 
 def _held_tail(text: str) -> int:
@@ -124,10 +124,12 @@ class ToolPlan:
         if self.mode == "named":
             return {"json": _parameters(self._function(self.name))}
         if self.mode == "required":
+            defs: dict[str, dict] = {}
             options = [{"type": "object", "properties": {"name": {"type": "string", "enum": [f["name"]]},
-                                                         "parameters": _parameters(f)},
+                                                         "parameters": _hoist_defs(_parameters(f), defs)},
                         "required": ["name", "parameters"]} for f in map(_fn, self.tools)]
-            return {"json": {"type": "array", "minItems": 1, "items": {"anyOf": options}}}
+            schema = {"type": "array", "minItems": 1, "items": {"anyOf": options}}
+            return {"json": {**schema, **{k: v for k, v in defs.items() if v}}}
         return None
 
     def forced_calls(self, text: str) -> list[dict] | None:
@@ -150,6 +152,20 @@ NO_TOOLS = ToolPlan("off", [])
 
 def _fn(tool: dict) -> dict:
     return tool["function"]
+
+
+def _hoist_defs(schema: dict, defs: dict[str, dict]) -> dict:
+    """`$defs` / `definitions` of a function's parameters, moved to the root of the combined "required" schema
+    (its `#/$defs/...` references resolve from the root); the same name defined twice differently is an error."""
+    schema = dict(schema)
+    for key in ("$defs", "definitions"):
+        for name, sub in (schema.pop(key, None) or {}).items():
+            known = defs.setdefault(key, {})
+            if name in known and known[name] != sub:
+                raise ValueError(f"tools: two functions define {key}/{name} differently; a 'required' tool_choice "
+                                 f"needs one definition per name")
+            known[name] = sub
+    return schema
 
 
 def _parameters(function: dict) -> dict:

@@ -180,6 +180,8 @@ def test_images_of_a_step_are_encoded_together(tiny_ckpt, dense_greedy):
         assert [c.token_ids for c in o.outputs] == [dense_greedy(TEXT, im)[1]] * 2
     stats = llm.kv_stats()
     assert (stats["images_encoded"], stats["encoder_calls"]) == (3, 1)
+    llm.reset_stats()
+    assert (llm.kv_stats()["images_encoded"], llm.kv_stats()["encoder_calls"]) == (0, 0)
 
 
 def test_encoder_calls_are_bounded_in_views(tiny_ckpt, dense_greedy):

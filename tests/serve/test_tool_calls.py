@@ -101,7 +101,33 @@ def test_required_and_named_schemas():
     assert tool_plan([WEATHER], "auto").structured() is None and tool_plan([WEATHER], "none").structured() is None
 
 
+def test_required_schema_hoists_defs():
+    """Nested models (pydantic's $defs) keep resolving once the functions sit inside the "required" array
+    schema; a clash between two functions' definitions is a 400 on tools. The schema compiles in xgrammar."""
+    city = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    nested = {"type": "function", "function": {"name": "visit", "parameters": {
+        "type": "object", "properties": {"city": {"$ref": "#/$defs/City"}}, "required": ["city"],
+        "$defs": {"City": city}}}}
+    schema = tool_plan([nested, TIME], "required").structured()["json"]
+    assert schema["$defs"] == {"City": city} and "$defs" not in schema["items"]["anyOf"][0]["properties"]["parameters"]
+    import xgrammar
+
+    xgrammar.Grammar.from_json_schema(json.dumps(schema))  # resolves #/$defs/City from the root
+    clash = {"type": "function", "function": {"name": "move", "parameters": {
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/City"}}, "$defs": {"City": {"type": "string"}}}}}
+    with pytest.raises(RequestError) as e:
+        tool_plan([nested, clash], "required")
+    assert e.value.param == "tools"
+
+
+def test_null_arguments_are_an_empty_object():
+    _, calls = parse_tool_calls('<tool_call>{"name": "get_time", "arguments": null}</tool_call>')
+    assert calls[0]["function"]["arguments"] == "{}"
+
+
 @pytest.mark.parametrize("tools, choice, param", [
+    ([WEATHER], {"type": "function", "function": "get_weather"}, "tool_choice"),
+    ([WEATHER], {"type": "function", "function": ["get_weather"]}, "tool_choice"),
     (None, "required", "tool_choice"),
     ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
     ([WEATHER], "sometimes", "tool_choice"),

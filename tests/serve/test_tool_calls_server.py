@@ -60,6 +60,16 @@ def test_auto_tool_calls_whole_and_streamed(scripted):
     assert calls[0]["id"].startswith("call_")
 
 
+def test_whitespace_before_a_call_is_content_streamed_and_whole(scripted):
+    """A thinking model's answer often starts with blank lines before its call: the stream has sent them as
+    content, so the whole response keeps them too (vLLM's behaviour)."""
+    client, script, _ = scripted
+    script.say("\n\n" + CALL)
+    c = client.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER], max_tokens=200).choices[0]
+    _, content, calls, _ = _streamed(client, model=MODEL, messages=USER, tools=[WEATHER], max_tokens=200)
+    assert c.message.content == content == "\n\n" and len(c.message.tool_calls) == len(calls) == 1
+
+
 def test_two_calls_in_the_wrapper(scripted):
     client, script, _ = scripted
     script.say("<tool_calls>\n" + CALL + '\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n'
