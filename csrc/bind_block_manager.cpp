@@ -66,6 +66,9 @@ void bind_block_manager(py::module_ &m) {
           "sequence, the copy lists hold only the copy-on-write block copies to perform.")
       .def("can_append", &BlockManager::can_append, py::arg("seq_ids"))
       .def("free", &BlockManager::free, py::arg("seq_id"))
+      .def("truncate", &BlockManager::truncate, py::arg("seq_id"), py::arg("num_tokens"),
+           "Drop the tokens past num_tokens (rejected speculative tokens) and the blocks only they occupied; "
+           "tokens of registered blocks cannot be dropped.")
       .def("block_table", &BlockManager::block_table, py::arg("seq_id"))
       .def("num_tokens", &BlockManager::num_tokens, py::arg("seq_id"))
       .def("has_seq", &BlockManager::has_seq, py::arg("seq_id"))

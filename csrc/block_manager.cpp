@@ -313,6 +313,21 @@ void BlockManager::free(SeqId seq_id) {
   seqs_.erase(seq_id);
 }
 
+void BlockManager::truncate(SeqId seq_id, int64_t num_tokens) {
+  Sequence &s = seq(seq_id);
+  const int64_t n = static_cast<int64_t>(s.tokens.size());
+  const int64_t hashed = static_cast<int64_t>(s.hashes.size()) * block_size_;
+  if (num_tokens < std::max<int64_t>(hashed, 1) || num_tokens > n)
+    throw std::invalid_argument(cat("truncate: num_tokens ", num_tokens, " outside [", std::max<int64_t>(hashed, 1),
+                                    ", ", n, "] for sequence ", seq_id, " (its registered blocks stay)"));
+  const int64_t keep = (num_tokens + block_size_ - 1) / block_size_;
+  while (static_cast<int64_t>(s.table.size()) > keep) {
+    decref(s.table.back());
+    s.table.pop_back();
+  }
+  s.tokens.resize(num_tokens);
+}
+
 std::vector<int64_t> BlockManager::block_table(SeqId seq_id) const {
   const Sequence &s = seq(seq_id);
   return std::vector<int64_t>(s.table.begin(), s.table.end());

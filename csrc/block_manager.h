@@ -54,6 +54,9 @@ class BlockManager {
   AppendResult append_slots(const std::vector<SeqId> &seq_ids, const std::vector<Token> &tokens);
   bool can_append(const std::vector<SeqId> &seq_ids) const;
   void free(SeqId seq_id);
+  // Drop the tokens past num_tokens (speculative tokens the model rejected) and the blocks they alone
+  // occupied. Only tokens beyond the sequence's registered (hashed) blocks can go.
+  void truncate(SeqId seq_id, int64_t num_tokens);
 
   std::vector<int64_t> block_table(SeqId seq_id) const;
   int64_t num_tokens(SeqId seq_id) const;

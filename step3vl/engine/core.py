@@ -17,9 +17,10 @@ from step3vl.engine.image_inputs import cache_token_ids, image_layout
 from step3vl.engine.kv_cache import KVCache
 from step3vl.engine.model_runner import ModelRunner, sample_rows_for
 from step3vl.engine.sampler import NO_TOKEN, SampledToken, Sampler
-from step3vl.engine.scheduler import Scheduler, ScheduledStep
+from step3vl.engine.scheduler import PrefillWork, Scheduler, ScheduledStep
 from step3vl.engine.sequence import Request, Sequence, SeqStatus
 from step3vl.engine.sampling_params import SamplingParams
+from step3vl.engine.speculative import NgramProposer, SpeculativeConfig
 
 
 @dataclass(slots=True)
@@ -30,6 +31,8 @@ class EngineCounters:
     peak_blocks_used: int = 0
     forks: int = 0
     deduplicated_prompts: int = 0
+    draft_tokens: int = 0  # speculative tokens run through the model
+    accepted_tokens: int = 0  # of those, the ones kept
 
 
 @dataclass(eq=False)
@@ -49,6 +52,7 @@ class EngineCore:
     structured: object = None  # StructuredOutputBackend, for requests with structured_outputs
     max_logprobs: int = 20  # the most alternatives per token a request may ask for (vLLM's default)
     encoder_cache_bytes: int = 256 << 20  # image features kept by image digest (engine/image_inputs.py)
+    speculative: SpeculativeConfig | None = None  # n-gram speculative decoding (engine/speculative.py)
     requests: dict[str, Request] = field(default_factory=dict)
     counters: EngineCounters = field(default_factory=EngineCounters)
 
@@ -64,6 +68,7 @@ class EngineCore:
         self._rng = random.Random(self.seed)
         self._private_salts = itertools.count(1)  # prompt-cache salts no other request shares
         self._prefilling: dict[tuple, Request] = {}  # prompt key -> request whose sample 0 is prefilling
+        self.proposer = NgramProposer(self.speculative, self.max_model_len) if self.speculative else None
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -177,6 +182,8 @@ class EngineCore:
 
     def step(self) -> list[Request]:
         """Run one engine step; returns the requests whose outputs changed."""
+        if self.proposer is not None:
+            self.proposer.propose([s for s in self.scheduler.running if s.is_decode])
         step = self.scheduler.schedule()
         changed: dict[str, Request] = {}
         for seq in step.stuck:
@@ -193,24 +200,54 @@ class EngineCore:
         logits = self.runner.run(step, rows)
         self._account(step)
         to_sample, logit_rows = self._expand_forks(seqs)
-        sampled = self.sampler(logits[logit_rows] if len(logit_rows) != len(seqs) else logits, to_sample)
+        verifying = {id(w.seq): w for w in step.prefills if w.draft}
+        sampled = self.sampler(logits[logit_rows] if len(logit_rows) != len(seqs) else logits, to_sample,
+                               _positions_ahead(to_sample, verifying) if verifying else None)
         now = time.perf_counter()
+        drawn: dict[int, list[SampledToken]] = {}
         for seq, tok in zip(to_sample, sampled):
             if seq.request.first_token_time is None:
                 seq.request.first_token_time = now
-            self._append(seq, tok)
+            if id(seq) in verifying:
+                drawn.setdefault(id(seq), []).append(tok)
+            else:
+                self._append(seq, tok)
             changed[seq.request.request_id] = seq.request
+        for key, tokens in drawn.items():
+            self._verify(verifying[key], tokens)
         return list(changed.values())
+
+    def _verify(self, work: PrefillWork, drawn: list[SampledToken]) -> None:
+        """A speculative chunk: keep the drafts up to the first one that differs from the token drawn at its
+        position, then that drawn token. The KV of the sample's last token and of the kept drafts stays; the
+        rejected drafts' slots go back to the pool."""
+        seq, accepted = work.seq, 0
+        for i, tok in enumerate(drawn):
+            self._append(seq, tok)
+            if seq.finished or i == len(work.draft) or tok.token != work.draft[i]:
+                break
+            accepted += 1
+        seq.draft = []
+        self.counters.draft_tokens += len(work.draft)
+        self.counters.accepted_tokens += accepted
+        if seq.finished:
+            return
+        seq.num_computed = seq.num_registered = work.start + 1 + accepted
+        self.block_manager.mark_computed(seq.seq_id, seq.num_computed)
+        self.block_manager.truncate(seq.seq_id, seq.num_computed)
+        del seq.block_table[-(-seq.num_computed // self.block_size):]
 
     def _account(self, step: ScheduledStep) -> None:
         self.counters.steps += 1
-        self.counters.decode_tokens += len(step.decodes)
-        self.counters.prefill_tokens += sum(w.length for w in step.prefills)
+        self.counters.decode_tokens += len(step.decodes) + sum(w.length for w in step.prefills if w.draft)
+        self.counters.prefill_tokens += sum(w.length for w in step.prefills if not w.draft)
         for seq in step.decodes:
             seq.num_computed += 1
             if seq.num_computed % self.block_size == 0:
                 self.block_manager.mark_computed(seq.seq_id, seq.num_computed)
         for w in step.prefills:
+            if w.draft:
+                continue  # speculative chunks are accounted when verified
             w.seq.num_computed += w.length
             self.block_manager.mark_computed(w.seq.seq_id, w.seq.num_computed)
         self.counters.peak_blocks_used = max(self.counters.peak_blocks_used, self.block_manager.num_used())
@@ -304,3 +341,15 @@ class EngineCore:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.free(seq)
         seq.status = SeqStatus.FINISHED
+
+
+def _positions_ahead(seqs: list[Sequence], verifying: dict[int, PrefillWork]) -> list[int]:
+    """Per row: how many output steps past its sample's current one it draws for (0, 1, ... along a speculative
+    chunk's rows; 0 for every other row)."""
+    seen: dict[int, int] = {}
+    out = []
+    for seq in seqs:
+        k = seen.get(id(seq), 0) if id(seq) in verifying else 0
+        seen[id(seq)] = k + 1
+        out.append(k)
+    return out

@@ -19,6 +19,7 @@ from step3vl.engine.kv_cache import KVCache, block_bytes
 from step3vl.engine.outputs import CompletionOutput, RequestOutput
 from step3vl.engine.sampling_params import SamplingParams
 from step3vl.engine.sequence import Request
+from step3vl.engine.speculative import SpeculativeConfig
 from step3vl.engine.structured_outputs import StructuredOutputBackend
 from step3vl.loader import load_model
 from step3vl.processor import Step3VLProcessor
@@ -93,14 +94,17 @@ class LLM:
     paged attention, in fp32 one native call per decode step); False keeps the plain PyTorch path. max_logprobs:
     the most alternatives per token (logprobs, prompt_logprobs) a request may ask for. encoder_cache_memory: image
     features kept by image digest, so an image that recurs (PaCoRe rounds, chat turns, a shared picture) is encoded
-    once while cached.
+    once while cached. speculative_config: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+    "prompt_lookup_min": 2} (vLLM's) drafts tokens by prompt lookup and verifies them in one pass; outputs are
+    token for token those without it (engine/speculative.py).
     """
 
     def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", device: str | None = None,
                  kv_cache_memory: int | str | None = None, block_size: int = 16, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, max_num_seqs: int = 256, seed: int = 0,
                  use_kernels: bool | None = None, cascade_attention: bool | None = None, cpu_kernels: bool = True,
-                 max_logprobs: int = 20, encoder_cache_memory: int | str = "256MiB"):
+                 max_logprobs: int = 20, encoder_cache_memory: int | str = "256MiB",
+                 speculative_config: SpeculativeConfig | dict | None = None):
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size {block_size}: must be a power of two")
@@ -134,6 +138,7 @@ class LLM:
             structured=StructuredOutputBackend(tok, cfg.vocab_size, eos),
             max_logprobs=max_logprobs,
             encoder_cache_bytes=parse_bytes(encoder_cache_memory, "encoder_cache_memory"),
+            speculative=SpeculativeConfig.of(speculative_config),
             seed=seed)
         self.engine = self._new_engine()
         self._ids = itertools.count()
@@ -356,6 +361,7 @@ class LLM:
         """Start kv_stats()' counters (peaks, totals) afresh, e.g. after a warm-up request."""
         self.engine.counters = EngineCounters()
         self._stats_base = (self.engine.block_manager.prefix_hit_tokens, self.engine.scheduler.num_preemptions)
+        self.engine.runner.images.reset_counters()
 
     def kv_stats(self) -> dict:
         bm, c = self.engine.block_manager, self.engine.counters
@@ -372,4 +378,5 @@ class LLM:
             "images_encoded": self.engine.runner.images.images_encoded,
             "encoder_calls": self.engine.runner.images.encoder_calls,
             "encoder_cache_hits": self.engine.runner.images.cache_hits,
+            "spec_draft_tokens": c.draft_tokens, "spec_accepted_tokens": c.accepted_tokens,
         }

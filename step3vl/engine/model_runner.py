@@ -75,7 +75,7 @@ class ModelRunner:
         bs = self.block_size
         for work in step.prefills:
             seq, a, b = work.seq, work.start, work.start + work.length
-            ids += seq.token_ids[a:b]
+            ids += seq.token_ids[a:b] if not work.draft else seq.token_ids[a:] + work.draft
             positions += range(a, b)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(a, b)]
@@ -115,12 +115,16 @@ def _native_cpu_attention(kv: KVCache) -> bool:
 
 
 def sample_rows_for(step: ScheduledStep) -> tuple[list[int], list[Sequence]]:
-    """Token rows whose logits are needed: every decode, and the last token of a prefill that completes."""
+    """Token rows whose logits are needed: every decode, the last token of a prefill that completes, and every
+    token of a speculative chunk (its sequence once per row)."""
     rows, seqs = list(range(len(step.decodes))), list(step.decodes)
     q = len(step.decodes)
     for work in step.prefills:
-        q += work.length
-        if work.start + work.length == work.seq.num_tokens:
-            rows.append(q - 1)
+        if work.draft:
+            rows += range(q, q + work.length)
+            seqs += [work.seq] * work.length
+        elif work.start + work.length == work.seq.num_tokens:
+            rows.append(q + work.length - 1)
             seqs.append(work.seq)
+        q += work.length
     return rows, seqs

@@ -39,10 +39,11 @@ class Sampler:
             from step3vl_kernels.sampling_ref import sample
         self._sample = sample
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], ahead: list[int] | None = None) -> list[SampledToken]:
         """Log-probs are the model's own (vLLM's default "raw" log-probs): before the request's processors, rules
         and penalties, and before temperature. A row whose rules leave no token gets NO_TOKEN (the engine ends
-        that sample) instead of an arbitrary draw."""
+        that sample) instead of an arbitrary draw. ahead[i]: row i draws for the output step that many tokens
+        past the sample's current one (speculative verification rows; 0 otherwise)."""
         raw = logits
         params = [s.request.params for s in seqs]
         logits, dead = self._adjust(logits, seqs, params)
@@ -62,7 +63,8 @@ class Sampler:
                 torch.tensor([p.min_p for p in params], **f32),
                 torch.tensor([s.request.seed for s in seqs], **i64),
                 torch.tensor([s.index for s in seqs], **i64),
-                torch.tensor([len(s.token_ids) - s.num_prompt_tokens for s in seqs], **i64),
+                torch.tensor([len(s.token_ids) - s.num_prompt_tokens + (ahead[i] if ahead else 0)
+                              for i, s in enumerate(seqs)], **i64),
             )
         token_list = tokens.tolist()
         for i in dead:

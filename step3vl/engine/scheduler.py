@@ -17,6 +17,9 @@ class PrefillWork:
     seq: Sequence
     start: int
     length: int
+    # Speculative verification: the chunk is the sample's last token and these draft tokens (not yet in
+    # seq.token_ids); every position's logits are sampled.
+    draft: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -77,9 +80,9 @@ class Scheduler:
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep()
         self._schedule_decodes(step)
-        budget = self.max_num_batched_tokens - len(step.decodes)
+        budget = self.max_num_batched_tokens - step.num_tokens
         # Prompt (or recompute) tokens that already have slots; a decode's token got its slot above.
-        decoding = {id(s) for s in step.decodes}
+        decoding = {id(s) for s in step.decodes} | {id(w.seq) for w in step.prefills}
         prefilling = (s for s in self.running if s.num_computed < s.num_registered and id(s) not in decoding)
         for seq in sorted(prefilling, key=_order):
             if budget <= 0:
@@ -94,6 +97,7 @@ class Scheduler:
         # Oldest first, within both limits; forks can push the running set past them, the rest wait a step.
         limit = min(self.max_num_seqs, self.max_num_batched_tokens)
         queue = sorted((s for s in self.running if s.is_decode), key=_order)[:limit]
+        draft_budget = self.max_num_batched_tokens - len(queue)
         copies: list[tuple[Sequence, int, int]] = []
         i = 0
         while i < len(queue):
@@ -119,15 +123,40 @@ class Scheduler:
             self._record_append(seq, slot)
             if src >= 0:
                 copies.append((seq, src, dst))
+            if seq.draft:
+                seq.draft = self._append_draft(seq, copies, draft_budget)
+                draft_budget -= len(seq.draft)
             step.decodes.append(seq)
             step.decode_slots.append(slot)
             i += 1
+        # Samples with draft tokens run as a chunk (their last token + the drafts), verified after the forward.
+        for k in reversed(range(len(step.decodes))):
+            seq = step.decodes[k]
+            if seq.draft:
+                step.decodes.pop(k)
+                step.decode_slots.pop(k)
+                step.prefills.insert(0, PrefillWork(seq, seq.num_computed, 1 + len(seq.draft), seq.draft))
         # A sequence preempted later in the loop gave its copy target back to the pool, where another
         # sequence may already own it: its copy must not run.
         for seq, src, dst in copies:
             if seq not in step.preempted:
                 step.copy_src.append(src)
                 step.copy_dst.append(dst)
+
+    def _append_draft(self, seq: Sequence, copies: list, budget: int) -> list[int]:
+        """Slots for as many of the sample's draft tokens as the pool and the step's token budget allow (drafts
+        never preempt anyone)."""
+        taken = []
+        for token in seq.draft[:max(budget, 0)]:
+            try:
+                slot, src, dst = self.bm.append_slot(seq.seq_id, token)
+            except RuntimeError:
+                break
+            self._record_append(seq, slot)
+            if src >= 0:
+                copies.append((seq, src, dst))
+            taken.append(token)
+        return taken
 
     def _record_append(self, seq: Sequence, slot: int) -> None:
         pos = seq.num_registered
@@ -143,6 +172,7 @@ class Scheduler:
         self.bm.free(seq.seq_id)
         seq.num_computed = seq.num_registered = 0
         seq.block_table = []
+        seq.draft = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         step.preempted.append(seq)

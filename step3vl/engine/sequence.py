@@ -36,6 +36,8 @@ class Sequence:
     num_preemptions: int = 0
     guide: Any = None  # structured outputs: this sample's grammar matcher (engine/structured_outputs.py)
     rule_state: dict = field(default_factory=dict)  # the sampler's per-sample incremental state (penalties)
+    draft: list[int] = field(default_factory=list)  # speculative tokens proposed for this step (speculative.py)
+    draft_state: Any = None  # the proposer's per-sample state
 
     @property
     def num_tokens(self) -> int:

@@ -100,6 +100,27 @@ def test_fork_shares_every_block():
     bm.check_invariants()
 
 
+def test_truncate_drops_rejected_tokens_and_their_blocks():
+    """Hand-computed: 6 computed tokens in blocks of 4, three drafts appended (a new block for the 9th token),
+    one accepted: the 8-token sequence keeps two blocks and the third goes back to the pool."""
+    bm = BlockManager(8, 4)
+    computed_seq(bm, 1, list(range(6)))
+    for t in (6, 7, 8):
+        bm.append_slot(1, t)
+    assert len(bm.block_table(1)) == 3 and bm.num_used() == 3
+    bm.mark_computed(1, 7)
+    bm.truncate(1, 7)
+    assert bm.num_tokens(1) == 7 and len(bm.block_table(1)) == 2 and bm.num_used() == 2
+    slot, _, _ = bm.append_slot(1, 99)  # the next token lands right after the accepted ones
+    assert slot == bm.block_table(1)[1] * 4 + 3
+    bm.mark_computed(1, 8)
+    with pytest.raises(ValueError, match="registered blocks stay"):
+        bm.truncate(1, 7)  # its second block is registered now
+    with pytest.raises(ValueError, match="outside"):
+        bm.truncate(1, 9)
+    bm.check_invariants()
+
+
 def test_copy_on_write_only_on_first_write_into_shared_partial_block():
     bm = BlockManager(8, 4)
     bm.allocate(1, list(range(6)))  # blocks [0, 1], block 1 holds 2 tokens
@@ -488,6 +509,34 @@ class BlockManagerMachine(RuleBasedStateMachine):
             s.tokens.append(token)
             assert slot == self.slot(i, len(s.tokens) - 1)
             self.write(i, len(s.tokens))
+
+    @precondition(lambda self: self.computed_ids())
+    @rule(data=st.data())
+    def speculate(self, data):
+        """Speculative decoding: slots for draft tokens, the verify pass writes all of them, the accepted ones
+        are registered and the rest truncated away."""
+        sid = data.draw(st.sampled_from(sorted(self.computed_ids())))
+        s = self.seqs[sid]
+        n0 = len(s.tokens)
+        for token in data.draw(st.lists(st.integers(0, 2), min_size=1, max_size=4)):
+            try:
+                slot, src, dst = self.bm.append_slot(sid, token)
+            except PoolExhausted:
+                break
+            for off in range(self.bs) if src >= 0 else ():
+                if src * self.bs + off in self.kv:
+                    self.kv[dst * self.bs + off] = self.kv[src * self.bs + off]
+            s.tokens.append(token)
+            assert slot == self.slot(sid, len(s.tokens) - 1)
+            self.kv[slot] = self.identity(s, len(s.tokens) - 1)
+        keep = n0 + data.draw(st.integers(0, len(s.tokens) - n0))
+        del s.tokens[keep:]
+        s.computed = keep
+        self.bm.mark_computed(sid, keep)
+        for k in range(1, keep // self.bs + 1):
+            self.computed_prefixes.add((s.salt, tuple(s.tokens[: k * self.bs])))
+        self.bm.truncate(sid, keep)
+        assert self.bm.num_tokens(sid) == keep and len(self.bm.block_table(sid)) == -(-keep // self.bs)
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())
