@@ -194,6 +194,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step (chunked prefill)")
     e.add_argument("--encoder-cache-memory", default="256MiB",
                    help="image features kept by image digest, so a recurring image is encoded once")
+    e.add_argument("--speculative-config", type=json.loads, default=None,
+                   help='n-gram speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                        "(outputs are identical with and without it)")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -235,7 +238,8 @@ def _load_llm(args, model: Path):
         raise FileNotFoundError(f"no checkpoint at {model} (config.json missing)")
     return LLM(model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
                max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, encoder_cache_memory=args.encoder_cache_memory)
+               max_num_batched_tokens=args.max_num_batched_tokens, encoder_cache_memory=args.encoder_cache_memory,
+               speculative_config=args.speculative_config)
 
 
 # -- demo -------------------------------------------------------------------------------------------
