@@ -31,7 +31,9 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4  # k: drafts per step
     prompt_lookup_max: int = 4  # the longest n-gram to match
     prompt_lookup_min: int = 2  # the shortest n-gram that counts as a match
-    max_batch_size: int | None = None  # no drafts in steps with more decoding samples (None: always)
+    # No drafts in a step where this many samples or more decode (None: always draft). A large batch already
+    # fills the device, and on the CPU a step with a verify chunk leaves the one-call decode stack.
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.method != "ngram":
@@ -41,6 +43,9 @@ class SpeculativeConfig:
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError(f"speculative_config: need 1 <= prompt_lookup_min ({self.prompt_lookup_min}) <= "
                              f"prompt_lookup_max ({self.prompt_lookup_max})")
+        if self.disable_by_batch_size is not None and self.disable_by_batch_size < 2:
+            raise ValueError(f"speculative_config.disable_by_batch_size must be >= 2 (or None), "
+                             f"got {self.disable_by_batch_size}")
 
     @classmethod
     def of(cls, value: "SpeculativeConfig | dict | None") -> "SpeculativeConfig | None":
@@ -109,7 +114,7 @@ class NgramProposer:
         cfg = self.config
         for seq in decoding:
             seq.draft = []
-        if cfg.max_batch_size is not None and len(decoding) > cfg.max_batch_size:
+        if cfg.disable_by_batch_size is not None and len(decoding) >= cfg.disable_by_batch_size:
             return
         for seq in decoding:
             p = seq.request.params

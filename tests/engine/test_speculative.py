@@ -49,6 +49,20 @@ def test_config_errors_name_the_field():
         SpeculativeConfig.of({"num_spec_tokens": 3})
     with pytest.raises(ValueError, match="prompt_lookup_min"):
         SpeculativeConfig.of({"prompt_lookup_min": 5, "prompt_lookup_max": 2})
+    with pytest.raises(ValueError, match="disable_by_batch_size"):
+        SpeculativeConfig.of({"disable_by_batch_size": 1})
+
+
+def test_disable_by_batch_size_drafts_only_in_smaller_batches(tiny_ckpt):
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    spec = {**SPEC, "disable_by_batch_size": 2}
+    base, _ = _run(tiny_ckpt, PROMPTS, params, None)
+    alone = [_run(tiny_ckpt, [p], params, spec) for p in PROMPTS]
+    together, stats = _run(tiny_ckpt, PROMPTS, params, spec)
+    assert sum(s["spec_draft_tokens"] for _, s in alone) > 0  # one sample decoding: below the limit
+    assert stats["spec_draft_tokens"] == 0  # three decoding together from the first step to the last
+    _same(base, [o for outs, _ in alone for o in outs])
+    _same(base, together)
 
 
 def _run(ckpt, prompts, params, spec, **kw):
