@@ -40,11 +40,16 @@ class ModelRunner:
     def run(self, step: ScheduledStep, sample_rows: list[int]) -> torch.Tensor:
         """Forward the step's tokens; return logits [len(sample_rows), vocab] (fp32) for those token rows."""
         ids, positions, slots, image_mask, features = self._inputs(step)
-        meta = self._metadata(step, torch.tensor(slots, dtype=torch.int64, device=self.device))
+        # A step of decodes and speculative verify chunks only runs the one-call decode stack: a chunk's tokens are
+        # decode rows of one sample whose context lengths grow by one (the stack writes every row's K/V before any
+        # row attends, so row i sees the chunk's tokens up to its own: causal).
+        stacked = self.decode_stack is not None and (step.decodes or step.prefills) and all(
+            w.draft for w in step.prefills)
+        meta = self._metadata(step, torch.tensor(slots, dtype=torch.int64, device=self.device), stacked)
         ids_t = torch.tensor(ids, dtype=torch.int64, device=self.device)
         embeds = self.model.model.embed_tokens(ids_t)
         positions_t = torch.tensor(positions, device=self.device)
-        if self.decode_stack is not None and step.decodes and not step.prefills:
+        if stacked:
             text = self.model.model
             cos, sin = rope_cos_sin(positions_t, text.inv_freq)
             hidden = text.norm(self.decode_stack.run(embeds, cos, sin, meta.slot_mapping, cpu_cascade_tables(meta)))
@@ -82,22 +87,28 @@ class ModelRunner:
         mask, features = self.images.gather([(w.seq.request, w.start, w.start + w.length) for w in step.prefills])
         return ids, positions, slots, image_mask + mask, features
 
-    def _metadata(self, step: ScheduledStep, slot_mapping: torch.Tensor) -> StepMetadata:
+    def _metadata(self, step: ScheduledStep, slot_mapping: torch.Tensor, verify_as_decode: bool = False) -> StepMetadata:
+        """verify_as_decode: every token of the step's (speculative) chunks is a decode row too."""
         bs = self.block_size
-        meta = StepMetadata(block_size=bs, slot_mapping=slot_mapping, num_decode=len(step.decodes),
+        rows = [(seq, seq.num_tokens - 1) for seq in step.decodes]  # (sample, position of the row's token)
+        if verify_as_decode:
+            rows += [(w.seq, p) for w in step.prefills for p in range(w.start, w.start + w.length)]
+        meta = StepMetadata(block_size=bs, slot_mapping=slot_mapping, num_decode=len(rows),
                             cascade=self.cascade_attention)
         groups: dict[tuple, DecodeGroup] = {}
-        for row, seq in enumerate(step.decodes):
+        for row, (seq, position) in enumerate(rows):
             shared = seq.num_prompt_tokens // bs  # full prompt blocks: shared by every sample of a prompt
-            shared = min(shared, (seq.num_tokens - 1) // bs)
+            shared = min(shared, position // bs)
             prefix = seq.block_table[:shared]
             key = tuple(prefix)
             if key not in groups:
                 groups[key] = DecodeGroup(rows=[], prefix_blocks=prefix)
             groups[key].rows.append(row)
             meta.suffix_tables.append(seq.block_table[shared:])
-            meta.suffix_lens.append(seq.num_tokens - shared * bs)
+            meta.suffix_lens.append(position + 1 - shared * bs)
         meta.groups = list(groups.values())
+        if verify_as_decode:
+            return meta
         q = len(step.decodes)
         for work in step.prefills:
             meta.prefills.append(PrefillChunk(q, work.length, work.start + work.length, work.seq.block_table))
