@@ -7,7 +7,8 @@ with the sample's own counter-based randomness, and keeps the drafts up to the f
 was sampled there, plus that sampled token. A position's draw is the one the sample would make without
 speculation, so outputs are identical with and without it, token for token, for greedy and seeded sampling
 alike; speculation only changes how many tokens a step yields. PaCoRe's synthesis rounds, which quote the
-reference messages in their prompt, are where it pays.
+reference messages in their prompt, are where it pays. On the native CPU path a step of decodes and verify chunks
+is still one decode-stack call, a row per chunk token (engine/model_runner.py).
 
 Requests whose sampling depends on the tokens before each position beyond the model's logits (logits
 processors, penalties, structured outputs, min_tokens / logit_bias / allowed_token_ids) decode one token at a time.

@@ -143,3 +143,17 @@ def test_registered_blocks_hold_only_accepted_tokens(tiny_ckpt):
                                                                        ignore_eos=True), use_tqdm=False)
     assert llm.kv_stats()["prefix_hit_tokens"] - hits >= 32
     assert again.outputs[0].token_ids == first.outputs[0].token_ids[40:]
+
+
+def test_verify_chunks_run_the_cpu_decode_stack(tiny_ckpt, monkeypatch):
+    """On the native CPU path a step of verify chunks is one decode-stack call with a row per chunk token."""
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    llm = LLM(tiny_ckpt, dtype="float32", device="cpu", kv_cache_memory="4MiB", speculative_config=SPEC)
+    stack = llm.engine.runner.decode_stack
+    if stack is None:
+        pytest.skip("the one-call decode stack runs only where the native cascade kernel does (AVX-512, fp32)")
+    rows, run = [], stack.run
+    monkeypatch.setattr(stack, "run", lambda x, *a: rows.append(x.shape[0]) or run(x, *a))
+    base, _ = _run(tiny_ckpt, PROMPTS[:1], params, None)
+    _same(base, llm.generate(PROMPTS[:1], params, use_tqdm=False))
+    assert max(rows) > 1 and llm.kv_stats()["spec_accepted_tokens"] > 0  # one sample, several rows: its drafts
