@@ -40,12 +40,8 @@ class ModelRunner:
     def run(self, step: ScheduledStep, sample_rows: list[int]) -> torch.Tensor:
         """Forward the step's tokens; return logits [len(sample_rows), vocab] (fp32) for those token rows."""
         ids, positions, slots, image_mask, features = self._inputs(step)
-        # A step of decodes and speculative verify chunks only runs the one-call decode stack: a chunk's tokens are
-        # decode rows of one sample whose context lengths grow by one (the stack writes every row's K/V before any
-        # row attends, so row i sees the chunk's tokens up to its own: causal).
-        stacked = self.decode_stack is not None and (step.decodes or step.prefills) and all(
-            w.draft for w in step.prefills)
-        meta = self._metadata(step, torch.tensor(slots, dtype=torch.int64, device=self.device), stacked)
+        meta = self._metadata(step, torch.tensor(slots, dtype=torch.int64, device=self.device))
+        stacked = self.decode_stack is not None and meta.num_decode and not meta.prefills
         ids_t = torch.tensor(ids, dtype=torch.int64, device=self.device)
         embeds = self.model.model.embed_tokens(ids_t)
         positions_t = torch.tensor(positions, device=self.device)
@@ -87,12 +83,17 @@ class ModelRunner:
         mask, features = self.images.gather([(w.seq.request, w.start, w.start + w.length) for w in step.prefills])
         return ids, positions, slots, image_mask + mask, features
 
-    def _metadata(self, step: ScheduledStep, slot_mapping: torch.Tensor, verify_as_decode: bool = False) -> StepMetadata:
-        """verify_as_decode: every token of the step's (speculative) chunks is a decode row too."""
+    def _metadata(self, step: ScheduledStep, slot_mapping: torch.Tensor) -> StepMetadata:
+        """Decode rows, then prefill chunks. A speculative verify chunk's tokens are decode rows of one sample whose
+        context lengths grow by one: every backend writes the step's K/V before any row attends, so each row sees
+        the chunk up to its own token (causal), through the same attention, and so the same arithmetic, as that
+        token decoded alone (in bf16 too)."""
         bs = self.block_size
+        verify = [w for w in step.prefills if w.draft]
+        if not all(w.draft for w in step.prefills[:len(verify)]):
+            raise AssertionError("the scheduler must put verify chunks before prefill chunks")
         rows = [(seq, seq.num_tokens - 1) for seq in step.decodes]  # (sample, position of the row's token)
-        if verify_as_decode:
-            rows += [(w.seq, p) for w in step.prefills for p in range(w.start, w.start + w.length)]
+        rows += [(w.seq, p) for w in verify for p in range(w.start, w.start + w.length)]
         meta = StepMetadata(block_size=bs, slot_mapping=slot_mapping, num_decode=len(rows),
                             cascade=self.cascade_attention)
         groups: dict[tuple, DecodeGroup] = {}
@@ -107,10 +108,8 @@ class ModelRunner:
             meta.suffix_tables.append(seq.block_table[shared:])
             meta.suffix_lens.append(position + 1 - shared * bs)
         meta.groups = list(groups.values())
-        if verify_as_decode:
-            return meta
-        q = len(step.decodes)
-        for work in step.prefills:
+        q = len(rows)
+        for work in step.prefills[len(verify):]:
             meta.prefills.append(PrefillChunk(q, work.length, work.start + work.length, work.seq.block_table))
             q += work.length
         return meta

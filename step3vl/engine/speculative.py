@@ -37,6 +37,11 @@ class SpeculativeConfig:
     disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool)) and not (
+                    name == "disable_by_batch_size" and value is None):
+                raise ValueError(f"speculative_config.{name} must be an integer, got {value!r}")
         if self.method != "ngram":
             raise ValueError(f"speculative_config.method {self.method!r}: only 'ngram' (prompt lookup) is built in")
         if self.num_speculative_tokens < 1:
