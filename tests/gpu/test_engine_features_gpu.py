@@ -39,10 +39,11 @@ def _image(seed: int, size=(96, 64)) -> Image.Image:
     SamplingParams(n=2, temperature=0.0, max_tokens=64, ignore_eos=True),
     SamplingParams(n=3, temperature=0.05, top_p=0.95, seed=3, max_tokens=64, ignore_eos=True, logprobs=2),
 ], ids=["greedy", "sampled"])
-def test_speculation_keeps_outputs_on_cuda(ckpt, params):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_speculation_keeps_outputs_on_cuda(ckpt, params, dtype):
     outs = {}
     for name, spec in (("plain", None), ("ngram", SPEC)):
-        llm = LLM(ckpt, dtype="float32", device=DEVICE, kv_cache_memory="16MiB", speculative_config=spec)
+        llm = LLM(ckpt, dtype=dtype, device=DEVICE, kv_cache_memory="16MiB", speculative_config=spec)
         outs[name] = llm.generate(PROMPTS, params, use_tqdm=False)
         stats = llm.kv_stats()
     for a, b in zip(outs["plain"], outs["ngram"], strict=True):
