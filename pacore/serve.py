@@ -45,9 +45,10 @@ CHAT_PROBLEM_ID = "chat"  # a chat request's problem id: `PaCoRe.run` on Problem
 
 
 async def run_problem(engine: AsyncLLM, config: PaCoReConfig, problem: Problem, tag: str | None = None,
-                      on_final_round: FinalRoundHook | None = None) -> PaCoReResult:
+                      on_final_round: FinalRoundHook | None = None, priority: int = 0) -> PaCoReResult:
     """One problem's rounds on a shared engine (from any asyncio code, not only the server). Cancelling it aborts
-    the round in flight. `tag` prefixes its engine request ids (default: a fresh one)."""
+    the round in flight. `tag` prefixes its engine request ids (default: a fresh one). `priority` goes with every
+    round's request (an engine with scheduling_policy='priority')."""
     tag = tag or _tag()
     llm = engine.llm
     run = ProblemRun(problem, config, llm.processor, think_end_marker(llm.get_tokenizer()), llm.model.device, tag)
@@ -57,7 +58,7 @@ async def run_problem(engine: AsyncLLM, config: PaCoReConfig, problem: Problem, 
         out = None
         try:
             async with contextlib.aclosing(engine.generate(req.prompt, req.params, req.request_id,
-                                                           final_only=not live)) as stream:
+                                                           final_only=not live, priority=priority)) as stream:
                 async for out in stream:
                     if live:
                         on_final_round(out)
@@ -140,7 +141,7 @@ class PaCoReService:
             model = body.model or ""
             if body.stream:
                 return StreamingResponse(self._chat_events(cfg, problem, model, body), media_type="text/event-stream")
-            result = await run_problem(self.engine, cfg, problem, _tag())
+            result = await run_problem(self.engine, cfg, problem, _tag(), priority=body.priority)
             _raise_if_failed(result)
             choice, usage = _choice(result), _usage(result)
             server.metrics.finished([choice.finish_reason], usage.prompt_tokens, usage.completion_tokens)
@@ -154,7 +155,7 @@ class PaCoReService:
         equals the non-streamed response."""
         live = _LiveReasoning(enabled=cfg.unclosed_policy == "drop")  # "keep" may turn it all into the answer
         outputs: asyncio.Queue = asyncio.Queue()
-        task = asyncio.create_task(run_problem(self.engine, cfg, problem, _tag(), outputs.put_nowait))
+        task = asyncio.create_task(run_problem(self.engine, cfg, problem, _tag(), outputs.put_nowait, body.priority))
         task.add_done_callback(lambda _: outputs.put_nowait(None))
         head = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(), "model": model}
 

@@ -197,6 +197,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--speculative-config", type=json.loads, default=None,
                    help='n-gram speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                         "(outputs are identical with and without it)")
+    e.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                   help="priority: requests' `priority` (lower first) orders admission and preemption")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -239,7 +241,7 @@ def _load_llm(args, model: Path):
     return LLM(model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
                max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, encoder_cache_memory=args.encoder_cache_memory,
-               speculative_config=args.speculative_config)
+               speculative_config=args.speculative_config, scheduling_policy=args.scheduling_policy)
 
 
 # -- demo -------------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ class _Add:
     params: SamplingParams
     stream: _Stream
     final_only: bool
+    priority: int = 0
 
 
 @dataclass(slots=True)
@@ -103,16 +104,17 @@ class AsyncLLM:
     # -- caller side ---------------------------------------------------------------------------------
 
     async def generate(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None,
-                       final_only: bool = False) -> AsyncIterator[RequestOutput]:
+                       final_only: bool = False, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields the request's cumulative output as it grows; the last one has `finished=True`. A bad prompt
         raises ValueError (naming the problem) before anything is yielded; closing the iterator early aborts.
-        final_only: yield only the finished output (no per-step copies for a caller that does not stream)."""
+        final_only: yield only the finished output (no per-step copies for a caller that does not stream).
+        priority: for an engine with scheduling_policy='priority' (lower first)."""
         self._check_alive()
         prepared = await asyncio.to_thread(self.llm.prepare, prompt)
         params = await asyncio.to_thread(self.llm.prepare_params, params or SamplingParams())  # grammar compile
         rid = request_id if request_id is not None else f"async-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop())
-        self._submit(_Add(rid, prepared, params, stream, final_only), stream.put)
+        self._submit(_Add(rid, prepared, params, stream, final_only, priority), stream.put)
         try:
             while True:
                 out = await stream.next()
@@ -187,7 +189,7 @@ class AsyncLLM:
             cmd.stream.post(ValueError(f"request id {cmd.request_id!r} is already in use"))
             return
         try:
-            self.llm.add_request(cmd.prompt, cmd.params, request_id=cmd.request_id)
+            self.llm.add_request(cmd.prompt, cmd.params, request_id=cmd.request_id, priority=cmd.priority)
         except Exception as e:  # noqa: BLE001 - a rejected prompt is that caller's error, not the engine's
             cmd.stream.post(e)
             return

@@ -53,10 +53,13 @@ class EngineCore:
     max_logprobs: int = 20  # the most alternatives per token a request may ask for (vLLM's default)
     encoder_cache_bytes: int = 256 << 20  # image features kept by image digest (engine/image_inputs.py)
     speculative: SpeculativeConfig | None = None  # n-gram speculative decoding (engine/speculative.py)
+    scheduling_policy: str = "fcfs"  # or "priority": requests' `priority` orders admission and preemption
     requests: dict[str, Request] = field(default_factory=dict)
     counters: EngineCounters = field(default_factory=EngineCounters)
 
     def __post_init__(self) -> None:
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy {self.scheduling_policy!r}: choose 'fcfs' or 'priority'")
         self.block_size = self.kv.block_size
         self.scheduler = Scheduler(self.block_manager, self.block_size, self.max_num_batched_tokens,
                                    self.max_num_seqs)
@@ -74,16 +77,17 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     images: list | None = None, salt: int = 0, prompt: str | None = None,
-                    image_hashes: list[int] | None = None) -> Request:
+                    image_hashes: list[int] | None = None, priority: int = 0) -> Request:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_priority(priority)
         params.__post_init__()  # fields set after construction: derive stop strings and validate again
         self._check_fits(request_id, prompt_token_ids, params)
         grammar = self._grammar(params)
         if params.prompt_logprobs is not None:  # every prompt position must be computed: no cached blocks
             salt = (1 << 62) | next(self._private_salts)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        req = Request(request_id, prompt, list(prompt_token_ids), params, seed, next(self._arrivals),
+        req = Request(request_id, prompt, list(prompt_token_ids), params, seed, next(self._arrivals), priority,
                       images=list(images or []), salt=salt, arrival_time=time.perf_counter(), grammar=grammar)
         if req.images:
             req.image_layout = image_layout(self.model, req.prompt_token_ids, req.images, image_hashes)
@@ -92,7 +96,8 @@ class EngineCore:
             req.prompt_logprobs = [None] * len(prompt_token_ids)
         self.requests[request_id] = req
         leader = self._prefilling.get(req.prompt_key)
-        if leader is not None and not leader.aborted:
+        # Only a leader at least as urgent: a request must not wait behind a lower-priority prefill.
+        if leader is not None and not leader.aborted and leader.priority <= req.priority:
             req.leader = leader  # identical prompt in flight: fork from it instead of prefilling again
             leader.followers.append(req)
             self.counters.deduplicated_prompts += 1
@@ -102,6 +107,13 @@ class EngineCore:
         req.sequences.append(seq)
         self.scheduler.add(seq)
         return req
+
+    def check_priority(self, priority: int) -> None:
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if priority != 0 and self.scheduling_policy != "priority":
+            raise ValueError(f"priority {priority} needs scheduling_policy='priority' (this engine schedules "
+                             f"'{self.scheduling_policy}')")
 
     def prefix_cache_ids(self, prompt_token_ids: list[int], images: list,
                          image_hashes: list[int] | None = None) -> list[int]:

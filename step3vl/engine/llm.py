@@ -96,7 +96,9 @@ class LLM:
     features kept by image digest, so an image that recurs (PaCoRe rounds, chat turns, a shared picture) is encoded
     once while cached. speculative_config: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
     "prompt_lookup_min": 2} (vLLM's) drafts tokens by prompt lookup and verifies them in one pass; outputs are
-    token for token those without it (engine/speculative.py).
+    token for token those without it (engine/speculative.py). scheduling_policy: "fcfs" (arrival order) or
+    "priority" (each request's `priority`, lower first, then arrival: admission, decode order within the batch
+    limits, and preemption of the last in that order when the pool runs out).
     """
 
     def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", device: str | None = None,
@@ -104,7 +106,7 @@ class LLM:
                  max_num_batched_tokens: int | None = None, max_num_seqs: int = 256, seed: int = 0,
                  use_kernels: bool | None = None, cascade_attention: bool | None = None, cpu_kernels: bool = True,
                  max_logprobs: int = 20, encoder_cache_memory: int | str = "256MiB",
-                 speculative_config: SpeculativeConfig | dict | None = None):
+                 speculative_config: SpeculativeConfig | dict | None = None, scheduling_policy: str = "fcfs"):
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size {block_size}: must be a power of two")
@@ -139,6 +141,7 @@ class LLM:
             max_logprobs=max_logprobs,
             encoder_cache_bytes=parse_bytes(encoder_cache_memory, "encoder_cache_memory"),
             speculative=SpeculativeConfig.of(speculative_config),
+            scheduling_policy=scheduling_policy,
             seed=seed)
         self.engine = self._new_engine()
         self._ids = itertools.count()
@@ -256,12 +259,14 @@ class LLM:
     def max_model_len(self) -> int:
         return self._engine_args["max_model_len"]
 
-    def add_request(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None,
+                    priority: int = 0) -> str:
         params = params or SamplingParams()
+        self.engine.check_priority(priority)  # before the prompt's images are loaded
         p = self.prepare(prompt)
         rid = request_id if request_id is not None else str(next(self._ids))
         self.engine.add_request(rid, p.token_ids, params, images=p.images, salt=p.salt, prompt=p.prompt,
-                                image_hashes=p.image_hashes)
+                                image_hashes=p.image_hashes, priority=priority)
         return rid
 
     def step(self) -> list[RequestOutput]:
@@ -296,17 +301,21 @@ class LLM:
     # -- batch API ----------------------------------------------------------------------------------
 
     def generate(self, prompts: Any, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
+        """priority: one per prompt (scheduling_policy='priority'; lower first)."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        priority = [0] * len(prompts) if priority is None else list(priority)
+        if len(priority) != len(prompts):
+            raise ValueError(f"{len(priority)} priorities for {len(prompts)} prompts")
         ids: list[str] = []
         try:
-            for p, sp in zip(prompts, params):
-                ids.append(self.add_request(p, sp, request_id=f"gen-{next(self._ids)}"))
+            for p, sp, pr in zip(prompts, params, priority):
+                ids.append(self.add_request(p, sp, request_id=f"gen-{next(self._ids)}", priority=pr))
         except Exception:
             for rid in ids:  # all or nothing: no orphan requests left in the engine
                 self.abort(rid)

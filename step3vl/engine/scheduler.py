@@ -42,8 +42,10 @@ class ScheduledStep:
         return len(self.decodes) + sum(p.length for p in self.prefills)
 
 
-def _order(seq: Sequence) -> tuple[int, int]:
-    return (seq.request.arrival, seq.index)
+def _order(seq: Sequence) -> tuple[int, int, int]:
+    """Admission and decode order; the last in it is preempted first. Priority is 0 for every request under
+    'fcfs', so there it is arrival order."""
+    return (seq.request.priority, seq.request.arrival, seq.index)
 
 
 class Scheduler:

@@ -82,6 +82,7 @@ class Request:
     params: SamplingParams
     seed: int
     arrival: int
+    priority: int = 0  # scheduling_policy='priority': lower values are scheduled first (vLLM's convention)
     images: list[Any] = field(default_factory=list)  # per image: .global_view, .crops
     salt: int = 0  # prefix-cache salt (cache_salt): requests with other salts never share cached blocks
     sequences: list[Sequence] = field(default_factory=list)

@@ -84,6 +84,7 @@ class _Request(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     cache_salt: str | None = None
+    priority: int = 0  # vLLM's: for a server started with --scheduling-policy priority (lower first)
 
     def refuse_unsupported(self) -> None:
         pass

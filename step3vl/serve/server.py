@@ -157,6 +157,13 @@ class OpenAIServer:
         if limit is not None and body.n > limit:
             raise RequestError(f"n = {body.n} is over this server's limit of {limit} samples per request", "n")
 
+    def _check_priority(self, body) -> None:
+        try:
+            self.engine.llm.engine.check_priority(body.priority)
+        except ValueError as e:
+            raise RequestError(str(e).replace("scheduling_policy='priority'", "--scheduling-policy priority"),
+                               "priority") from e
+
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
         return await until_disconnected(request, self.chat_completions_for(body))
 
@@ -164,6 +171,7 @@ class OpenAIServer:
         """A chat request through its model's handler: the response, or a StreamingResponse when it streams."""
         body.refuse_unsupported()
         self._check_n(body)
+        self._check_priority(body)
         name = body.model or self.config.served_model_name
         handler = self._chat_models.get(name)
         if handler is None:
@@ -175,6 +183,7 @@ class OpenAIServer:
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         body.refuse_unsupported()
         self._check_n(body)
+        self._check_priority(body)
         if body.model not in (None, self.config.served_model_name):
             raise RequestError(f"The model `{body.model}` does not serve completions; use "
                                f"`{self.config.served_model_name}`", "model", 404, "NotFoundError")
@@ -258,7 +267,7 @@ class OpenAIServer:
         params = self._after_reasoning(body.sampling_params(max_tokens, body.requested_logprobs,
                                                             self.config.logits_processors, body.prompt_logprobs))
         rid = new_id("chatcmpl")
-        stream = self.engine.generate(prepared, params, rid, final_only=not body.stream)
+        stream = self.engine.generate(prepared, params, rid, final_only=not body.stream, priority=body.priority)
         if body.stream:
             return event_stream(self._chat_events(stream, rid, body))
         out = await last(stream)
@@ -303,7 +312,8 @@ class OpenAIServer:
         for i, (p, max_tokens) in enumerate(prepared):
             params = body.sampling_params(max_tokens, body.logprobs, self.config.logits_processors,
                                           body.requested_prompt_logprobs)
-            streams.append(self.engine.generate(p, params, f"{rid}-{i}", final_only=not body.stream))
+            streams.append(self.engine.generate(p, params, f"{rid}-{i}", final_only=not body.stream,
+                                                priority=body.priority))
             echoes.append(self._echo(body, p))
         model = body.model or self.config.served_model_name
         if body.stream:

@@ -198,6 +198,7 @@ def _error(fn) -> openai.APIStatusError:
     (dict(model="no-such-model"), 404, "model", "does not exist"),
     (dict(extra_body={"top_k": -5}), 400, "top_k", "top_k"),
     (dict(n=65), 400, "n", "limit of 64"),
+    (dict(extra_body={"priority": 3}), 400, "priority", "--scheduling-policy priority"),
 ])
 def test_bad_requests_name_the_field(client, kw, status, param, words):
     args = dict(model=MODEL, messages=USER, max_tokens=4) | kw
@@ -300,6 +301,7 @@ def test_guided_choice_on_completions(client):
 @pytest.mark.parametrize("kw, param", [
     (dict(prompt=""), "prompt"), (dict(prompt=[[]]), "prompt"), (dict(prompt=["a", ""]), "prompt"),
     (dict(prompt="a", logit_bias={"99999": 1}), "logit_bias"),
+    (dict(prompt="a", extra_body={"priority": -1}), "priority"),
 ])
 def test_completions_refusals_are_400s(client, kw, param):
     err = _error(lambda: client.completions.create(model=MODEL, max_tokens=3, **kw))
