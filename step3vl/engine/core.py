@@ -12,6 +12,7 @@ import itertools
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from step3vl.engine.image_inputs import cache_token_ids, image_layout
 from step3vl.engine.kv_cache import KVCache
@@ -21,6 +22,7 @@ from step3vl.engine.scheduler import PrefillWork, Scheduler, ScheduledStep
 from step3vl.engine.sequence import Request, Sequence, SeqStatus
 from step3vl.engine.sampling_params import SamplingParams
 from step3vl.engine.speculative import NgramProposer, SpeculativeConfig
+from step3vl.engine.token_constraints import bad_words_token_ids
 
 
 @dataclass(slots=True)
@@ -54,6 +56,7 @@ class EngineCore:
     encoder_cache_bytes: int = 256 << 20  # image features kept by image digest (engine/image_inputs.py)
     speculative: SpeculativeConfig | None = None  # n-gram speculative decoding (engine/speculative.py)
     scheduling_policy: str = "fcfs"  # or "priority": requests' `priority` orders admission and preemption
+    encode: Callable[[str], list[int]] | None = None  # the tokenizer, for SamplingParams.bad_words
     requests: dict[str, Request] = field(default_factory=dict)
     counters: EngineCounters = field(default_factory=EngineCounters)
 
@@ -94,6 +97,10 @@ class EngineCore:
             req.cache_prompt_ids = cache_token_ids(req.prompt_token_ids, req.image_layout)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None] * len(prompt_token_ids)
+        if params.bad_words:
+            if self.encode is None:
+                raise ValueError("SamplingParams.bad_words: this engine has no tokenizer to tokenize them with")
+            req.bad_words_ids = bad_words_token_ids(params.bad_words, self.encode)
         self.requests[request_id] = req
         leader = self._prefilling.get(req.prompt_key)
         # Only a leader at least as urgent: a request must not wait behind a lower-priority prefill.

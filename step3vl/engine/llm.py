@@ -142,6 +142,7 @@ class LLM:
             encoder_cache_bytes=parse_bytes(encoder_cache_memory, "encoder_cache_memory"),
             speculative=SpeculativeConfig.of(speculative_config),
             scheduling_policy=scheduling_policy,
+            encode=tok.encode,
             seed=seed)
         self.engine = self._new_engine()
         self._ids = itertools.count()

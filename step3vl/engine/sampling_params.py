@@ -21,6 +21,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS / stop ids masked and no stop checked before this many output tokens
     logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit, in [-100, 100]
     allowed_token_ids: list[int] | None = None  # only these may be sampled (see engine/token_constraints.py)
+    bad_words: list[str] | None = None  # words the output never contains (vLLM's; engine/token_constraints.py)
     # JSON schema / json_object / regex / choice / EBNF grammar; a dict of those fields is accepted too.
     structured_outputs: StructuredOutputs | dict | None = None
     stop: list[str] | str | None = None
@@ -56,6 +57,9 @@ class SamplingParams:
         if self.allowed_token_ids is not None and not seq_of_ints(self.allowed_token_ids):
             raise ValueError(f"SamplingParams.allowed_token_ids = {self.allowed_token_ids!r}: must be a list of "
                              f"token ids")
+        if self.bad_words is not None and not (isinstance(self.bad_words, (list, tuple)) and all(
+                isinstance(w, str) and w.strip() for w in self.bad_words)):
+            raise ValueError(f"SamplingParams.bad_words = {self.bad_words!r}: must be a list of non-blank strings")
         if self.logit_bias is not None and not (isinstance(self.logit_bias, dict) and all(
                 isinstance(t, int) and isinstance(b, (int, float)) and not isinstance(b, bool)
                 for t, b in self.logit_bias.items())):

@@ -96,6 +96,7 @@ class Request:
     first_token_time: float | None = None
     arrival_time: float = 0.0
     grammar: Any = None  # structured outputs: the compiled grammar every sample follows
+    bad_words_ids: list[list[int]] = field(default_factory=list)  # SamplingParams.bad_words, tokenized
     prompt_logprobs: list | None = None  # per prompt position: None (the first) or {token: logprob}
     rule_cache: dict = field(default_factory=dict)  # the sampler's per-request tensors (masks, prompt ids)
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from step3vl import LLM, SamplingParams
 from step3vl.engine.sequence import Request, Sequence
-from step3vl.engine.token_constraints import apply_constraints, apply_constraints_ref
+from step3vl.engine.token_constraints import apply_constraints, apply_constraints_ref, bad_words_token_ids
 
 VOCAB = 30
 EOS = {3, 7}
@@ -80,3 +80,54 @@ def test_out_of_vocabulary_ids_are_refused_by_the_engine(llm):
     with pytest.raises(ValueError, match="logit_bias: token id 100000 is outside the vocabulary"):
         llm.generate([PROMPT], SamplingParams(logit_bias={100000: 1.0}), use_tqdm=False)
     assert not llm.has_unfinished_requests()
+
+
+# -- bad_words ------------------------------------------------------------------------------------------------------
+
+words = st.lists(st.lists(ids, min_size=1, max_size=3), max_size=4)
+
+
+@given(st.lists(st.tuples(words, st.lists(ids, max_size=6)), min_size=1, max_size=4), st.integers(0, 2**31 - 1))
+@settings(max_examples=80, deadline=None)
+def test_bad_words_equal_the_definition(rows, seed):
+    logits = torch.randn(len(rows), VOCAB, generator=torch.Generator().manual_seed(seed))
+    seqs = []
+    for bad, out in rows:
+        req = Request("r", None, [1, 2], SamplingParams(bad_words=["w"]), seed=0, arrival=0)
+        req.bad_words_ids = bad
+        seqs.append(Sequence(0, req, 0, [1, 2] + out))
+    got = apply_constraints(logits, seqs, EOS)
+    for i, (bad, out) in enumerate(rows):
+        want = torch.tensor(apply_constraints_ref(logits[i].tolist(), len(out), None, None, 0, [], EOS, False,
+                                                  bad_words_ids=bad, output_ids=out))
+        torch.testing.assert_close(got[i], want)
+
+
+def test_bad_words_tokenized_with_and_without_a_leading_space():
+    vocab = {"cat": [1], " cat": [2], "dog house": [3, 4], " dog house": [5, 4], "x y": [6, 7], " x y": [6, 7]}
+    assert bad_words_token_ids(["cat", " dog house", "x y"], vocab.__getitem__) == [[1], [2], [3, 4], [5, 4], [6, 7]]
+    with pytest.raises(ValueError, match="SamplingParams.bad_words"):
+        SamplingParams(bad_words=["ok", " "])
+    with pytest.raises(ValueError, match="SamplingParams.bad_words"):
+        SamplingParams(bad_words="word")
+
+
+def test_greedy_with_bad_words_equals_the_dense_reference(llm, qwen3_dense):
+    """Ban the greedy path's own 2nd token outright and its 4th-5th pair as a two-token word: the engine's output
+    is the dense greedy loop with those masks, and never contains either."""
+    tok = llm.get_tokenizer()
+    free = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    texts = [tok.decode([free[1]]), tok.decode(free[3:5])]
+    bad = bad_words_token_ids(texts, tok.encode)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, bad_words=texts)
+    got = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids
+    ids = list(PROMPT)
+    for _ in range(12):
+        row = qwen3_dense.logits([ids])[0][-1].tolist()
+        out = ids[len(PROMPT):]
+        row = apply_constraints_ref(row, len(out), None, None, 0, [], set(), True, bad_words_ids=bad, output_ids=out)
+        ids.append(max(range(len(row)), key=row.__getitem__))
+    assert got == ids[len(PROMPT):] and got != free
+    for word in bad:
+        assert not any(got[i:i + len(word)] == word for i in range(len(got)))

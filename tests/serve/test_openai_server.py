@@ -151,6 +151,9 @@ def test_logit_bias_min_tokens_and_allowed_ids_reach_the_engine(client, referenc
     r2 = client.completions.create(model=MODEL, prompt="x", seed=2, max_tokens=10,
                                    extra_body={"allowed_token_ids": [a, b]})
     assert set(r2.choices[0].text) <= {"a", "b"} and len(r2.choices[0].text) == 10
+    r3 = client.completions.create(model=MODEL, prompt="x", seed=2, max_tokens=10,
+                                   extra_body={"allowed_token_ids": [a, b], "bad_words": ["a"]})
+    assert r3.choices[0].text == "b" * 10  # "a" banned as a word (as written and after a space)
 
 
 def test_stop_strings(client, reference):
