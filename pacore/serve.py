@@ -212,9 +212,9 @@ class PaCoReService:
 # silently ignored. temperature, top_p, max_tokens and seed are taken.
 _PLAIN_ONLY = {"logprobs": False, "top_logprobs": None, "prompt_logprobs": None, "stop": None, "stop_token_ids": None,
                "top_k": None, "min_p": None, "min_tokens": 0, "logit_bias": None, "allowed_token_ids": None,
-               "bad_words": None, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": None,
-               "ignore_eos": False, "structured_outputs": None, "guided_json": None, "guided_regex": None,
-               "guided_choice": None, "guided_grammar": None, "tools": None}
+               "bad_words": None, "truncate_prompt_tokens": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+               "repetition_penalty": None, "ignore_eos": False, "structured_outputs": None, "guided_json": None,
+               "guided_regex": None, "guided_choice": None, "guided_grammar": None, "tools": None}
 
 
 def _refuse_plain_only(body: ChatCompletionRequest) -> None:

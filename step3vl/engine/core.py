@@ -85,6 +85,7 @@ class EngineCore:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_priority(priority)
         params.__post_init__()  # fields set after construction: derive stop strings and validate again
+        prompt_token_ids = self._truncate(request_id, prompt_token_ids, params, images)
         self._check_fits(request_id, prompt_token_ids, params)
         grammar = self._grammar(params)
         if params.prompt_logprobs is not None:  # every prompt position must be computed: no cached blocks
@@ -114,6 +115,22 @@ class EngineCore:
         req.sequences.append(seq)
         self.scheduler.add(seq)
         return req
+
+    def _truncate(self, request_id: str, ids: list[int], params: SamplingParams, images: list | None) -> list[int]:
+        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: the most that leave room for one
+        generated token). A cut into an image's tokens is refused: it would orphan the image's features."""
+        k = params.truncate_prompt_tokens
+        if k is None:
+            return ids
+        k = self.max_model_len - 1 if k == -1 else k
+        cut = max(0, len(ids) - k)
+        if cut and images:
+            first = next((i for i, t in enumerate(ids) if t == self.model.cfg.image_token_id), len(ids))
+            if cut >= first:  # the token before the first <im_patch> opens the image (<patch_start>/<im_start>)
+                raise ValueError(f"request {request_id!r}: truncate_prompt_tokens={params.truncate_prompt_tokens} "
+                                 f"would cut into the image tokens (keeping {k} of {len(ids)} tokens; the first "
+                                 f"image starts at token {max(0, first - 1)})")
+        return ids[cut:]
 
     def check_priority(self, priority: int) -> None:
         if not isinstance(priority, int) or isinstance(priority, bool):

@@ -18,6 +18,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     max_tokens: int | None = 16
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (-1: as many as fit)
     min_tokens: int = 0  # EOS / stop ids masked and no stop checked before this many output tokens
     logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit, in [-100, 100]
     allowed_token_ids: list[int] | None = None  # only these may be sampled (see engine/token_constraints.py)
@@ -83,6 +84,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, "must be in [-2, 2]")
+        k = self.truncate_prompt_tokens
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not (k >= 1 or k == -1)):
+            raise bad("truncate_prompt_tokens", "must be an int >= 1, or -1 (as many as max_model_len allows)")
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise bad("repetition_penalty", "must be in (0, 10] (1 means off)")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):

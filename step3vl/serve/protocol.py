@@ -75,6 +75,7 @@ class _Request(BaseModel):
     min_tokens: int = 0
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
     structured_outputs: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
@@ -130,6 +131,7 @@ class _Request(BaseModel):
                 repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
                 max_tokens=max_tokens, min_tokens=self.min_tokens, logit_bias=bias,
                 allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
+                truncate_prompt_tokens=self.truncate_prompt_tokens,
                 structured_outputs=structured, stop=self.stop, stop_token_ids=self.stop_token_ids,
                 seed=self.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs, ignore_eos=self.ignore_eos,
                 skip_special_tokens=self.skip_special_tokens,

@@ -191,14 +191,21 @@ class OpenAIServer:
 
     # -- shared steps ---------------------------------------------------------------------------------
 
-    async def prepare(self, prompt: Any, max_tokens: int | None, param: str) -> tuple[PreparedPrompt, int]:
+    async def prepare(self, prompt: Any, max_tokens: int | None, param: str,
+                      truncate: int | None = None) -> tuple[PreparedPrompt, int]:
         """Tokenize on a worker thread and check the context: returns the prompt and the max_tokens to use
-        (what is left of max_model_len when the request named none)."""
+        (what is left of max_model_len when the request named none). `truncate`: the request's
+        truncate_prompt_tokens, which the engine applies; the context is checked for the truncated prompt."""
         try:
             prepared = await asyncio.to_thread(self.llm.prepare, prompt)
         except ValueError as e:
             raise RequestError(str(e), param) from None
         n, limit = len(prepared.token_ids), self.max_model_len
+        if truncate is not None:
+            if truncate < 1 and truncate != -1:
+                raise RequestError(f"truncate_prompt_tokens = {truncate}: must be >= 1, or -1 (as many as fit)",
+                                   "truncate_prompt_tokens")
+            n = min(n, limit - 1 if truncate == -1 else truncate)
         if n == 0:
             raise RequestError("the prompt is empty", param)
         if n >= limit:
@@ -263,7 +270,7 @@ class OpenAIServer:
 
     async def _chat(self, body: ChatCompletionRequest, messages: list[dict]) -> Any:
         prepared, max_tokens = await self.prepare(self.render_chat(body, messages), body.requested_max_tokens,
-                                                  "messages")
+                                                  "messages", body.truncate_prompt_tokens)
         params = self._after_reasoning(body.sampling_params(max_tokens, body.requested_logprobs,
                                                             self.config.logits_processors, body.prompt_logprobs))
         rid = new_id("chatcmpl")
@@ -306,7 +313,7 @@ class OpenAIServer:
 
     async def _completion(self, body: CompletionRequest) -> Any:
         prompts = body.prompts()
-        prepared = [await self.prepare(p, body.max_tokens, "prompt") for p in prompts]
+        prepared = [await self.prepare(p, body.max_tokens, "prompt", body.truncate_prompt_tokens) for p in prompts]
         rid = new_id("cmpl")
         streams, echoes = [], []
         for i, (p, max_tokens) in enumerate(prepared):

@@ -217,6 +217,17 @@ def test_prompt_over_the_context_is_refused(client):
     assert err.status_code == 400 and "maximum context length is 512" in err.message
 
 
+def test_truncate_prompt_tokens_keeps_the_tail(client, reference):
+    ids = reference.get_tokenizer().encode("word " * 600)  # over the 512-token context
+    r = client.completions.create(model=MODEL, prompt=ids, temperature=0, max_tokens=4,
+                                  extra_body={"truncate_prompt_tokens": 100})
+    ref = reference.generate(ids[-100:], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0]
+    assert r.usage.prompt_tokens == 100 and r.choices[0].text == ref.outputs[0].text
+    r2 = client.completions.create(model=MODEL, prompt=ids, temperature=0, max_tokens=1,
+                                   extra_body={"truncate_prompt_tokens": -1})
+    assert r2.usage.prompt_tokens == 511
+
+
 @pytest.mark.parametrize("part, words", [
     ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, "image 0: cannot decode"),
     ({"type": "image_url", "image_url": {"url": "/etc/passwd"}}, "local image paths are not allowed"),
@@ -305,6 +316,7 @@ def test_guided_choice_on_completions(client):
     (dict(prompt=""), "prompt"), (dict(prompt=[[]]), "prompt"), (dict(prompt=["a", ""]), "prompt"),
     (dict(prompt="a", logit_bias={"99999": 1}), "logit_bias"),
     (dict(prompt="a", extra_body={"priority": -1}), "priority"),
+    (dict(prompt="a", extra_body={"truncate_prompt_tokens": 0}), "truncate_prompt_tokens"),
 ])
 def test_completions_refusals_are_400s(client, kw, param):
     err = _error(lambda: client.completions.create(model=MODEL, max_tokens=3, **kw))
