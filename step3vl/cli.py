@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="also fetch image URLs on loopback / private addresses (off: the server's own network is "
                         "not reachable through it)")
     s.add_argument("--max-n", type=int, default=64, help="the most samples (n) one request may ask for")
+    s.add_argument("--enable-sleep-mode", action="store_true",
+                   help="serve POST /sleep?level=1|2, POST /wake_up, GET /is_sleeping (a colocated trainer frees "
+                        "the KV pool, and at level 2 the weights, between rollouts)")
     s.add_argument("--max-pacore-trajectories", type=int, default=64,
                    help="the most trajectories, all rounds together, one PaCoRe problem may ask for")
     s.add_argument("--api-key", default=None,
@@ -165,6 +168,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="KL penalty towards the starting policy (default 0, as PaCoRe trains)")
     r.add_argument("--engine-is-cap", type=float, default=None,
                    help="weight token losses by min(p_policy / p_engine, CAP): corrects a bf16 sampler vs fp32 policy")
+    r.add_argument("--engine-sleep-level", type=int, choices=[1, 2], default=None,
+                   help="the engine sleeps through each update: 1 frees its KV pool, 2 also its copy of the weights")
     r.add_argument("--eval-problems", type=Path, default=None,
                    help="held-out problems (same format): mean reward logged as eval_reward")
     r.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: at the end)")
@@ -456,7 +461,8 @@ def _cmd_serve(args) -> int:
                           media=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
                                             fetch_urls=not args.no_fetch_urls,
                                             allow_private_urls=args.allow_private_urls),
-                          max_n=args.max_n, tool_call_parser=args.tool_call_parser == "hermes")
+                          max_n=args.max_n, tool_call_parser=args.tool_call_parser == "hermes",
+                          enable_sleep_mode=args.enable_sleep_mode)
     if args.think_at is not None:
         config.logits_processors = [RandomWeightsProcessor(llm.get_tokenizer(), llm.model.cfg.text.vocab_size,
                                                            args.think_at)]
@@ -523,7 +529,7 @@ def _cmd_rl(args) -> int:
                    temperature=args.temperature, max_tokens=args.max_tokens, advantage=args.advantage,
                    clip_eps=args.clip_eps, ppo_epochs=args.ppo_epochs, truncated_reward=args.truncated_reward,
                    max_tokens_per_batch=args.max_tokens_per_batch, engine_is_cap=args.engine_is_cap,
-                   kl_coef=args.kl_coef, seed=args.seed)
+                   kl_coef=args.kl_coef, engine_sleep_level=args.engine_sleep_level, seed=args.seed)
     engine = {"kv_cache_memory": args.kv_cache_memory} if args.kv_cache_memory else {}
     logs = reinforce(args.model, batches, args.out, args.steps, cfg, device=args.device, engine_kwargs=engine,
                      log_path=args.log, save_every=args.save_every, save_dtype=_torch_dtype(args.save_dtype), resume=args.resume,

@@ -133,6 +133,16 @@ class AsyncLLM:
         self._submit(_Call(fn, future, loop), lambda e: future.done() or future.set_exception(e))
         return await future
 
+    async def sleep(self, level: int = 1) -> int:
+        """LLM.sleep on the engine thread (no request may be in flight); returns the device bytes freed."""
+        return await self.call(lambda llm: llm.sleep(level))
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        await self.call(lambda llm: llm.wake_up(tags))
+
+    async def is_sleeping(self) -> bool:
+        return self.llm.is_sleeping()
+
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id, None))
 

@@ -24,6 +24,10 @@ from step3vl.engine.structured_outputs import StructuredOutputBackend
 from step3vl.loader import load_model
 from step3vl.processor import Step3VLProcessor
 
+class EngineSleepingError(RuntimeError):
+    """The engine was put to sleep (`LLM.sleep`); `LLM.wake_up()` brings it back."""
+
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _SIZE_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1}
@@ -70,6 +74,18 @@ def _visible_text(seq) -> str:
     return seq.text[:len(seq.text) - hold] if hold else seq.text
 
 
+@dataclass
+class _SleepState:
+    """What LLM.sleep put away: the KV pool's geometry (to allocate it again) and where the weights are."""
+    num_blocks: int
+    block_size: int
+    level: int = 0  # 0 awake; else the deepest level slept since the last full wake-up
+    kv_asleep: bool = False
+    weights: str = "device"  # "device" | "host" (level 1 on a GPU: host_weights) | "discarded" (level 2)
+    host_weights: dict | None = None
+    rng: Any = None  # the engine's seed source, kept so unseeded requests keep drawing fresh seeds
+
+
 @dataclass(slots=True)
 class PreparedPrompt:
     """A prompt tokenized and its images preprocessed (`LLM.prepare`): what the engine takes. Preparing touches
@@ -111,6 +127,7 @@ class LLM:
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size {block_size}: must be a power of two")
         self.dtype = _resolve_dtype(dtype, dev)
+        self.device = dev
         self.model_path = Path(model)
         self.processor = Step3VLProcessor.from_pretrained(model)
         self.model = self._prepare(load_model(model, dtype=self.dtype, device=dev), cpu_kernels)
@@ -144,9 +161,21 @@ class LLM:
             scheduling_policy=scheduling_policy,
             encode=tok.encode,
             seed=seed)
-        self.engine = self._new_engine()
+        self._sleep = _SleepState(num_blocks, block_size)
+        self._core: EngineCore | None = self._new_engine()
         self._ids = itertools.count()
         self._stats_base = (0, 0)  # (prefix_hit_tokens, preemptions) at the last reset_stats()
+
+    @property
+    def engine(self) -> EngineCore:
+        if self._core is None:
+            raise EngineSleepingError(f"the engine is asleep (LLM.sleep(level={self._sleep.level})): call "
+                                      f"wake_up() first")
+        return self._core
+
+    @engine.setter
+    def engine(self, core: EngineCore) -> None:
+        self._core = core
 
     def _prepare(self, model, cpu_kernels: bool):
         self._native = cpu_kernels and should_use_native(model, self.dtype)
@@ -157,6 +186,8 @@ class LLM:
     def _new_engine(self, rng=None) -> EngineCore:
         from step3vl_native import BlockManager
 
+        if self._sleep.weights != "device":
+            raise EngineSleepingError("the weights are asleep (LLM.sleep): call wake_up() or update_weights() first")
         kv = self._engine_args["kv"]
         core = EngineCore(model=self.model, block_manager=BlockManager(kv.num_blocks, kv.block_size),
                           **self._engine_args)
@@ -180,20 +211,27 @@ class LLM:
             raise RuntimeError(f"update_weights: {len(self.engine.requests)} request(s) in flight; let them finish "
                                f"or abort them first")
         cfg = self.model.cfg
+        weights_asleep = self._sleep.weights != "device"
         state = check_state(cfg, dict(weights), "update_weights")
         limit = torch.finfo(self.dtype).max
         bad = next((k for k, v in state.items() if v.numel() and not _finite(v, limit)), None)
         if bad is not None:  # a diverged trainer must not silently poison the sampler
             raise ValueError(f"update_weights: key {bad!r} holds NaN/inf or values beyond {self.dtype}'s range")
-        if self._native:
-            self.model = self._prepare(model_from_state(cfg, state, self.dtype, self.model.device, "update_weights"),
-                                       True)
+        if self._native or weights_asleep:
+            self.model = self._prepare(model_from_state(cfg, state, self.dtype, self.device, "update_weights"),
+                                       self._native)
         else:
             params = dict(self.model.named_parameters())
             with torch.no_grad():
                 for name, value in state.items():
                     params[name].copy_(value)
-        self.engine = self._new_engine(rng=self.engine._rng)
+        self._sleep.weights, self._sleep.host_weights = "device", None
+        self._restart_engine()
+
+    def _restart_engine(self) -> None:
+        """A fresh engine over the current weights, unless the KV pool is asleep (wake_up builds it then)."""
+        rng = self._core._rng if self._core is not None else self._sleep.rng
+        self._core = None if self._sleep.kv_asleep else self._new_engine(rng=rng)
         self._stats_base = (0, 0)
 
     @staticmethod
@@ -286,7 +324,7 @@ class LLM:
         return self._output(req)
 
     def has_unfinished_requests(self) -> bool:
-        return self.engine.has_unfinished()
+        return self._core is not None and self._core.has_unfinished()
 
     def _output(self, req: Request) -> RequestOutput:
         comps = [CompletionOutput(
@@ -374,6 +412,10 @@ class LLM:
         self.engine.runner.images.reset_counters()
 
     def kv_stats(self) -> dict:
+        """The pool and the counters since the last reset_stats(); while asleep, an empty pool (sleep_level > 0)."""
+        if self._core is None:
+            return {**{k: 0 for k in self._STAT_KEYS}, "block_size": self._sleep.block_size,
+                    "sleep_level": self._sleep.level}
         bm, c = self.engine.block_manager, self.engine.counters
         per_block = self.engine.kv.bytes_per_block
         used = bm.num_used()
@@ -388,5 +430,80 @@ class LLM:
             "images_encoded": self.engine.runner.images.images_encoded,
             "encoder_calls": self.engine.runner.images.encoder_calls,
             "encoder_cache_hits": self.engine.runner.images.cache_hits,
-            "spec_draft_tokens": c.draft_tokens, "spec_accepted_tokens": c.accepted_tokens,
+            "spec_draft_tokens": c.draft_tokens, "spec_accepted_tokens": c.accepted_tokens, "sleep_level": 0,
         }
+
+    _STAT_KEYS = ("blocks_total", "blocks_used", "blocks_cached", "blocks_free", "bytes_per_block", "bytes_in_use",
+                  "peak_blocks_used", "peak_bytes_in_use", "prefix_hit_tokens", "prefill_tokens_computed",
+                  "decode_tokens_computed", "preemptions", "forks", "deduplicated_prompts", "images_encoded",
+                  "encoder_calls", "encoder_cache_hits", "spec_draft_tokens", "spec_accepted_tokens")
+
+    # -- sleep mode (vLLM's): give the device back to a trainer between rollouts -------------------------
+
+    def sleep(self, level: int = 1) -> int:
+        """Free the KV pool (with the prefix cache, pinned prefixes and the image-feature cache); level 1 keeps
+        the weights (copied to host memory and freed on a GPU; on the CPU they already are in host memory), level 2
+        discards them. Needs an idle engine. Returns the device bytes freed. While asleep, requests raise
+        EngineSleepingError; wake_up() restores what slept. After level 2 the weights come from update_weights()
+        (which works while asleep) or, if none came, are reloaded from the checkpoint on wake_up()."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep(level={level!r}): level is 1 (offload the weights) or 2 (discard them)")
+        if self.has_unfinished_requests():
+            raise RuntimeError(f"sleep: {len(self.engine.requests)} request(s) in flight; let them finish or abort "
+                               f"them first")
+        freed = 0
+        if not self._sleep.kv_asleep:
+            kv = self._engine_args["kv"]
+            freed += kv.num_blocks * kv.bytes_per_block
+            self._sleep.rng = self._core._rng if self._core is not None else self._sleep.rng
+            self._core, self._engine_args["kv"], self._sleep.kv_asleep = None, None, True
+        if self._sleep.weights == "device" and (level == 2 or self._offloads_weights()):
+            if level == 1:
+                self._sleep.host_weights = {k: v.detach().to("cpu", copy=True)
+                                            for k, v in self.model.state_dict().items()}
+            freed += sum(t.numel() * t.element_size() for t in {id(p): p for p in self.model.parameters()}.values())
+            self._sleep.weights = "host" if level == 1 else "discarded"
+            self.model = self._skeleton()
+        self._sleep.level = max(self._sleep.level, level)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # give the freed memory back to other processes too
+        return freed
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore "weights" and/or "kv_cache" (both by default; vLLM's tags). The KV pool comes back empty."""
+        from step3vl.loader import model_from_state
+
+        tags = ["weights", "kv_cache"] if tags is None else list(tags)
+        unknown = set(tags) - {"weights", "kv_cache"}
+        if unknown:
+            raise ValueError(f"wake_up(tags={tags!r}): unknown tag(s) {sorted(unknown)}; use 'weights', 'kv_cache'")
+        if "weights" in tags and self._sleep.weights != "device":
+            if self._sleep.weights == "host":
+                model = model_from_state(self.model.cfg, self._sleep.host_weights, self.dtype, self.device, "wake_up")
+            else:  # discarded and never replaced through update_weights: the checkpoint's own
+                model = load_model(self.model_path, dtype=self.dtype, device=self.device)
+            self.model = self._prepare(model, self._native)
+            self._sleep.weights, self._sleep.host_weights = "device", None
+        if "kv_cache" in tags and self._sleep.kv_asleep:
+            cfg = self.model.cfg.text
+            self._engine_args["kv"] = KVCache.allocate(cfg, self._sleep.num_blocks, self._sleep.block_size,
+                                                       self.dtype, self.device)
+            self._sleep.kv_asleep = False
+        if not self._sleep.kv_asleep and self._sleep.weights == "device":
+            self._sleep.level = 0
+            if self._core is None:
+                self._restart_engine()
+
+    def _offloads_weights(self) -> bool:
+        """Level 1 moves the weights to host memory only where they are not there already."""
+        return self.device.type != "cpu"
+
+    def is_sleeping(self) -> bool:
+        return self._sleep.level > 0
+
+    def _skeleton(self):
+        """The model without storage: its config and structure stay readable while the weights sleep."""
+        from step3vl.model import Step3VLForCausalLM
+
+        with torch.device("meta"):
+            return Step3VLForCausalLM(self.model.cfg)

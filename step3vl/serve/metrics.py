@@ -58,5 +58,7 @@ class ServerMetrics:
 
 def engine_state(llm) -> dict:
     """Runs on the engine thread (`AsyncLLM.call`)."""
+    if llm.is_sleeping():
+        return {**llm.kv_stats(), "running": 0, "waiting": 0}
     sched = llm.engine.scheduler
     return {**llm.kv_stats(), "running": len(sched.running), "waiting": len(sched.waiting)}

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import jinja2
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from step3vl import __version__
 from step3vl.engine.async_llm import AsyncLLM, EngineDeadError
-from step3vl.engine.llm import PreparedPrompt
+from step3vl.engine.llm import EngineSleepingError, PreparedPrompt
 from step3vl.engine.outputs import RequestOutput
 from step3vl.engine.sampling_params import SamplingParams
 from step3vl.serve.media import MediaPolicy, resolve_images
@@ -58,6 +58,9 @@ class ServerConfig:
     # Parse the Hermes <tool_call> blocks of answers to requests with tools (tool_choice "auto"); off, the text is
     # returned as content. "required" and named tool choices are always honoured (structured outputs).
     tool_call_parser: bool = True
+    # POST /sleep?level=1|2, POST /wake_up[?tags=weights&tags=kv_cache], GET /is_sleeping (vLLM's dev-mode
+    # endpoints): a trainer colocated with the server takes the device between rollouts.
+    enable_sleep_mode: bool = False
 
 
 class OpenAIServer:
@@ -86,6 +89,7 @@ class OpenAIServer:
         app.add_exception_handler(RequestError, self._request_error)
         app.add_exception_handler(RequestValidationError, self._validation_error)
         app.add_exception_handler(EngineDeadError, self._engine_dead)
+        app.add_exception_handler(EngineSleepingError, self._engine_sleeping)
         app.get("/health")(self.health)
         app.get("/version")(self.version)
         app.get("/metrics")(self.prometheus)  # open, as Prometheus scrapers expect
@@ -97,6 +101,10 @@ class OpenAIServer:
         self.add_route("POST", "/tokenize", self.tokenize)
         self.add_route("POST", "/detokenize", self.detokenize)
         self.add_route("POST", "/reset_prefix_cache", self.reset_prefix_cache)
+        if self.config.enable_sleep_mode:
+            self.add_route("POST", "/sleep", self.sleep)
+            self.add_route("POST", "/wake_up", self.wake_up)
+            self.add_route("GET", "/is_sleeping", self.is_sleeping)
         self.responses = ResponsesAPI(self)
         return app
 
@@ -122,6 +130,25 @@ class OpenAIServer:
 
     async def reset_prefix_cache(self) -> dict:
         return {"blocks_dropped": await self.engine.call(lambda llm: llm.reset_prefix_cache())}
+
+    async def sleep(self, level: int = 1) -> dict:
+        try:
+            freed = await self.engine.call(lambda llm: llm.sleep(level))
+        except ValueError as e:
+            raise RequestError(str(e), "level") from None
+        except RuntimeError as e:  # requests in flight
+            raise RequestError(str(e), None, 409, "ConflictError") from None
+        return {"is_sleeping": True, "level": level, "bytes_freed": freed}
+
+    async def wake_up(self, tags: list[str] | None = Query(None)) -> dict:
+        try:
+            await self.engine.call(lambda llm: llm.wake_up(tags))
+        except ValueError as e:
+            raise RequestError(str(e), "tags") from None
+        return {"is_sleeping": self.llm.is_sleeping()}
+
+    async def is_sleeping(self) -> dict:
+        return {"is_sleeping": self.llm.is_sleeping()}
 
     async def prometheus(self) -> Response:
         state = await self.engine.call(engine_state)
@@ -196,6 +223,8 @@ class OpenAIServer:
         """Tokenize on a worker thread and check the context: returns the prompt and the max_tokens to use
         (what is left of max_model_len when the request named none). `truncate`: the request's
         truncate_prompt_tokens, which the engine applies; the context is checked for the truncated prompt."""
+        if self.llm.is_sleeping():  # before a stream starts: a plain 503, not an error event
+            raise EngineSleepingError("the engine is asleep (POST /sleep): POST /wake_up first")
         try:
             prepared = await asyncio.to_thread(self.llm.prepare, prompt)
         except ValueError as e:
@@ -265,6 +294,9 @@ class OpenAIServer:
 
     async def _engine_dead(self, _: Request, e: EngineDeadError) -> JSONResponse:
         return self._error(str(e), "EngineDeadError", None, 503)
+
+    async def _engine_sleeping(self, _: Request, e: EngineSleepingError) -> JSONResponse:
+        return self._error(str(e), "EngineSleepingError", None, 503)
 
     # -- chat -----------------------------------------------------------------------------------------
 

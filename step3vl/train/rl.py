@@ -11,7 +11,8 @@ One iteration:
 4. update: token-level PPO loss on the response tokens, averaged over every response token of the iteration;
    each prompt is packed once with its group's responses as branches (share_prompt); `ppo_epochs` > 1 reuses
    the rollouts with the ratio against the policy that sampled them (clipped at 1 ± clip_eps);
-5. sync: the engine receives the new weights (`LLM.update_weights`).
+5. sync: the engine receives the new weights (`LLM.update_weights`); with `engine_sleep_level` the engine sleeps
+   through the update (its KV pool, and at level 2 its weights, freed for the trainer) and wakes after the sync.
 
 The sampled distribution is softmax(logits / temperature); the policy's log-probabilities are taken at the same
 temperature. top_p / top_k truncation is not modelled in the ratio (keep them off for RL, as the recipes do).
@@ -65,6 +66,9 @@ class RLConfig:
     chunk_rows: int = 1024
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 on a GPU, with fp32 weights
+    # LLM.sleep during the update, so the trainer has the device's memory: 1 frees the KV pool (and moves the engine's
+    # weights to host memory on a GPU), 2 also discards the engine's weights (update_weights brings the new ones).
+    engine_sleep_level: int | None = None
 
     def __post_init__(self) -> None:
         if self.advantage not in ADVANTAGES:
@@ -78,6 +82,8 @@ class RLConfig:
             raise ValueError(f"RLConfig.clip_eps = {self.clip_eps!r}: must be in (0, 1)")
         if self.truncated_reward is not None and not 0.0 <= self.truncated_reward <= 1.0:
             raise ValueError(f"RLConfig.truncated_reward = {self.truncated_reward!r}: must be in [0, 1] or None")
+        if self.engine_sleep_level not in (None, 1, 2):
+            raise ValueError(f"RLConfig.engine_sleep_level = {self.engine_sleep_level!r}: choose None, 1 or 2")
         if not self.kl_coef >= 0.0:
             raise ValueError(f"RLConfig.kl_coef = {self.kl_coef!r}: must be >= 0")
         if self.engine_is_cap is not None and (not self.engine_is_cap >= 1.0 or self.temperature != 1.0):
@@ -387,9 +393,20 @@ class RLTrainer:
         self.assign_advantages(rollouts, len(prompts))
         t1 = time.perf_counter()
         lr = self.opt.param_groups[0]["lr"]
-        loss, norm, clip_frac, gap, kl = self.update(rollouts)
+        sleep = self.cfg.engine_sleep_level
+        if sleep is not None:
+            self.llm.sleep(sleep)
+        try:
+            loss, norm, clip_frac, gap, kl = self.update(rollouts)
+        except BaseException:
+            if sleep is not None:  # wake mirroring the policy, not the checkpoint the engine was loaded from
+                self.llm.update_weights(self.model.state_dict())
+                self.llm.wake_up()
+            raise
         t2 = time.perf_counter()
         self.llm.update_weights(self.model.state_dict())
+        if sleep is not None:
+            self.llm.wake_up()
         self.steps_done += 1
         rewards = torch.tensor([r.reward for r in rollouts])
         trained = {r.prompt_index for r in rollouts if r.advantage != 0.0}

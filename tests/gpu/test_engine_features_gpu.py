@@ -1,7 +1,8 @@
 """Engine features on a CUDA engine (Triton kernels on) that the CPU suite checks on the CPU path only:
 n-gram speculative decoding gives exactly the outputs of plain decoding (its verify chunks go through the paged
 prefill kernel), and the vision encoder batched over several images with the fused Triton attention gives each
-image what encoding it alone gives, so a step's images can share one encoder call."""
+image what encoding it alone gives, so a step's images can share one encoder call; sleep mode gives the device
+memory back (KV pool, and weights offloaded or discarded) and wakes to the same answers."""
 
 from __future__ import annotations
 
@@ -86,3 +87,18 @@ def test_engine_encodes_a_steps_images_together_on_cuda(ckpt):
     together = llm.generate([{"prompt": text, "images": [im]} for im in imgs], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in together] == alone
     assert (llm.kv_stats()["images_encoded"], llm.kv_stats()["encoder_calls"]) == (3, 1)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_frees_device_memory_and_wakes_to_the_same_answers(ckpt, level):
+    llm = LLM(ckpt, dtype="bfloat16", device=DEVICE, kv_cache_memory="64MiB")
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=24, ignore_eos=True)
+    before = [c.token_ids for c in llm.generate(PROMPTS, params, use_tqdm=False)[0].outputs]
+    used = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+    freed = llm.sleep(level)
+    assert freed >= 0.9 * 64 * 2**20  # at least the pool
+    if DEVICE == "cuda":  # the pool and (both levels, on a GPU) the weights left the device
+        assert used - torch.cuda.memory_allocated() >= freed * 0.95
+    llm.wake_up()
+    after = [c.token_ids for c in llm.generate(PROMPTS, params, use_tqdm=False)[0].outputs]
+    assert after == before

@@ -94,3 +94,32 @@ def test_api_key_guards_the_api_but_not_health(locked):
     assert ok.chat.completions.create(model=MODEL, messages=USER, max_tokens=2).usage.completion_tokens == 2
     assert httpx.post(locked + "/tokenize", json={"prompt": "x"}).status_code == 401
     assert httpx.get(locked + "/health").status_code == 200
+
+
+def test_sleep_mode_endpoints(tiny_ckpt, server):
+    """--enable-sleep-mode: /sleep frees the pool, requests get a 503 naming the sleep (streams too, before they
+    start), /metrics keeps answering, /wake_up restores the same answers; the endpoints exist only with the flag."""
+    engine = AsyncLLM(LLM(tiny_ckpt, kv_cache_memory="8MiB", max_model_len=512))
+    srv = OpenAIServer(engine, ServerConfig(served_model_name=MODEL, enable_sleep_mode=True))
+    chat = dict(model=MODEL, messages=USER, max_tokens=6, temperature=0)
+    with BackgroundServer(srv.app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        before = client.chat.completions.create(**chat).choices[0].message
+        assert httpx.get(url + "/is_sleeping").json() == {"is_sleeping": False}
+        r = httpx.post(url + "/sleep", params={"level": 1}).json()
+        assert r["is_sleeping"] and r["bytes_freed"] > 0
+        assert httpx.get(url + "/is_sleeping").json() == {"is_sleeping": True}
+        for stream in (False, True):
+            with pytest.raises(openai.InternalServerError) as err:
+                client.chat.completions.create(**chat, stream=stream)
+            assert err.value.status_code == 503 and "asleep" in err.value.message
+        assert httpx.get(url + "/metrics").status_code == 200
+        bad = httpx.post(url + "/sleep", params={"level": 3})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "level"
+        bad = httpx.post(url + "/wake_up", params={"tags": "gpu"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tags"
+        assert httpx.post(url + "/wake_up", params={"tags": ["weights", "kv_cache"]}).json() == {"is_sleeping": False}
+        after = client.chat.completions.create(**chat).choices[0].message
+        assert (after.content, after.reasoning_content) == (before.content, before.reasoning_content)
+    engine.shutdown()
+    assert httpx.post(server[1] + "/sleep").status_code == 404  # the shared server runs without the flag

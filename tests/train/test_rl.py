@@ -363,3 +363,20 @@ def test_evaluate_is_the_mean_reward_of_seeded_samples(tiny_ckpt):
         params = SamplingParams(n=4, temperature=1.0, max_tokens=6, seed=_stable_seed(12345, i, p.id))
         want += [_contains(c.text, p.answer) for c in tr.llm.generate([text], params, use_tqdm=False)[0].outputs]
     assert first == pytest.approx(sum(want) / len(want))
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_engine_sleeping_through_the_updates_changes_nothing(tiny_ckpt, level):
+    """The engine sleeps while the trainer updates (its pool, at level 2 its weights, freed) and wakes with the new
+    policy: the run is the one without sleeping, step for step."""
+    awake, sleeping = _trainer(tiny_ckpt), _trainer(tiny_ckpt, engine_sleep_level=level)
+    for _ in range(2):
+        a, b = awake.step(PROMPTS), sleeping.step(PROMPTS)
+        assert (a.reward_mean, a.loss, a.response_tokens) == (b.reward_mean, pytest.approx(b.loss, abs=1e-6),
+                                                              b.response_tokens)
+        assert not sleeping.llm.is_sleeping()
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    assert (awake.llm.generate(["Say cat."], greedy, use_tqdm=False)[0].outputs[0].token_ids ==
+            sleeping.llm.generate(["Say cat."], greedy, use_tqdm=False)[0].outputs[0].token_ids)
+    with pytest.raises(ValueError, match="RLConfig.engine_sleep_level"):
+        RLConfig(engine_sleep_level=3)
