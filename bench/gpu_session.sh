@@ -21,4 +21,5 @@ python bench/pacore.py --use-kernels off --out pacore-cuda-torchattn 2>&1 | tail
 cp bench/out/pacore-*.json "$OUT/" 2>/dev/null || true
 python bench/speculative.py --device cuda --repeats 3 2>&1 | tail -14     # n-gram speculation, plain vs drafts
 python bench/images.py --device cuda 2>&1 | tail -8                          # encoder cache / image keys on the GPU
+python bench/sleep.py --out "$OUT/sleep-cuda.json" 2>&1 | tail -8            # RL peak memory, engine asleep or not
 cp bench/out/speculative-cuda.json bench/out/images-*.json "$OUT/" 2>/dev/null || true
