@@ -5,10 +5,11 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # The engine pulls in the processor and the native module: import it only when asked for.
-    if name in ("LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput"):
+    if name in ("LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "BeamSearchParams"):
         from step3vl import engine
         return getattr(engine, name)
     raise AttributeError(f"module 'step3vl' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "AsyncLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "BeamSearchParams",
+           "__version__"]

@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable
 
+from step3vl.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from step3vl.engine.llm import LLM, PreparedPrompt
 from step3vl.engine.outputs import RequestOutput
 from step3vl.engine.sampling_params import SamplingParams
@@ -124,6 +125,23 @@ class AsyncLLM:
         finally:
             if not stream.finished:  # only this stream's request: a refused duplicate id must not abort the other
                 self._commands.put(("abort", rid, stream))
+
+    async def beam_search(self, prompt: Any, params: BeamSearchParams) -> BeamSearchOutput:
+        """One prompt's beam search (engine/beam_search.py); each step's beams run as requests batched with
+        everything else on the engine, so other requests keep decoding meanwhile."""
+        self._check_alive()
+        prepared = await asyncio.to_thread(self.llm.prepare, prompt)
+        search = BeamSearch([prepared], params, self.llm._engine_args["eos_token_ids"],
+                            self.llm._engine_args["max_logprobs"], self.llm.max_model_len)
+        while not search.finished:
+            search.advance(await asyncio.gather(*(self._final(p, search.step_params) for p in search.requests())))
+        return search.results(self.llm.get_tokenizer())[0]
+
+    async def _final(self, prompt: Any, params: SamplingParams) -> RequestOutput:
+        async for out in self.generate(prompt, params, final_only=True):
+            if out.finished:
+                return out
+        raise EngineDeadError("the engine ended a request without finishing it")
 
     async def call(self, fn: Callable[[LLM], Any]) -> Any:
         """Run `fn(llm)` on the engine thread between two steps (stats, pins, weight updates)."""

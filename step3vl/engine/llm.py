@@ -12,6 +12,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from step3vl.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from step3vl.engine.core import EngineCore, EngineCounters
 from step3vl.engine.cpu_modules import should_use_native, use_native_decoder
 from step3vl.engine.image_inputs import image_hash
@@ -60,6 +61,13 @@ def _finite(t: torch.Tensor, limit: float) -> bool:
     a NaN and show an inf (no [numel] bool temporary)."""
     lo, hi = torch.aminmax(t.detach())
     return bool((lo >= -limit) & (hi <= limit))
+
+
+def _prompt_list(prompts: Any) -> list:
+    """One prompt (a string, a dict, a list of token ids) or a list of them -> a list of prompts."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
 
 
 def _cache_salt(cache_salt: str) -> int:
@@ -342,9 +350,7 @@ class LLM:
     def generate(self, prompts: Any, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
         """priority: one per prompt (scheduling_policy='priority'; lower first)."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = _prompt_list(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
@@ -360,6 +366,14 @@ class LLM:
                 self.abort(rid)
             raise
         return self._run(ids, use_tqdm)
+
+    def beam_search(self, prompts: Any, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's beam search (engine/beam_search.py): per prompt, the beam_width best sequences, best first."""
+        search = BeamSearch([self.prepare(p) for p in _prompt_list(prompts)], params,
+                            self._engine_args["eos_token_ids"], self._engine_args["max_logprobs"], self.max_model_len)
+        while not search.finished:
+            search.advance(self.generate(search.requests(), search.step_params, use_tqdm=use_tqdm))
+        return search.results(self.get_tokenizer())
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
