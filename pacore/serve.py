@@ -214,7 +214,8 @@ _PLAIN_ONLY = {"logprobs": False, "top_logprobs": None, "prompt_logprobs": None,
                "top_k": None, "min_p": None, "min_tokens": 0, "logit_bias": None, "allowed_token_ids": None,
                "bad_words": None, "truncate_prompt_tokens": None, "presence_penalty": 0.0, "frequency_penalty": 0.0,
                "repetition_penalty": None, "ignore_eos": False, "structured_outputs": None, "guided_json": None,
-               "guided_regex": None, "guided_choice": None, "guided_grammar": None, "tools": None}
+               "guided_regex": None, "guided_choice": None, "guided_grammar": None, "tools": None,
+               "use_beam_search": False, "length_penalty": 1.0}
 
 
 def _refuse_plain_only(body: ChatCompletionRequest) -> None:

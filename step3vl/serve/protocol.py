@@ -10,6 +10,7 @@ Unknown fields are ignored, as OpenAI clients send vendor extras freely.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Any, Literal
@@ -87,9 +88,28 @@ class _Request(BaseModel):
     include_stop_str_in_output: bool = False
     cache_salt: str | None = None
     priority: int = 0  # vLLM's: for a server started with --scheduling-policy priority (lower first)
+    use_beam_search: bool = False  # vLLM's: n beams (engine/beam_search.py), returned as one finished output
+    length_penalty: float = 1.0
 
     def refuse_unsupported(self) -> None:
-        pass
+        if self.use_beam_search:
+            self._refuse_with_beams()
+
+    # Rules that beam search (ranked by the model's own log-probs) cannot honour: refused, not ignored.
+    _NOT_WITH_BEAMS = ("stop", "stop_token_ids", "logit_bias", "top_k", "min_p", "repetition_penalty", "top_p",
+                       "presence_penalty", "frequency_penalty", "min_tokens", "allowed_token_ids", "bad_words",
+                       "logprobs", "prompt_logprobs")
+
+    def _refuse_with_beams(self) -> None:
+        neutral = {"repetition_penalty": 1.0, "top_p": 1.0, "top_k": -1}
+        for name in self._NOT_WITH_BEAMS:
+            value = getattr(self, name, None)
+            if value and value != neutral.get(name):
+                raise RequestError(f"{name} is not supported with use_beam_search", name)
+        if self.structured() is not None:
+            raise RequestError("structured outputs are not supported with use_beam_search", "use_beam_search")
+        if not math.isfinite(self.length_penalty):
+            raise RequestError("length_penalty must be a finite number", "length_penalty")
 
     def structured(self) -> dict[str, Any] | None:
         """The one structured-output spec of the request (SamplingParams.structured_outputs), or None."""

@@ -27,7 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from step3vl import __version__
 from step3vl.engine.async_llm import AsyncLLM, EngineDeadError
 from step3vl.engine.llm import EngineSleepingError, PreparedPrompt
-from step3vl.engine.outputs import RequestOutput
+from step3vl.engine.beam_search import BeamSearchParams
+from step3vl.engine.outputs import CompletionOutput, RequestOutput
 from step3vl.engine.sampling_params import SamplingParams
 from step3vl.serve.media import MediaPolicy, resolve_images
 from step3vl.serve.metrics import ServerMetrics, engine_state
@@ -306,7 +307,7 @@ class OpenAIServer:
         params = self._after_reasoning(body.sampling_params(max_tokens, body.requested_logprobs,
                                                             self.config.logits_processors, body.prompt_logprobs))
         rid = new_id("chatcmpl")
-        stream = self.engine.generate(prepared, params, rid, final_only=not body.stream, priority=body.priority)
+        stream = self._generate(body, prepared, params, rid)
         if body.stream:
             return event_stream(self._chat_events(stream, rid, body))
         out = await last(stream)
@@ -316,6 +317,22 @@ class OpenAIServer:
         return ChatCompletionResponse(id=rid, model=body.model or self.config.served_model_name, choices=choices,
                                       usage=usage_of([out], self._think_end()),
                                       prompt_logprobs=vllm_prompt_logprobs(self.tokenizer, out))
+
+    def _generate(self, body: ChatCompletionRequest | CompletionRequest, prepared: PreparedPrompt,
+                  params: SamplingParams, rid: str) -> AsyncIterator[RequestOutput]:
+        if body.use_beam_search:
+            return self._beams(prepared, params, rid, body.length_penalty)
+        return self.engine.generate(prepared, params, rid, final_only=not body.stream, priority=body.priority)
+
+    async def _beams(self, prepared: PreparedPrompt, params: SamplingParams, rid: str,
+                     length_penalty: float) -> AsyncIterator[RequestOutput]:
+        """vLLM's use_beam_search: n beams as the choices of one finished output (a stream gets it in one chunk)."""
+        found = await self.engine.beam_search(prepared, BeamSearchParams(
+            params.n, params.max_tokens, params.ignore_eos, params.temperature, length_penalty,
+            params.include_stop_str_in_output))
+        yield RequestOutput(rid, prepared.prompt, prepared.token_ids, [
+            CompletionOutput(j, s.output_text, s.output_token_ids, s.cum_logprob, None, s.finish_reason)
+            for j, s in enumerate(found.sequences)], True)
 
     def _think_end(self) -> int | None:
         """The `</think>` id when answers are split into reasoning and content (usage counts reasoning tokens)."""
@@ -351,8 +368,7 @@ class OpenAIServer:
         for i, (p, max_tokens) in enumerate(prepared):
             params = body.sampling_params(max_tokens, body.logprobs, self.config.logits_processors,
                                           body.requested_prompt_logprobs)
-            streams.append(self.engine.generate(p, params, f"{rid}-{i}", final_only=not body.stream,
-                                                priority=body.priority))
+            streams.append(self._generate(body, p, params, f"{rid}-{i}"))
             echoes.append(self._echo(body, p))
         model = body.model or self.config.served_model_name
         if body.stream:

@@ -402,3 +402,29 @@ def test_vllm_prompt_logprobs_field(client, reference):
         tok = ref.prompt_token_ids[p]
         assert plp[p][str(tok)]["logprob"] == pytest.approx(ref.prompt_logprobs[p][tok], abs=1e-5)
         assert len(plp[p]) <= 3
+
+
+def test_use_beam_search_equals_the_engines_beam_search(client, reference):
+    from step3vl.engine import BeamSearchParams
+
+    r = client.completions.create(model=MODEL, prompt="hello world", n=3, max_tokens=6,
+                                  extra_body={"use_beam_search": True, "ignore_eos": True, "length_penalty": 0.5})
+    want = reference.beam_search("hello world", BeamSearchParams(3, 6, ignore_eos=True, length_penalty=0.5))[0]
+    assert [c.text for c in r.choices] == [s.output_text for s in want.sequences]
+    assert r.usage.completion_tokens == sum(len(s.output_token_ids) for s in want.sequences)
+    streamed = client.completions.create(model=MODEL, prompt="hello world", n=3, max_tokens=6, stream=True,
+                                         extra_body={"use_beam_search": True, "ignore_eos": True,
+                                                     "length_penalty": 0.5})
+    texts = {}
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert [texts[i] for i in range(3)] == [c.text for c in r.choices]
+    chat = client.chat.completions.create(model=MODEL, messages=USER, n=2, max_tokens=5,
+                                          extra_body={"use_beam_search": True})
+    assert len(chat.choices) == 2 and chat.choices[0].finish_reason in ("stop", "length")
+    for extra, param in [({"stop": ["x"]}, "stop"), ({"logit_bias": {"5": 1}}, "logit_bias"),
+                         ({"logprobs": 2}, "logprobs"), ({"guided_choice": ["a"]}, "use_beam_search")]:
+        err = _error(lambda: client.completions.create(model=MODEL, prompt="a", max_tokens=3,
+                                                       extra_body={"use_beam_search": True, **extra}))
+        assert err.status_code == 400 and err.body["param"] == param
