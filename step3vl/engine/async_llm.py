@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable
 
-from step3vl.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
+from step3vl.engine.beam_search import BeamSearchOutput, BeamSearchParams
 from step3vl.engine.llm import LLM, PreparedPrompt
 from step3vl.engine.outputs import RequestOutput
 from step3vl.engine.sampling_params import SamplingParams
@@ -131,8 +131,7 @@ class AsyncLLM:
         everything else on the engine, so other requests keep decoding meanwhile."""
         self._check_alive()
         prepared = await asyncio.to_thread(self.llm.prepare, prompt)
-        search = BeamSearch([prepared], params, self.llm._engine_args["eos_token_ids"],
-                            self.llm._engine_args["max_logprobs"], self.llm.max_model_len)
+        search = self.llm.new_beam_search([prepared], params)
         while not search.finished:
             search.advance(await asyncio.gather(*(self._final(p, search.step_params) for p in search.requests())))
         return search.results(self.llm.get_tokenizer())[0]

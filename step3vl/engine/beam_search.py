@@ -100,7 +100,7 @@ class BeamSearch:
         for (i, beam), out in zip(self._flat, outs, strict=True):
             top = out.outputs[0].logprobs[0]
             for token, lp in top.items():
-                seq = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [dict(top)],
+                seq = BeamSearchSequence(beam.tokens + [token], beam.logprobs + [top],
                                          beam.cum_logprob + lp, beam.num_prompt_tokens)
                 if token in self.eos_ids and not self.params.ignore_eos:
                     seq.finish_reason = "stop"

@@ -25,6 +25,7 @@ from step3vl.engine.structured_outputs import StructuredOutputBackend
 from step3vl.loader import load_model
 from step3vl.processor import Step3VLProcessor
 
+
 class EngineSleepingError(RuntimeError):
     """The engine was put to sleep (`LLM.sleep`); `LLM.wake_up()` brings it back."""
 
@@ -91,6 +92,7 @@ class _SleepState:
     kv_asleep: bool = False
     weights: str = "device"  # "device" | "host" (level 1 on a GPU: host_weights) | "discarded" (level 2)
     host_weights: dict | None = None
+    empty_stats: dict = field(default_factory=dict)  # kv_stats() while asleep: the awake keys, all 0
     rng: Any = None  # the engine's seed source, kept so unseeded requests keep drawing fresh seeds
 
 
@@ -194,8 +196,6 @@ class LLM:
     def _new_engine(self, rng=None) -> EngineCore:
         from step3vl_native import BlockManager
 
-        if self._sleep.weights != "device":
-            raise EngineSleepingError("the weights are asleep (LLM.sleep): call wake_up() or update_weights() first")
         kv = self._engine_args["kv"]
         core = EngineCore(model=self.model, block_manager=BlockManager(kv.num_blocks, kv.block_size),
                           **self._engine_args)
@@ -369,11 +369,15 @@ class LLM:
 
     def beam_search(self, prompts: Any, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
         """vLLM's beam search (engine/beam_search.py): per prompt, the beam_width best sequences, best first."""
-        search = BeamSearch([self.prepare(p) for p in _prompt_list(prompts)], params,
-                            self._engine_args["eos_token_ids"], self._engine_args["max_logprobs"], self.max_model_len)
+        search = self.new_beam_search([self.prepare(p) for p in _prompt_list(prompts)], params)
         while not search.finished:
             search.advance(self.generate(search.requests(), search.step_params, use_tqdm=use_tqdm))
         return search.results(self.get_tokenizer())
+
+    def new_beam_search(self, prepared: list[PreparedPrompt], params: BeamSearchParams) -> BeamSearch:
+        """The beams of prepared prompts under this engine's EOS ids and limits, for a driver to step."""
+        return BeamSearch(prepared, params, self._engine_args["eos_token_ids"], self._engine_args["max_logprobs"],
+                          self.max_model_len)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
@@ -428,8 +432,7 @@ class LLM:
     def kv_stats(self) -> dict:
         """The pool and the counters since the last reset_stats(); while asleep, an empty pool (sleep_level > 0)."""
         if self._core is None:
-            return {**{k: 0 for k in self._STAT_KEYS}, "block_size": self._sleep.block_size,
-                    "sleep_level": self._sleep.level}
+            return {**self._sleep.empty_stats, "block_size": self._sleep.block_size, "sleep_level": self._sleep.level}
         bm, c = self.engine.block_manager, self.engine.counters
         per_block = self.engine.kv.bytes_per_block
         used = bm.num_used()
@@ -446,11 +449,6 @@ class LLM:
             "encoder_cache_hits": self.engine.runner.images.cache_hits,
             "spec_draft_tokens": c.draft_tokens, "spec_accepted_tokens": c.accepted_tokens, "sleep_level": 0,
         }
-
-    _STAT_KEYS = ("blocks_total", "blocks_used", "blocks_cached", "blocks_free", "bytes_per_block", "bytes_in_use",
-                  "peak_blocks_used", "peak_bytes_in_use", "prefix_hit_tokens", "prefill_tokens_computed",
-                  "decode_tokens_computed", "preemptions", "forks", "deduplicated_prompts", "images_encoded",
-                  "encoder_calls", "encoder_cache_hits", "spec_draft_tokens", "spec_accepted_tokens")
 
     # -- sleep mode (vLLM's): give the device back to a trainer between rollouts -------------------------
 
@@ -469,13 +467,15 @@ class LLM:
         if not self._sleep.kv_asleep:
             kv = self._engine_args["kv"]
             freed += kv.num_blocks * kv.bytes_per_block
-            self._sleep.rng = self._core._rng if self._core is not None else self._sleep.rng
+            if self._core is not None:
+                self._sleep.empty_stats = {k: 0 for k in self.kv_stats()}
+                self._sleep.rng = self._core._rng
             self._core, self._engine_args["kv"], self._sleep.kv_asleep = None, None, True
         if self._sleep.weights == "device" and (level == 2 or self._offloads_weights()):
             if level == 1:
                 self._sleep.host_weights = {k: v.detach().to("cpu", copy=True)
                                             for k, v in self.model.state_dict().items()}
-            freed += sum(t.numel() * t.element_size() for t in {id(p): p for p in self.model.parameters()}.values())
+            freed += sum(p.numel() * p.element_size() for p in self.model.parameters())  # tied ones once
             self._sleep.weights = "host" if level == 1 else "discarded"
             self.model = self._skeleton()
         self._sleep.level = max(self._sleep.level, level)

@@ -33,12 +33,14 @@ def bad_words_token_ids(bad_words: list[str], encode) -> list[list[int]]:
     return out
 
 
-def banned_by_bad_words(output_ids: list[int], bad_words_ids: list[list[int]]) -> set[int]:
-    """The tokens that would complete a bad word at the end of `output_ids`."""
+def banned_by_bad_words(token_ids: list[int], num_prompt: int, bad_words_ids: list[list[int]]) -> set[int]:
+    """The tokens that would complete a bad word at the end of the output (token_ids[num_prompt:]); reads only
+    each word's length of the tail, not the whole output, since it runs every step."""
     banned = set()
+    num_output = len(token_ids) - num_prompt
     for word in bad_words_ids:
-        head = word[:-1]
-        if len(head) <= len(output_ids) and (not head or output_ids[len(output_ids) - len(head):] == head):
+        k = len(word) - 1
+        if k <= num_output and (k == 0 or token_ids[-k:] == word[:-1]):
             banned.add(word[-1])
     return banned
 
@@ -63,7 +65,7 @@ def apply_constraints(logits: torch.Tensor, seqs: list, eos_ids: set[int]) -> to
             if banned:
                 row[torch.tensor(banned, device=row.device)] = float("-inf")
         if seq.request.bad_words_ids:
-            banned = banned_by_bad_words(seq.token_ids[seq.num_prompt_tokens:], seq.request.bad_words_ids)
+            banned = banned_by_bad_words(seq.token_ids, seq.num_prompt_tokens, seq.request.bad_words_ids)
             banned = [t for t in banned if 0 <= t < row.numel()]
             if banned:
                 row[torch.tensor(banned, device=row.device)] = float("-inf")
