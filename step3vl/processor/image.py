@@ -42,6 +42,9 @@ class ImageSpec:
     no_crop_max_side: int = 728  # long side up to which small images get no 504 crops
     pad_min_side: int = 32  # images thinner than this with extreme ratios get square-padded
     pad_ratio: float = 4.0
+    # False: the global view only, never crops (a model trained at a small `image_size`, whose crops would cost
+    # more than the picture is worth; config.json's vision_config.use_crops). STEP3-VL itself uses crops.
+    crops: bool = True
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
 
@@ -248,6 +251,8 @@ def _window(long: int, short: int, spec: ImageSpec) -> int:
     # MODEL.md step 3 read literally: small images (long ≤ 728) get crops only when elongated (> 1.5),
     # with the short side as window; larger ones get 504 windows, shrunk to the short side only for
     # very elongated images (> 4). Checks: 1280×720 → 504 → 3×2 crops → 670 tokens; 728×728 → none.
+    if not spec.crops:
+        return 0
     if long <= spec.no_crop_max_side:
         return short if long / short > 1.5 else 0
     return min(short, spec.crop_size) if long / short > spec.pad_ratio else spec.crop_size

@@ -124,7 +124,10 @@ def _geometry_from_config(cfg_path: Path, tokenizer: Step3VLTokenizer) -> tuple[
             f"{IMAGE_PLACEHOLDER} id {tokenizer.image_token_id}"
         )
     vc = cfg.get("vision_config") or {}
-    spec = ImageSpec(global_size=int(vc.get("image_size", ImageSpec.global_size)))
+    use_crops = vc.get("use_crops", True)
+    if not isinstance(use_crops, bool):
+        raise ValueError(f"{cfg_path}: vision_config.use_crops = {use_crops!r} should be true or false")
+    spec = ImageSpec(global_size=int(vc.get("image_size", ImageSpec.global_size)), crops=use_crops)
     layout = TokenLayout.from_geometry(
         spec,
         patch_size=int(vc.get("patch_size", 14)),

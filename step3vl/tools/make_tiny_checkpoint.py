@@ -45,6 +45,14 @@ PRESETS = {
                   num_key_value_heads=4, head_dim=64, max_position_embeddings=8192),
         vision=dict(width=256, layers=12, heads=4, mlp_ratio=4.0),
     ),
+    # The demo model of the `shapes` task (step3vl/tasks/shapes.py): small enough to train from scratch on a 2-core
+    # CPU in the recipe's budget. 128 px global view in 8 px patches (16x16 -> 4x4 = 16 image tokens), no crops.
+    "shapes": dict(
+        tokenizer_vocab=1024,
+        text=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, max_position_embeddings=4096),
+        vision=dict(width=128, layers=4, heads=4, mlp_ratio=4.0, image_size=128, patch_size=8, use_crops=False),
+    ),
 }
 
 
@@ -55,35 +63,42 @@ def build_config(preset: str, vocab_size: int, image_token_id: int, eos_ids: lis
                 **p["text"])
     vision = dict(num_channels=3, image_size=728, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
                   ues_cls_token=False, use_ln_pre=True, use_ln_post=False, use_abs_posemb=True, use_rope2d=True,
-                  ls_init_value=0.1, rope_theta=10000.0, **p["vision"])
+                  ls_init_value=0.1, rope_theta=10000.0)
+    vision.update(p["vision"])
     return dict(model_type="step_robotics", architectures=["StepVLForConditionalGeneration"],
                 vision_config=vision, text_config=text, understand_projector_stride=2, projector_bias=False,
                 image_token_id=image_token_id, torch_dtype="bfloat16")
 
 
-def random_state_dict(cfg: Step3VLConfig, seed: int) -> dict[str, torch.Tensor]:
+def random_state_dict(cfg: Step3VLConfig, seed: int, for_training: bool = False) -> dict[str, torch.Tensor]:
+    """for_training: a start for training from scratch (norms 1, biases 0) instead of weights whose every
+    entry is random (what tests and benchmarks want, so no code path sees a trivial value)."""
     torch.manual_seed(seed)
     model = Step3VLForCausalLM(cfg)
     state = {}
     for name, t in model.state_dict().items():
+        is_norm = t.dim() == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight")
         if name.endswith("gamma"):
             value = torch.full_like(t, 0.1)
-        elif t.dim() == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight"):
-            value = 1.0 + 0.1 * torch.randn_like(t)
+        elif is_norm:
+            value = torch.ones_like(t) if for_training else 1.0 + 0.1 * torch.randn_like(t)
         elif t.dim() == 1:
-            value = 0.02 * torch.randn_like(t)
+            value = torch.zeros_like(t) if for_training else 0.02 * torch.randn_like(t)
         else:
             value = torch.randn_like(t) * 0.02
         state[name] = value.to(torch.bfloat16).contiguous()
     return state
 
 
-def make_tiny_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, shards: int = 2) -> Path:
+def make_tiny_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, shards: int = 2,
+                         corpus: list[str] | None = None, for_training: bool = False) -> Path:
+    """corpus: the texts the tokenizer's BPE merges are learned from (default: its built-in corpus);
+    for_training: initialise to train from scratch (see random_state_dict)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ids = write_tiny_tokenizer(out, vocab_size=PRESETS[preset]["tokenizer_vocab"])
+    ids = write_tiny_tokenizer(out, vocab_size=PRESETS[preset]["tokenizer_vocab"], corpus=corpus)
     tok_size = Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size()
     # Padded like real checkpoints' embedding tables (the tokenizer may learn fewer merges than asked).
     vocab = 64 * math.ceil(max(tok_size, PRESETS[preset]["tokenizer_vocab"]) / 64)
@@ -92,7 +107,7 @@ def make_tiny_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, s
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "temperature": 1.0,
                                                             "top_p": 1.0, "top_k": 0}, indent=2))
-    state = random_state_dict(Step3VLConfig.from_dict(config), seed)
+    state = random_state_dict(Step3VLConfig.from_dict(config), seed, for_training)
     write_shards(state, out, shards)
     return out
 

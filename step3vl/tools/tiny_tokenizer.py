@@ -97,8 +97,9 @@ def _corpus() -> list[str]:
     return lines + arithmetic
 
 
-def build_tiny_tokenizer(vocab_size: int = 1024) -> Tokenizer:
-    """`vocab_size` counts the special tokens; a corpus too small for it yields fewer merges."""
+def build_tiny_tokenizer(vocab_size: int = 1024, corpus: list[str] | None = None) -> Tokenizer:
+    """`vocab_size` counts the special tokens; a corpus too small for it yields fewer merges. corpus: the texts
+    the BPE merges are learned from (default: a built-in English + math corpus)."""
     n_special = len(SPECIAL_TOKENS)
     if vocab_size < 256 + n_special:
         raise ValueError(f"vocab_size must be at least {256 + n_special} (256 bytes + {n_special} specials)")
@@ -118,7 +119,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tok.train_from_iterator(_corpus(), trainer)
+    tok.train_from_iterator(corpus if corpus is not None else _corpus(), trainer)
     for t, special in SPECIAL_TOKENS:  # one at a time keeps the listed id order
         added = AddedToken(t, special=special, normalized=False)
         if special:
@@ -149,14 +150,14 @@ def _tokenizer_config(tok: Tokenizer, ids: dict[str, int]) -> dict:
     }
 
 
-def write_tiny_tokenizer(path: str | Path, vocab_size: int = 1024) -> dict[str, int]:
+def write_tiny_tokenizer(path: str | Path, vocab_size: int = 1024, corpus: list[str] | None = None) -> dict[str, int]:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `path`.
 
     Returns {special token: id}. Special tokens come last, so the tokenizer's size is max(ids) + 1.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tok = build_tiny_tokenizer(vocab_size)
+    tok = build_tiny_tokenizer(vocab_size, corpus)
     ids = {t: tok.token_to_id(t) for t, _ in SPECIAL_TOKENS}
     tok.save(str(path / "tokenizer.json"))
     cfg = _tokenizer_config(tok, ids)

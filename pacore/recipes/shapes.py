@@ -1,0 +1,282 @@
+"""The `shapes` recipe: a STEP3-VL-architecture model trained from scratch to see and reason on the `shapes`
+task, by this project's own loops, then evaluated as the PaCoRe and STEP3-VL reports evaluate.
+
+    step3vl recipe shapes --out DIR [--seed 0] [--stages init,pretrain,rl,pools,synthesis,eval]
+
+Stages (each a use of the public training API; each resumable, each skipped once its output exists):
+  init       the `shapes` preset of make_tiny_checkpoint, with a tokenizer trained on the task's texts;
+  pretrain   image-text pre-training (step3vl.train.run.pretrain): captions, questions answered with
+             reasoning traces, synthesis prompts over synthetic references; every parameter trains;
+  rl         GRPO with outcome rewards (step3vl.train.run.reinforce / RLTrainer), rollouts through the engine,
+             rewards from the task's checker;
+  pools      PaCoRe runs of the RL model on training problems: its own cached messages (the reference pools);
+  synthesis  RL on PaCoRe synthesis episodes (pacore.episodes.EpisodeBatches over those pools, the official
+             template, mostly-right instances filtered out);
+  eval       greedy / single / self-consistency / PaCoRe on the held-out problems (pacore.recipes.evaluate)
+             for the checkpoints after rl and after synthesis.
+
+Everything lives under DIR; a stage interrupted at any point resumes from its last saved step when the same
+command runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from step3vl.tasks.shapes import HELD_OUT_SEEDS, shapes_reward
+from step3vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
+from step3vl.train.optim import OptimConfig
+from step3vl.train.pretrain import PretrainConfig
+from step3vl.train.rl import RLConfig
+from step3vl.train.run import PromptBatches, pretrain, reinforce
+
+from pacore.recipes import shapes_data as data
+
+STAGES = ("init", "pretrain", "rl", "pools", "synthesis", "eval")
+EVAL_LOSS_SEEDS = 500  # held-out-loss problems start here: neither training (>= 1e6) nor evaluation (0-499) seeds
+
+
+@dataclass
+class ShapesRecipe:
+    out: Path
+    seed: int = 0
+    preset: str = "shapes"
+    device: str | None = None
+    # pre-training
+    pretrain_examples: int = 60_000
+    pretrain_lr: float = 1e-3
+    pretrain_batch_tokens: int = 4096
+    pretrain_warmup: int = 50
+    # RL with outcome rewards
+    rl_steps: int = 80
+    rl_problems: int = 16  # per step
+    rl_group: int = 8
+    rl_lr: float = 3e-5
+    max_tokens: int = 128  # per trajectory (a trace is 20-70 tokens)
+    # reference pools and synthesis RL
+    pool_problems: int = 600
+    pool_rounds: list[int] = field(default_factory=lambda: [24])
+    synthesis_steps: int = 60
+    synthesis_problems: int = 16  # episodes per step
+    synthesis_group: int = 8
+    synthesis_lr: float = 3e-5
+    # evaluation
+    eval_problems: int = 500
+    eval_samples: int = 16
+    save_every: int = 25
+    progress: bool = True
+
+    @classmethod
+    def toy(cls, out: Path, **kw) -> "ShapesRecipe":
+        """Every stage at toy size: the recipe's smoke test (well under a minute)."""
+        sizes = dict(preset="tiny", pretrain_examples=24, pretrain_batch_tokens=2048, pretrain_warmup=1,
+                     rl_steps=2, rl_problems=2, rl_group=2, max_tokens=12, pool_problems=4, pool_rounds=[3],
+                     synthesis_steps=2, synthesis_problems=2, synthesis_group=2, eval_problems=3, eval_samples=4,
+                     save_every=1, progress=False)
+        return cls(out=Path(out), **{**sizes, **kw})
+
+    # -- layout under `out` --------------------------------------------------------------------------
+
+    def path(self, name: str) -> Path:
+        return Path(self.out) / name
+
+    @property
+    def images(self) -> Path:
+        return self.path("images")
+
+    def engine_kwargs(self) -> dict:
+        return dict(kv_cache_memory="512MiB", seed=self.seed)
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+
+def _done(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def _latest_step(out: Path) -> Path | None:
+    """The newest `<out>-step<k>` checkpoint a stage saved (complete ones only: each is written atomically)."""
+    steps = [(int(p.name.rsplit("-step", 1)[1]), p) for p in out.parent.glob(f"{out.name}-step*")
+             if p.name.rsplit("-step", 1)[1].isdigit() and (p / "config.json").is_file()]
+    return max(steps)[1] if steps else None
+
+
+def _prune_steps(out: Path) -> None:
+    for p in out.parent.glob(f"{out.name}-step*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _timed(recipe: ShapesRecipe, stage: str, fn) -> None:
+    t0 = time.perf_counter()
+    fn()
+    if time.perf_counter() - t0 < 1.0:  # skipped: its output was there already
+        return
+    with open(recipe.path("timings.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps({"stage": stage, "seconds": round(time.perf_counter() - t0, 1),
+                            "threads": torch.get_num_threads(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+
+
+def _log_path(recipe: ShapesRecipe, stage: str) -> Path:
+    """A stage's JSONL log, started afresh unless the stage resumes (so a resumed run appends, never duplicates:
+    the lines past the resume point are dropped first)."""
+    return recipe.path(f"{stage}.log.jsonl")
+
+
+def _trim_log(path: Path, keep_steps: int) -> None:
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_steps]
+    path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+
+
+def _resume_point(recipe: ShapesRecipe, stage: str, out: Path) -> Path | None:
+    resume = _latest_step(out)
+    steps = int(resume.name.rsplit("-step", 1)[1]) if resume else 0
+    _trim_log(_log_path(recipe, stage), steps)
+    if resume is None and _log_path(recipe, stage).is_file():
+        _log_path(recipe, stage).unlink()
+    return resume
+
+
+# -- stages -----------------------------------------------------------------------------------------------
+
+
+def stage_init(recipe: ShapesRecipe) -> None:
+    if _done(recipe.path("init")):
+        return
+    corpus = data.tokenizer_corpus(3000 if recipe.preset == "shapes" else 50)
+    tmp = recipe.path("init.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_tiny_checkpoint(tmp, recipe.preset, seed=recipe.seed, shards=1, corpus=corpus, for_training=True)
+    tmp.rename(recipe.path("init"))
+
+
+def stage_pretrain(recipe: ShapesRecipe) -> None:
+    out = recipe.path("pretrain")
+    if _done(out):
+        return
+    recipe.images.mkdir(parents=True, exist_ok=True)
+    train = data.write_jsonl(recipe.path("pretrain.jsonl"), data.pretrain_records(recipe.images, recipe.pretrain_examples))
+    held = max(8, recipe.eval_problems // 2)
+    held_out = data.write_jsonl(recipe.path("pretrain_eval.jsonl"),
+                                [data.answered_record(data.generate(s), recipe.images)
+                                 for s in range(EVAL_LOSS_SEEDS, EVAL_LOSS_SEEDS + held)])
+    cfg = PretrainConfig(optim=OptimConfig(lr=recipe.pretrain_lr, warmup_steps=recipe.pretrain_warmup,
+                                           weight_decay=0.1),
+                         max_tokens_per_batch=recipe.pretrain_batch_tokens, seed=recipe.seed, train_vision=True,
+                         eval_every=100)
+    resume = _resume_point(recipe, "pretrain", out)
+    pretrain(recipe.path("init"), train, out, cfg, device=recipe.device, log_path=_log_path(recipe, "pretrain"),
+             progress=recipe.progress, save_every=recipe.save_every * 4, resume=resume, eval_data=held_out)
+    _prune_steps(out)
+
+
+def _rl_config(recipe: ShapesRecipe, steps: int, group: int, lr: float) -> RLConfig:
+    return RLConfig(optim=OptimConfig(lr=lr, weight_decay=0.0, warmup_steps=min(5, steps)), total_steps=steps,
+                    group_size=group, temperature=1.0, max_tokens=recipe.max_tokens, train_vision=True,
+                    seed=recipe.seed, max_tokens_per_batch=8192)
+
+
+def stage_rl(recipe: ShapesRecipe) -> None:
+    out = recipe.path("rl")
+    if _done(out):
+        return
+    prompts = data.rl_prompts(recipe.images, data.RL_SEEDS, recipe.rl_steps * recipe.rl_problems)
+    held = data.rl_prompts(recipe.images, EVAL_LOSS_SEEDS, max(4, recipe.eval_problems // 5))
+    batches = PromptBatches(prompts, recipe.rl_problems, recipe.seed)
+    resume = _resume_point(recipe, "rl", out)
+    reinforce(recipe.path("pretrain"), batches, out, recipe.rl_steps,
+              _rl_config(recipe, recipe.rl_steps, recipe.rl_group, recipe.rl_lr), reward_fn=shapes_reward,
+              device=recipe.device, engine_kwargs=recipe.engine_kwargs(), log_path=_log_path(recipe, "rl"),
+              progress=recipe.progress, save_every=recipe.save_every, resume=resume, eval_prompts=held,
+              eval_every=max(1, recipe.rl_steps // 4))
+    _prune_steps(out)
+
+
+def stage_pools(recipe: ShapesRecipe) -> None:
+    """The RL model's own PaCoRe rollouts on training problems, cached as a batch-run output (resumable)."""
+    from step3vl.engine import LLM
+    from pacore.batch import run_batch
+    from pacore.config import PaCoReConfig
+    from pacore.runner import PaCoRe
+
+    done = recipe.path("pools.done")
+    if done.is_file():
+        return
+    recipe.images.mkdir(parents=True, exist_ok=True)
+    problems = [data.problem_record(data.generate(s), recipe.images)
+                for s in range(data.POOL_SEEDS, data.POOL_SEEDS + recipe.pool_problems)]
+    source = data.write_jsonl(recipe.path("pool_problems.jsonl"), problems)
+    llm = LLM(recipe.path("rl"), device=recipe.device, **recipe.engine_kwargs())
+    # "keep": a trajectory that never closes its reasoning passes its whole text on, as the official client does.
+    cfg = PaCoReConfig(rounds=list(recipe.pool_rounds), max_tokens=recipe.max_tokens, seed=recipe.seed,
+                       record_reasoning=False, max_concurrent_problems=64, unclosed_policy="keep")
+    for _ in run_batch(PaCoRe(llm, cfg), source, recipe.path("pools.jsonl"), progress=recipe.progress):
+        pass  # each record is appended as its problem completes (the batch runner's resume)
+    done.write_text("ok\n")
+
+
+def stage_synthesis(recipe: ShapesRecipe) -> None:
+    from step3vl.train.data import read_jsonl
+    from pacore.episodes import EpisodeBatches, EpisodeConfig, pool_from_result
+    from pacore.problem import Problem
+
+    out = recipe.path("synthesis")
+    if _done(out):
+        return
+    pools = {rec["request_id"]: pool_from_result(rec) for _, rec in read_jsonl(recipe.path("pools.jsonl"))}
+    problems = [Problem.from_record(rec, rec["id"]) for _, rec in read_jsonl(recipe.path("pool_problems.jsonl"))]
+    episodes = EpisodeBatches(problems, pools, EpisodeConfig(min_refs=16, max_refs=24, seed=recipe.seed),
+                              recipe.synthesis_problems, reward_fn=shapes_reward)
+    resume = _resume_point(recipe, "synthesis", out)
+    reinforce(recipe.path("rl"), episodes, out, recipe.synthesis_steps,
+              _rl_config(recipe, recipe.synthesis_steps, recipe.synthesis_group, recipe.synthesis_lr),
+              reward_fn=shapes_reward, device=recipe.device, engine_kwargs=recipe.engine_kwargs(),
+              log_path=_log_path(recipe, "synthesis"), progress=recipe.progress, save_every=recipe.save_every,
+              resume=resume)
+    _prune_steps(out)
+
+
+def stage_eval(recipe: ShapesRecipe) -> None:
+    from pacore.recipes.evaluate import evaluate_shapes, plot_evaluation
+
+    seeds = list(HELD_OUT_SEEDS)[:recipe.eval_problems]
+    results = {}
+    for name in ("rl", "synthesis"):
+        path = recipe.path(f"eval-{name}.json")
+        if not path.is_file():
+            report = evaluate_shapes(recipe.path(name), seeds, samples=recipe.eval_samples,
+                                     max_tokens=recipe.max_tokens, seed=recipe.seed, device=recipe.device,
+                                     engine_kwargs=recipe.engine_kwargs(), progress=recipe.progress)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(report, indent=1))
+            tmp.replace(path)
+        results[name] = json.loads(path.read_text())
+    plot_evaluation(results, recipe.path("eval.png"))
+
+
+STAGE_FNS = {"init": stage_init, "pretrain": stage_pretrain, "rl": stage_rl, "pools": stage_pools,
+             "synthesis": stage_synthesis, "eval": stage_eval}
+
+
+def run_recipe(recipe: ShapesRecipe, stages: tuple[str, ...] = STAGES) -> None:
+    unknown = [s for s in stages if s not in STAGE_FNS]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    Path(recipe.out).mkdir(parents=True, exist_ok=True)
+    (Path(recipe.out) / "recipe.json").write_text(json.dumps(asdict(recipe), default=str, indent=1))
+    torch.manual_seed(recipe.seed)
+    for stage in STAGES:
+        if stage in stages:
+            _timed(recipe, stage, lambda: STAGE_FNS[stage](recipe))
+    if "pretrain" in stages or "rl" in stages or "synthesis" in stages:
+        from pacore.recipes.evaluate import plot_training
+        plot_training(recipe.out, recipe.path("training.png"))

@@ -1,0 +1,105 @@
+"""The data of the `shapes` recipe: the tokenizer's corpus, the pre-training records and the RL problems.
+
+Every record is a pure function of its problem seed (step3vl/tasks/shapes.py), so a stage rebuilt after an
+interruption writes the same files. Pictures are written once as PNG files that the records name by path
+(the trainer plans them from their headers and decodes them when a step encodes them).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from step3vl.tasks.shapes import (COLOURS, KINDS, TEMPLATES, TRAIN_SEED_START, ShapesProblem, generate, near_miss)
+from step3vl.train.rl import RLPrompt
+
+from pacore.template import synthesis_messages
+
+# Disjoint training seed ranges per use (all >= TRAIN_SEED_START, so never a held-out problem).
+PRETRAIN_SEEDS = TRAIN_SEED_START
+RL_SEEDS = TRAIN_SEED_START + 5_000_000
+POOL_SEEDS = TRAIN_SEED_START + 6_000_000
+
+
+def tokenizer_corpus(n: int = 3000) -> list[str]:
+    """Texts the demo tokenizer's merges are learned from: traces, captions, every question and the synthesis
+    template's words, so the task's words are single tokens."""
+    texts = []
+    for seed in range(PRETRAIN_SEEDS, PRETRAIN_SEEDS + n):
+        p = generate(seed)
+        texts += [p.question, p.reasoning(), p.description()]
+    texts += [t.format(colour=c, kind=k, kind1=k, kind2=k2) for t in TEMPLATES.values() for c in COLOURS
+              for k in KINDS for k2 in KINDS]
+    texts += [synthesis_messages([{"role": "user", "content": "q"}], ["a", "b"])[0]["content"]] * 50
+    return texts
+
+
+def image_path(images: Path, problem: ShapesProblem) -> Path:
+    path = images / f"{problem.seed}.png"
+    if not path.is_file():
+        tmp = path.with_suffix(".tmp.png")
+        problem.image().save(tmp)
+        tmp.replace(path)  # a kill mid-write never leaves a truncated picture under the final name
+    return path
+
+
+def user_turn(problem: ShapesProblem, image: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": problem.question}]}]
+
+
+def synthetic_references(problem: ShapesProblem, rng: random.Random) -> list[str]:
+    """A reference set like the ones PaCoRe's later rounds see: 4-24 conclusions, each the right answer with a
+    per-set probability in [0.2, 0.95], otherwise a near miss."""
+    p_right = rng.uniform(0.2, 0.95)
+    n = rng.choice([4, rng.randint(16, 24)])
+    return [problem.answer if rng.random() < p_right else near_miss(problem.answer, rng) for _ in range(n)]
+
+
+def pretrain_records(images: Path, n: int, synthesis_fraction: float = 0.2,
+                     caption_fraction: float = 0.15) -> list[dict]:
+    """n records from n training problems: a caption (image-text), a question answered with its reasoning
+    trace, or (for `synthesis_fraction`) the synthesis prompt over synthetic references answered with the
+    same trace: the model learns to read the picture itself when references disagree."""
+    records = []
+    for seed in range(PRETRAIN_SEEDS, PRETRAIN_SEEDS + n):
+        p = generate(seed)
+        rng = random.Random(f"pretrain/{seed}")
+        u = rng.random()
+        if u < caption_fraction:
+            records.append({"text": p.description(), "images": [str(image_path(images, p))]})  # the picture comes first
+            continue
+        record = answered_record(p, images)
+        if u < caption_fraction + synthesis_fraction:
+            record["messages"][:1] = synthesis_messages(record["messages"][:1], synthetic_references(p, rng))
+        records.append(record)
+    return records
+
+
+def answered_record(problem: ShapesProblem, images: Path) -> dict:
+    """The question answered with its reasoning trace, as a chat training record."""
+    return {"messages": user_turn(problem, str(image_path(images, problem)))
+            + [{"role": "assistant", "content": problem.reasoning()}]}
+
+
+def problem_record(problem: ShapesProblem, images: Path) -> dict:
+    """The official PaCoRe input format ({"id", "messages", "ground_truth"}), picture by path."""
+    return {"id": problem.id, "messages": user_turn(problem, str(image_path(images, problem))),
+            "ground_truth": problem.answer, "category": problem.template}
+
+
+def rl_prompts(images: Path, start: int, n: int) -> list[RLPrompt]:
+    out = []
+    for seed in range(start, start + n):
+        rec = problem_record(generate(seed), images)
+        out.append(RLPrompt(rec["messages"], rec["ground_truth"], id=rec["id"]))
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,1 @@
+"""Procedural tasks with their answer checkers, used by training, evaluation and tests."""
