@@ -1,5 +1,5 @@
 """`step3vl` command line: demo, pacore (one question or a JSONL batch), generate, serve, train, rl,
-make-checkpoint.
+recipe, eval, make-checkpoint.
 
 PaCoRe sits on top of the engine, so this module (the top of the house) imports it only inside the
 commands that use it.
@@ -16,6 +16,8 @@ from pathlib import Path
 
 DEMO_DIR = Path.home() / ".cache" / "step3vl" / "demo-small"
 ASSETS = Path(__file__).resolve().parent / "assets"
+# The demo's default model: trained by `step3vl recipe shapes` (its model card is the README.md beside it).
+SHAPES_MODEL = ASSETS / "shapes_demo"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,13 +40,22 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="step3vl", description="STEP3-VL-10B engine and PaCoRe.")
     sub = ap.add_subparsers(dest="command")
 
-    d = sub.add_parser("demo", help="PaCoRe on a bundled image and question with a small random-weight checkpoint")
-    d.add_argument("--dir", type=Path, default=DEMO_DIR, help=f"checkpoint to make or reuse (default {DEMO_DIR})")
-    d.add_argument("--preset", default="low", choices=["low", "medium", "high"])
-    d.add_argument("--max-tokens", type=int, default=64, help="new tokens per trajectory")
+    d = sub.add_parser("demo", help="PaCoRe with the bundled shapes model on the bundled picture (or your own)")
+    d.add_argument("question", nargs="?", default=None,
+                   help="a question about --image (default: the bundled picture's question)")
+    d.add_argument("--image", type=Path, default=None, help="your own shapes picture (default: the bundled one)")
+    d.add_argument("--model", type=Path, default=SHAPES_MODEL,
+                   help="checkpoint (default: the bundled model trained by `step3vl recipe shapes`)")
+    d.add_argument("--random", action="store_true",
+                   help="instead: a small random-weight checkpoint (benchmarking the machinery; gibberish text)")
+    d.add_argument("--dir", type=Path, default=DEMO_DIR, help=f"--random: checkpoint to make or reuse ({DEMO_DIR})")
+    d.add_argument("--preset", default="medium", choices=["low", "medium", "high"])
+    d.add_argument("--max-tokens", type=int, default=None,
+                   help="new tokens per trajectory (default 128; 64 with --random)")
     d.add_argument("--message-max-tokens", type=int, default=24)
     d.add_argument("--think-at", type=int, default=None,
-                   help="position where </think> is forced (random weights never write it); default 3/4 of --max-tokens")
+                   help="--random: position where </think> is forced (random weights never write it); default 3/4 "
+                        "of --max-tokens")
     d.add_argument("--seed", type=int, default=42)
     d.add_argument("--show-reasoning", action="store_true")
     _engine_args(d)
@@ -89,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions; PaCoRe models beside the base)")
     s.add_argument("--model", type=Path, default=None, help="checkpoint directory (or --demo)")
+    s.add_argument("--random", action="store_true",
+                   help="with --demo: the random-weight demo checkpoint instead of the bundled shapes model")
     s.add_argument("--demo", action="store_true",
                    help=f"serve the demo's random-weight checkpoint ({DEMO_DIR}, made if missing) with </think> "
                         f"forced at output position 48, to try the API without real weights")
@@ -180,9 +193,30 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--kv-cache-memory", default=None, help="the rollout engine's KV pool, e.g. 2GiB")
     r.set_defaults(func=_cmd_rl)
 
+    rc = sub.add_parser("recipe", help="train a model end to end: `recipe shapes` (see pacore/recipes/shapes.py)")
+    rc.add_argument("task", choices=["shapes"])
+    rc.add_argument("--out", type=Path, required=True, help="the run's directory (an existing one is resumed)")
+    rc.add_argument("--seed", type=int, default=0)
+    rc.add_argument("--stages", default=None, help="comma-separated subset of init,pretrain,rl,pools,synthesis,eval")
+    rc.add_argument("--toy", action="store_true", help="every stage at toy size (a smoke test, well under a minute)")
+    rc.add_argument("--device", default=None)
+    rc.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    rc.set_defaults(func=_cmd_recipe)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint: `eval shapes` (greedy, single, self-consistency, PaCoRe)")
+    ev.add_argument("task", choices=["shapes"])
+    ev.add_argument("--model", type=Path, default=SHAPES_MODEL, help="checkpoint (default: the bundled model)")
+    ev.add_argument("--problems", type=int, default=500, help="held-out problems (seeds 0..N-1, N <= 500)")
+    ev.add_argument("--samples", type=int, default=16, help="samples per problem (single and self-consistency)")
+    ev.add_argument("--max-tokens", type=int, default=128, help="new tokens per trajectory")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out", type=Path, default=None, help="write the JSON report here (and a PNG plot beside it)")
+    _engine_args(ev)
+    ev.set_defaults(func=_cmd_eval)
+
     m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the official format")
     m.add_argument("dir", type=Path)
-    m.add_argument("--preset", default="tiny", choices=["tiny", "small", "small-vl"])
+    m.add_argument("--preset", default="tiny", choices=["tiny", "small", "small-vl", "shapes", "shapes-tiny"])
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=_cmd_make_checkpoint)
     return ap
@@ -290,8 +324,43 @@ class RandomWeightsProcessor:
 
 
 def _cmd_demo(args) -> int:
+    if args.random:
+        if args.image or args.question:
+            raise ValueError("--random runs the bundled question only (its answers are gibberish)")
+        return _demo_random(args)
+    return _demo_trained(args)
+
+
+def _demo_trained(args) -> int:
+    from pacore import PaCoRe, PaCoReConfig, Problem
+    from step3vl.tasks.shapes import final_answer
+
+    problem = json.loads((ASSETS / "demo_problem.json").read_text())
+    if args.image is None and args.question is not None:
+        raise ValueError("a question of your own needs --image PATH (the bundled picture has its own question)")
+    image = args.image or ASSETS / problem["image"]
+    question = args.question or problem["question"]
+    llm = _load_llm(args, args.model)
+    cfg = PaCoReConfig.preset(args.preset, max_tokens=args.max_tokens or 128,
+                              message_max_tokens=args.message_max_tokens, seed=args.seed)
+    print(f"model: {args.model}")
+    print(f"picture: {image}\nquestion: {question}")
+    print(f"PaCoRe preset {args.preset!r}: rounds {cfg.schedule} (trajectories per round; the last synthesises)")
+    t0 = time.perf_counter()
+    result = PaCoRe(llm, cfg).run([Problem.from_question(question, image=str(image), id="demo")], progress=True)[0]
+    wall = time.perf_counter() - t0
+    _print_result(result, show_reasoning=True, show_rounds=args.show_reasoning)
+    print(f"tokens generated: {result.effective_ttc} in {wall:.1f}s ({llm.model.device})")
+    if args.image is None and result.error is None:
+        got = final_answer("</think>" + result.final_response)
+        print(f"expected: {problem['answer']}: {'correct' if got == problem['answer'] else 'WRONG'}")
+    return 0 if result.error is None else 1
+
+
+def _demo_random(args) -> int:
     from pacore import PaCoRe, PaCoReConfig, Problem
 
+    args.max_tokens = args.max_tokens or 64
     path, made = _demo_checkpoint(args.dir)
     print(f"checkpoint: {path} ({'made now' if made else 'reused'}, preset 'small')")
     print("NOTE: the weights are RANDOM. The answer is gibberish by construction; the demo shows the machinery "
@@ -446,9 +515,13 @@ def _cmd_serve(args) -> int:
     from step3vl.engine.async_llm import AsyncLLM
     from step3vl.serve import MediaPolicy, OpenAIServer, ServerConfig
 
-    if args.demo:
+    if args.random and not args.demo:
+        raise ValueError("--random goes with --demo")
+    if args.demo and args.random:
         args.model, _ = _demo_checkpoint(DEMO_DIR)
         args.think_at = 48 if args.think_at is None else args.think_at
+    elif args.demo:
+        args.model = SHAPES_MODEL
     if args.model is None:
         raise ValueError("give --model DIR (a checkpoint directory) or --demo")
     template = _read_template(args.chat_template) if args.chat_template is not None else None  # before loading
@@ -480,6 +553,36 @@ def _cmd_serve(args) -> int:
         uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         engine.shutdown()
+    return 0
+
+
+def _cmd_recipe(args) -> int:
+    from pacore.recipes.shapes import STAGES, ShapesRecipe, run_recipe
+
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else STAGES
+    make = ShapesRecipe.toy if args.toy else ShapesRecipe
+    recipe = make(out=args.out, seed=args.seed, device=args.device)
+    run_recipe(recipe, stages)
+    print(f"recipe shapes: stages {', '.join(stages)} done in {args.out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from pacore.recipes.evaluate import evaluate_shapes, plot_evaluation, table
+
+    if not 1 <= args.problems <= 500:
+        raise ValueError(f"--problems {args.problems}: the held-out set is seeds 0-499 (1..500 problems)")
+    llm = _load_llm(args, args.model)
+    report = evaluate_shapes(args.model, list(range(args.problems)), samples=args.samples,
+                             max_tokens=args.max_tokens, seed=args.seed, llm=llm, progress=True)
+    print(table({args.model.name: report}))
+    d = report["pacore_medium_minus_sc"]
+    print(f"PaCoRe medium - SC@{args.samples}: {100 * d['mean']:+.1f} points "
+          f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] (paired, 95%)")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+        plot_evaluation({args.model.name: report}, args.out.with_suffix(".png"))
+        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
 

@@ -34,7 +34,7 @@ from step3vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
 from step3vl.train.optim import OptimConfig
 from step3vl.train.pretrain import PretrainConfig
 from step3vl.train.rl import RLConfig
-from step3vl.train.run import PromptBatches, pretrain, reinforce
+from step3vl.train.run import PromptBatches, pretrain, reinforce, step_checkpoints
 
 from pacore.recipes import shapes_data as data
 
@@ -75,7 +75,7 @@ class ShapesRecipe:
     @classmethod
     def toy(cls, out: Path, **kw) -> "ShapesRecipe":
         """Every stage at toy size: the recipe's smoke test (well under a minute)."""
-        sizes = dict(preset="tiny", pretrain_examples=24, pretrain_batch_tokens=2048, pretrain_warmup=1,
+        sizes = dict(preset="shapes-tiny", pretrain_examples=24, pretrain_batch_tokens=512, pretrain_warmup=1,
                      rl_steps=2, rl_problems=2, rl_group=2, max_tokens=12, pool_problems=4, pool_rounds=[3],
                      synthesis_steps=2, synthesis_problems=2, synthesis_group=2, eval_problems=3, eval_samples=4,
                      save_every=1, progress=False)
@@ -102,10 +102,9 @@ def _done(path: Path) -> bool:
 
 
 def _latest_step(out: Path) -> Path | None:
-    """The newest `<out>-step<k>` checkpoint a stage saved (complete ones only: each is written atomically)."""
-    steps = [(int(p.name.rsplit("-step", 1)[1]), p) for p in out.parent.glob(f"{out.name}-step*")
-             if p.name.rsplit("-step", 1)[1].isdigit() and (p / "config.json").is_file()]
-    return max(steps)[1] if steps else None
+    """The newest complete `<out>-step<k>` checkpoint a stage saved."""
+    steps = step_checkpoints(out)
+    return steps[-1] if steps else None
 
 
 def _prune_steps(out: Path) -> None:
@@ -139,7 +138,7 @@ def _trim_log(path: Path, keep_steps: int) -> None:
 
 def _resume_point(recipe: ShapesRecipe, stage: str, out: Path) -> Path | None:
     resume = _latest_step(out)
-    steps = int(resume.name.rsplit("-step", 1)[1]) if resume else 0
+    steps = int(resume.name[len(out.name) + len("-step"):]) if resume else 0
     _trim_log(_log_path(recipe, stage), steps)
     if resume is None and _log_path(recipe, stage).is_file():
         _log_path(recipe, stage).unlink()
@@ -175,7 +174,7 @@ def stage_pretrain(recipe: ShapesRecipe) -> None:
                          eval_every=100)
     resume = _resume_point(recipe, "pretrain", out)
     pretrain(recipe.path("init"), train, out, cfg, device=recipe.device, log_path=_log_path(recipe, "pretrain"),
-             progress=recipe.progress, save_every=recipe.save_every * 4, resume=resume, eval_data=held_out)
+             progress=recipe.progress, save_every=recipe.save_every, resume=resume, eval_data=held_out, keep_saves=1)
     _prune_steps(out)
 
 
@@ -196,7 +195,7 @@ def stage_rl(recipe: ShapesRecipe) -> None:
     reinforce(recipe.path("pretrain"), batches, out, recipe.rl_steps,
               _rl_config(recipe, recipe.rl_steps, recipe.rl_group, recipe.rl_lr), reward_fn=shapes_reward,
               device=recipe.device, engine_kwargs=recipe.engine_kwargs(), log_path=_log_path(recipe, "rl"),
-              progress=recipe.progress, save_every=recipe.save_every, resume=resume, eval_prompts=held,
+              progress=recipe.progress, save_every=recipe.save_every, resume=resume, eval_prompts=held, keep_saves=1,
               eval_every=max(1, recipe.rl_steps // 4))
     _prune_steps(out)
 
@@ -241,7 +240,7 @@ def stage_synthesis(recipe: ShapesRecipe) -> None:
               _rl_config(recipe, recipe.synthesis_steps, recipe.synthesis_group, recipe.synthesis_lr),
               reward_fn=shapes_reward, device=recipe.device, engine_kwargs=recipe.engine_kwargs(),
               log_path=_log_path(recipe, "synthesis"), progress=recipe.progress, save_every=recipe.save_every,
-              resume=resume)
+              resume=resume, keep_saves=1)
     _prune_steps(out)
 
 

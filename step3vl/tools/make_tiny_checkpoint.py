@@ -53,6 +53,13 @@ PRESETS = {
                   num_key_value_heads=2, head_dim=64, max_position_embeddings=4096),
         vision=dict(width=128, layers=4, heads=4, mlp_ratio=4.0, image_size=128, patch_size=8, use_crops=False),
     ),
+    # The shapes geometry at test size: the recipe's smoke test.
+    "shapes-tiny": dict(
+        tokenizer_vocab=512,
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=4096),
+        vision=dict(width=32, layers=2, heads=2, mlp_ratio=2.0, image_size=64, patch_size=8, use_crops=False),
+    ),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -44,9 +45,10 @@ class _JsonlLog:
 STATE_FILE = "trainer_state.pt"
 
 
-def _saver(ckpt: str | Path, out: str | Path, every: int | None, trainer, sampler=None):
+def _saver(ckpt: str | Path, out: str | Path, every: int | None, trainer, sampler=None, keep: int | None = None):
     """on_step(step): every `every` steps a resumable checkpoint `<out>-step<k>`: fp32 weights (exact) plus the
-    trainer's state (and the prompt sampler's) in one atomic write."""
+    trainer's state (and the prompt sampler's) in one atomic write; with `keep`, only the newest `keep` of them
+    stay (older ones are deleted after the new one is complete)."""
     out = Path(out)
 
     def save(step: int) -> None:
@@ -56,7 +58,21 @@ def _saver(ckpt: str | Path, out: str | Path, every: int | None, trainer, sample
                 state["sampler"] = sampler.state_dict()
             save_checkpoint(trainer.model, out.with_name(f"{out.name}-step{step}"), ckpt, dtype=torch.float32,
                             extra={STATE_FILE: state})
+            if keep:
+                for old in step_checkpoints(out)[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
     return save
+
+
+def step_checkpoints(out: str | Path) -> list[Path]:
+    """The complete `<out>-step<k>` checkpoints of a run, oldest first."""
+    out = Path(out)
+    found = []
+    for p in out.parent.glob(f"{out.name}-step*"):
+        k = p.name[len(out.name) + len("-step"):]
+        if k.isdigit() and (p / "config.json").is_file() and (p / STATE_FILE).is_file():
+            found.append((int(k), p))
+    return [p for _, p in sorted(found)]
 
 
 def load_resume(path: str | Path) -> dict:
@@ -70,11 +86,12 @@ def load_resume(path: str | Path) -> dict:
 def pretrain(ckpt: str | Path, data: str | Path, out: str | Path, cfg: PretrainConfig | None = None,
              device: str | None = None, log_path: str | Path | None = None, progress: bool = True,
              save_every: int | None = None, save_dtype: torch.dtype = torch.bfloat16,
-             resume: str | Path | None = None, eval_data: str | Path | None = None) -> list:
+             resume: str | Path | None = None, eval_data: str | Path | None = None, keep_saves: int | None = None) -> list:
     """Next-token training of the checkpoint at `ckpt` on the JSONL examples in `data` (see data.py); the
     result is written to `out` as a checkpoint (official format, `save_dtype`). resume: a `<out>-step<k>`
     checkpoint of an earlier run with the same data and config. eval_data: held-out JSONL examples, evaluated
-    every cfg.eval_every steps and at the end (`eval_loss` in the step logs). Returns the step logs."""
+    every cfg.eval_every steps and at the end (`eval_loss` in the step logs). keep_saves: how many of the newest
+    `--save-every` checkpoints to keep (None: all). Returns the step logs."""
     cfg = cfg or PretrainConfig()
     processor = Step3VLProcessor.from_pretrained(ckpt)
     examples = load_examples(processor, data)
@@ -83,7 +100,7 @@ def pretrain(ckpt: str | Path, data: str | Path, out: str | Path, cfg: PretrainC
     model = load_model(resume or ckpt, dtype=torch.float32, device=_device(device))
     trainer = Pretrainer(model, cfg)
     log = _JsonlLog(log_path)
-    save = _saver(ckpt, out, save_every, trainer)
+    save = _saver(ckpt, out, save_every, trainer, keep=keep_saves)
     bar = tqdm(desc="train", unit="step", disable=not progress)
 
     def on_step(s) -> None:
@@ -167,12 +184,13 @@ def reinforce(ckpt: str | Path, batches: Callable[[int], list[RLPrompt]], out: s
               device: str | None = None, engine_kwargs: dict | None = None, log_path: str | Path | None = None,
               progress: bool = True, save_every: int | None = None, save_dtype: torch.dtype = torch.bfloat16,
               resume: str | Path | None = None, eval_prompts: list[RLPrompt] | None = None,
-              eval_every: int | None = None, eval_samples: int = 1) -> list:
+              eval_every: int | None = None, eval_samples: int = 1, keep_saves: int | None = None) -> list:
     """RL iterations up to `steps` in all; `batches(step)` gives the prompts of iteration `step` (0-based), e.g. a
     `PromptBatches`, or fresh PaCoRe synthesis episodes each step (an object with state_dict/load_state_dict
     is saved and restored with the trainer). The policy is written to `out` as a checkpoint. resume: a
     `<out>-step<k>` checkpoint of an earlier run. eval_prompts: held-out prompts whose mean reward is measured
-    every `eval_every` steps and after the last (`eval_reward` in the logs). Returns the step logs of this run."""
+    every `eval_every` steps and after the last (`eval_reward` in the logs). keep_saves: how many of the newest
+    step checkpoints to keep (None: all). Returns the step logs of this run."""
     from step3vl.engine import LLM
 
     cfg = cfg or RLConfig(total_steps=steps)
@@ -188,7 +206,7 @@ def reinforce(ckpt: str | Path, batches: Callable[[int], list[RLPrompt]], out: s
         if "sampler" in state and hasattr(batches, "load_state_dict"):
             batches.load_state_dict(state["sampler"])
     log = _JsonlLog(log_path)
-    save = _saver(ckpt, out, save_every, trainer, batches)
+    save = _saver(ckpt, out, save_every, trainer, batches, keep=keep_saves)
     logs = []
     try:
         for step in tqdm(range(trainer.steps_done, steps), desc="rl", unit="step", disable=not progress):

@@ -1,0 +1,127 @@
+"""The shapes recipe at toy size (every stage, resume) and the evaluation's statistics against hand computations."""
+
+import json
+import math
+import shutil
+
+import pytest
+
+from pacore.recipes.evaluate import majority, mean_interval, report, wilson
+from pacore.recipes.shapes import STAGES, ShapesRecipe, run_recipe
+from step3vl.tasks.shapes import HELD_OUT_SEEDS
+
+
+def _lines(path):
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recipe")
+    run_recipe(ShapesRecipe.toy(out))
+    return out
+
+
+def test_toy_recipe_runs_every_stage(toy_run):
+    r = ShapesRecipe.toy(toy_run)
+    for ckpt in ("init", "pretrain", "rl", "synthesis"):
+        assert (toy_run / ckpt / "config.json").is_file(), ckpt
+        assert not list(toy_run.glob(f"{ckpt}-step*")), "step checkpoints are pruned once a stage is done"
+    pre = _lines(toy_run / "pretrain.log.jsonl")
+    assert [p["step"] for p in pre] == list(range(1, len(pre) + 1)) and pre
+    assert all(math.isfinite(p["loss"]) for p in pre)
+    assert [x["step"] for x in _lines(toy_run / "rl.log.jsonl")] == list(range(1, r.rl_steps + 1))
+    assert [x["step"] for x in _lines(toy_run / "synthesis.log.jsonl")] == list(range(1, r.synthesis_steps + 1))
+    pools = _lines(toy_run / "pools.jsonl")
+    assert len(pools) == r.pool_problems and all(len(p["round_responses"][0]) == r.pool_rounds[0] for p in pools)
+    for name in ("rl", "synthesis"):
+        rep = json.loads((toy_run / f"eval-{name}.json").read_text())
+        assert rep["problems"] == r.eval_problems
+        assert [row["seed"] for row in rep["rows"]] == list(HELD_OUT_SEEDS)[:r.eval_problems]
+        assert set(rep["overall"]) == {"greedy", "single", "sc4", "sc4", f"sc{r.eval_samples}", "pacore_low",
+                                       "pacore_medium"}
+    for png in ("eval.png", "training.png"):
+        assert (toy_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stages = [t["stage"] for t in _lines(toy_run / "timings.jsonl")]
+    assert set(stages) <= set(STAGES)
+
+
+def test_interrupted_stage_resumes_to_the_same_run(toy_run, tmp_path, monkeypatch):
+    """Pre-training killed after a saved step, run again, continues from that step: every step logged once, and
+    it ends with the uninterrupted run's weights and losses (toy_run, same seed)."""
+    import pacore.recipes.shapes as recipe_mod
+    from safetensors.torch import load_file
+
+    out = tmp_path / "again"
+    for name in ("init", "images"):
+        shutil.copytree(toy_run / name, out / name)
+    recipe = ShapesRecipe.toy(out)
+    # Keep every step checkpoint this time, so the one before the kill is there.
+    monkeypatch.setattr(recipe_mod, "_prune_steps", lambda path: None)
+    keep_all = recipe_mod.pretrain
+    monkeypatch.setattr(recipe_mod, "pretrain", lambda *a, **k: keep_all(*a, **{**k, "keep_saves": None}))
+    run_recipe(recipe, ("pretrain",))
+    monkeypatch.undo()
+    steps = len(_lines(out / "pretrain.log.jsonl"))
+    assert steps >= 3
+    # The kill: after step `steps - 2` was saved, before the next save and the final checkpoint; the log
+    # already has the last step's line (written before the save), which resuming must not duplicate.
+    shutil.rmtree(out / "pretrain")
+    shutil.rmtree(out / f"pretrain-step{steps}")
+    shutil.rmtree(out / f"pretrain-step{steps - 1}")
+    assert (out / f"pretrain-step{steps - 2}").is_dir()
+    run_recipe(recipe, ("pretrain",))
+    again, first = _lines(out / "pretrain.log.jsonl"), _lines(toy_run / "pretrain.log.jsonl")
+    assert [x["step"] for x in again] == list(range(1, steps + 1))
+    assert [x["loss"] for x in again] == pytest.approx([x["loss"] for x in first], rel=1e-5)
+    shard = lambda d: load_file(next((d / "pretrain").glob("*.safetensors")))  # noqa: E731
+    a, b = shard(out), shard(toy_run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k].float() - b[k].float()).abs().max() <= 1e-2 * (b[k].float().abs().max() + 1e-3), k
+    assert not list(out.glob("pretrain-step*"))
+
+
+def test_majority_vote():
+    assert majority(["3", "4", "3", None]) == "3"
+    assert majority(["4", "3", "3", "4"]) == "4"  # tie: the answer seen first
+    assert majority([None, None]) is None
+    assert majority([None, "2"]) == "2"  # a response without an answer does not vote
+
+
+def test_wilson_interval_hand_computed():
+    # 8 of 10: centre (0.8 + z^2/20) / (1 + z^2/10), half-width z*sqrt(0.016 + z^2/400)/(1 + z^2/10)
+    z = 1.959964
+    den = 1 + z * z / 10
+    centre = (0.8 + z * z / 20) / den
+    half = z * math.sqrt(0.8 * 0.2 / 10 + z * z / 400) / den
+    lo, hi = wilson(8, 10)
+    assert lo == pytest.approx(centre - half) and hi == pytest.approx(centre + half)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    assert wilson(10, 10)[1] == pytest.approx(1.0) and wilson(0, 10)[0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_mean_interval_hand_computed():
+    lo, hi = mean_interval([0.0, 1.0, 0.5, 0.5])
+    sd = math.sqrt((0.25 + 0.25 + 0 + 0) / 3)
+    assert (lo, hi) == pytest.approx((0.5 - 1.959964 * sd / 2, 0.5 + 1.959964 * sd / 2))
+
+
+def test_report_aggregates_rows():
+    rows = []
+    for i, (t, k, g, single, sc4, sc, lo, med) in enumerate([
+            (1, 2, 1.0, 0.75, 1.0, 1.0, 1.0, 1.0),
+            (1, 3, 0.0, 0.25, 0.5, 0.0, 0.0, 1.0),
+            (7, 3, 1.0, 0.5, 0.5, 1.0, 1.0, 0.0)]):
+        rows.append({"seed": i, "template": t, "shapes": k, "greedy": g, "single": single, "sc4": sc4, "sc8": sc,
+                     "pacore_low": lo, "pacore_medium": med,
+                     "tokens": {"greedy": 10, "single": 12, "sc4": 48, "sc8": 96, "pacore_low": 70, "pacore_medium": 200}})
+    rep = report(rows, 8, "m")
+    assert rep["overall"]["single"]["accuracy"] == pytest.approx(0.5)
+    assert rep["overall"]["sc8"]["accuracy"] == pytest.approx(2 / 3)
+    assert rep["overall"]["pacore_medium"]["trajectories"] == 17
+    assert rep["by_template"]["count"]["pacore_medium"]["accuracy"] == 1.0
+    assert rep["by_template"]["composite"]["pacore_medium"]["accuracy"] == 0.0
+    assert rep["by_shapes"]["3"]["greedy"]["n"] == 2
+    assert rep["tokens_per_problem"]["pacore_medium"] == 200
+    assert rep["pacore_medium_minus_sc"]["mean"] == pytest.approx(0.0)
