@@ -316,9 +316,25 @@ def render(problem: ShapesProblem) -> Image.Image:
     for s in problem.shapes:
         if s.kind == "circle":
             draw.ellipse(s.bbox, fill=s.rgb, outline=(0, 0, 0), width=s.outline)
+        elif s.kind == "triangle":
+            # PIL's polygon outline comes out near 1 px on slanted edges; instead the outline is the triangle in
+            # black with the triangle inset by `outline` px (scaled about its incentre) filled on top: exactly
+            # `outline` px on every edge, inside the shape like the other kinds' outlines.
+            draw.polygon(s.points, fill=(0, 0, 0))
+            draw.polygon(_inset_triangle(s.points, s.outline), fill=s.rgb)
         else:
             draw.polygon(s.points, fill=s.rgb, outline=(0, 0, 0), width=s.outline)
     return img
+
+
+def _inset_triangle(pts, d: float):
+    """The triangle whose edges lie `d` inside those of `pts`: `pts` scaled about its incentre by (r - d) / r."""
+    (ax, ay), (bx, by), (cx, cy) = pts
+    a, b, c = math.dist(pts[1], pts[2]), math.dist(pts[0], pts[2]), math.dist(pts[0], pts[1])
+    p = a + b + c
+    ix, iy = (a * ax + b * bx + c * cx) / p, (a * ay + b * by + c * cy) / p
+    k = max(0.0, 1 - d / (2 * _polygon_area(pts) / p))
+    return [(ix + (x - ix) * k, iy + (y - iy) * k) for x, y in pts]
 
 
 # -- wrong answers that look right (for references in synthesis pre-training) --------------------------
