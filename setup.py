@@ -95,7 +95,8 @@ def _packages() -> list[str]:
 
 
 PACKAGES = _packages()
-STEP3VL_DATA = ["*.jinja", "*.json", "*.png", "*.jpg"]
+# shapes_demo/: the demo's trained checkpoint (bf16 safetensors, tokenizer, config, model card, plots)
+STEP3VL_DATA = ["*.jinja", "*.json", "*.png", "*.jpg", "shapes_demo/*"]
 
 setup(
     packages=PACKAGES,

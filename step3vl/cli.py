@@ -199,6 +199,9 @@ def _parser() -> argparse.ArgumentParser:
     rc.add_argument("--seed", type=int, default=0)
     rc.add_argument("--stages", default=None, help="comma-separated subset of init,pretrain,rl,pools,synthesis,eval")
     rc.add_argument("--toy", action="store_true", help="every stage at toy size (a smoke test, well under a minute)")
+    rc.add_argument("--export", type=Path, default=None,
+                    help="after the stages, copy the final checkpoint here with its model card and plots "
+                         "(step3vl/assets/shapes_demo ships it as the demo's model)")
     rc.add_argument("--device", default=None)
     rc.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     rc.set_defaults(func=_cmd_recipe)
@@ -557,13 +560,15 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_recipe(args) -> int:
-    from pacore.recipes.shapes import STAGES, ShapesRecipe, run_recipe
+    from pacore.recipes.shapes import STAGES, ShapesRecipe, export_model, run_recipe
 
-    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages else STAGES
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages is not None else STAGES
     make = ShapesRecipe.toy if args.toy else ShapesRecipe
     recipe = make(out=args.out, seed=args.seed, device=args.device)
     run_recipe(recipe, stages)
-    print(f"recipe shapes: stages {', '.join(stages)} done in {args.out}")
+    print(f"recipe shapes: stages {', '.join(stages) or 'none'} done in {args.out}")
+    if args.export is not None:
+        print(f"exported the model with its card to {export_model(recipe, args.export)}")
     return 0
 
 

@@ -279,3 +279,107 @@ def run_recipe(recipe: ShapesRecipe, stages: tuple[str, ...] = STAGES) -> None:
     if "pretrain" in stages or "rl" in stages or "synthesis" in stages:
         from pacore.recipes.evaluate import plot_training
         plot_training(recipe.out, recipe.path("training.png"))
+
+
+# -- shipping -------------------------------------------------------------------------------------------------
+
+
+def export_model(recipe: ShapesRecipe, dest: Path, checkpoint: str = "synthesis") -> Path:
+    """The trained checkpoint (bf16 safetensors, config, tokenizer) copied to `dest` with a model card
+    (README.md: architecture, data, recipe command and seed, the evaluation table) and the plots; `dest` is
+    replaced atomically (a complete new copy is renamed over the old one)."""
+    from pacore.recipes.evaluate import table
+
+    src = recipe.path(checkpoint)
+    if not _done(src):
+        raise FileNotFoundError(f"{src}: no trained checkpoint (run the recipe's stages first)")
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    for png in ("eval.png", "training.png"):
+        if recipe.path(png).is_file():
+            shutil.copy(recipe.path(png), tmp / png)
+    reports = {n: json.loads(recipe.path(f"eval-{n}.json").read_text()) for n in ("rl", "synthesis")
+               if recipe.path(f"eval-{n}.json").is_file()}
+    (tmp / "README.md").write_text(model_card(recipe, tmp, reports, table(reports) if reports else None))
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def _param_counts(path: Path) -> dict[str, int]:
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                part = "vision" if k.startswith("vision_model.") else "projector" if k.startswith("vit_large_projector") \
+                    else "decoder"
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= d
+                counts[part] = counts.get(part, 0) + n
+    return counts
+
+
+def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str | None) -> str:
+    from step3vl.model.vision import tokens_per_view
+
+    cfg = json.loads((path / "config.json").read_text())
+    v, t = cfg["vision_config"], cfg["text_config"]
+    counts = _param_counts(path)
+    timings = [json.loads(ln) for ln in recipe.path("timings.jsonl").read_text().splitlines() if ln.strip()] \
+        if recipe.path("timings.jsonl").is_file() else []
+    lines = [
+        "# shapes demo model (STEP3-VL architecture, trained from scratch)",
+        "",
+        "The default model of `step3vl demo` and `step3vl serve --demo`: a small model of the exact STEP3-VL",
+        "architecture (Perception-Encoder ViT with 2-D RoPE, two stride-2 conv downsamplers, projector, Qwen3",
+        "decoder) trained by this project's own loops on the `shapes` task (`step3vl/tasks/shapes.py`,",
+        "`../shared/SHAPES.md`). It reads pictures of simple shapes and answers counting, colour and size questions,",
+        "reasoning first (numbered shapes from the largest down, then the steps) and closing with `</think>`.",
+        "",
+        "## Architecture",
+        f"- vision: width {v['width']}, {v['layers']} blocks, {v['heads']} heads, MLP ratio {v.get('mlp_ratio')}, "
+        f"patch {v['patch_size']}, global view {v['image_size']} px, crops {'on' if v.get('use_crops', True) else 'off'} "
+        f"({tokens_per_view(v['image_size'], v['patch_size'])} image tokens per picture after the downsamplers)",
+        f"- decoder (Qwen3): hidden {t['hidden_size']}, {t['num_hidden_layers']} layers, {t['num_attention_heads']} "
+        f"heads / {t['num_key_value_heads']} KV heads, head_dim {t['head_dim']}, MLP {t['intermediate_size']}, "
+        f"vocabulary {t['vocab_size']} (its own byte-level BPE trained on the task's texts, with the project's "
+        "special tokens and `</think>`)",
+        f"- parameters: vision {counts.get('vision', 0):,}, projector {counts.get('projector', 0):,}, "
+        f"decoder {counts.get('decoder', 0):,}; bf16 safetensors in the official key layout",
+        "",
+        "## Data and training (every parameter trained, vision tower included)",
+        f"1. pre-training on {recipe.pretrain_examples:,} generated problems (seeds from "
+        "1,000,000): captions, questions answered with their reasoning traces, and synthesis prompts (the",
+        "   official PaCoRe template) over synthetic reference answers, answered with the same traces;",
+        f"2. GRPO with outcome rewards (the task's checker), {recipe.rl_steps} iterations x {recipe.rl_problems} "
+        f"problems x {recipe.rl_group} samples, rollouts through the engine;",
+        f"3. PaCoRe synthesis-episode RL: reference pools from the RL model's own PaCoRe runs (rounds "
+        f"{recipe.pool_rounds}) on {recipe.pool_problems} problems, 16-24 references per episode, episodes whose",
+        f"   references are > 75% right filtered out; {recipe.synthesis_steps} iterations x "
+        f"{recipe.synthesis_problems} episodes x {recipe.synthesis_group} samples.",
+        "",
+        f"Recipe: `step3vl recipe shapes --out DIR --seed {recipe.seed}` (resumable; `--stages` runs a subset).",
+    ]
+    if timings:
+        lines += ["", "Wall time per stage (" + ", ".join(sorted({f"{x['threads']} torch threads" for x in timings}))
+                  + "): " + ", ".join(f"{x['stage']} {x['seconds'] / 60:.1f} min" for x in timings) + "."]
+    if eval_table:
+        n = next(iter(reports.values()))["problems"]
+        lines += ["", f"## Evaluation ({n} held-out problems, seeds 0-{n - 1}; temperature 1.0; 95% intervals)",
+                  "", "Columns: the checkpoint after GRPO (`rl`) and after synthesis RL (`synthesis`, this model).", "",
+                  eval_table, ""]
+        for name, rep in reports.items():
+            d = rep["pacore_medium_minus_sc"]
+            lines.append(f"- {name}: PaCoRe medium - SC@{rep['samples']} = {100 * d['mean']:+.1f} points "
+                         f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] (paired over problems)")
+        lines += ["", "![accuracy vs trajectories](eval.png)", "", "![training curves](training.png)"]
+    return "\n".join(lines) + "\n"

@@ -57,9 +57,9 @@ def test_pacore_batch_generate_and_bad_arguments(tiny_dir, tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
-def test_demo_makes_a_small_checkpoint_and_says_weights_are_random(tmp_path, capsys):
-    args = ["demo", "--dir", str(tmp_path / "demo"), "--max-tokens", "12", "--think-at", "4",
-            "--message-max-tokens", "4", "--kv-cache-memory", "64MiB", "--threads", "1"]
+def test_demo_random_makes_a_small_checkpoint_and_says_weights_are_random(tmp_path, capsys):
+    args = ["demo", "--random", "--preset", "low", "--dir", str(tmp_path / "demo"), "--max-tokens", "12",
+            "--think-at", "4", "--message-max-tokens", "4", "--kv-cache-memory", "64MiB", "--threads", "1"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "made now" in out and "weights are RANDOM" in out

@@ -125,3 +125,21 @@ def test_report_aggregates_rows():
     assert rep["by_shapes"]["3"]["greedy"]["n"] == 2
     assert rep["tokens_per_problem"]["pacore_medium"] == 200
     assert rep["pacore_medium_minus_sc"]["mean"] == pytest.approx(0.0)
+
+
+def test_export_ships_a_loadable_checkpoint_with_its_card(toy_run, tmp_path):
+    from pacore.recipes.shapes import export_model
+    from step3vl import LLM, SamplingParams
+    from step3vl.tasks.shapes import generate
+
+    dest = export_model(ShapesRecipe.toy(toy_run), tmp_path / "shipped")
+    card = (dest / "README.md").read_text()
+    assert "step3vl recipe shapes --out DIR --seed 0" in card
+    assert "| pacore_medium | 17 |" in card and "| sc4 | 4 |" in card
+    assert (dest / "eval.png").is_file() and (dest / "training.png").is_file()
+    llm = LLM(dest, kv_cache_memory="32MiB")
+    assert llm.processor.spec.crops is False  # the geometry travels in config.json
+    out = llm.chat(generate(3).messages(), SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) >= 1
+    again = export_model(ShapesRecipe.toy(toy_run), dest)  # replaces the old copy
+    assert again == dest and not (tmp_path / "shipped.tmp").exists() and not (tmp_path / "shipped.old").exists()
