@@ -123,25 +123,15 @@ def _timed(recipe: ShapesRecipe, stage: str, fn) -> None:
 
 
 def _log_path(recipe: ShapesRecipe, stage: str) -> Path:
-    """A stage's JSONL log, started afresh unless the stage resumes (so a resumed run appends, never duplicates:
-    the lines past the resume point are dropped first)."""
     return recipe.path(f"{stage}.log.jsonl")
 
 
-def _trim_log(path: Path, keep_steps: int) -> None:
-    if not path.is_file():
-        return
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= keep_steps]
-    path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-
-
 def _resume_point(recipe: ShapesRecipe, stage: str, out: Path) -> Path | None:
+    """The stage's newest step checkpoint; a stage starting afresh starts its log afresh too (a resumed one
+    has the lines past its resume point dropped by the training loop)."""
     resume = _latest_step(out)
-    steps = int(resume.name[len(out.name) + len("-step"):]) if resume else 0
-    _trim_log(_log_path(recipe, stage), steps)
-    if resume is None and _log_path(recipe, stage).is_file():
-        _log_path(recipe, stage).unlink()
+    if resume is None:
+        _log_path(recipe, stage).unlink(missing_ok=True)
     return resume
 
 

@@ -27,9 +27,17 @@ def _device(device: str | None) -> torch.device:
 
 
 class _JsonlLog:
-    """One JSON object per step, appended as it happens (a crash keeps the steps done so far)."""
+    """One JSON object per step, appended as it happens (a crash keeps the steps done so far). A run resumed at
+    step k first drops the lines of steps after k (logged by the interrupted run past its last save), so each
+    step appears once."""
 
-    def __init__(self, path: str | Path | None):
+    def __init__(self, path: str | Path | None, resumed_at: int | None = None):
+        if path and resumed_at is not None and Path(path).is_file():
+            lines = Path(path).read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [ln for ln in lines if ln.strip() and _logged_step(ln) <= resumed_at]
+            tmp = Path(f"{path}.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(path)
         self.file = open(path, "a", encoding="utf-8") if path else None
 
     def __call__(self, log: Any) -> None:
@@ -40,6 +48,13 @@ class _JsonlLog:
     def close(self) -> None:
         if self.file:
             self.file.close()
+
+
+def _logged_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62  # a line cut by the kill: the interrupted run's last, past any resume point
 
 
 STATE_FILE = "trainer_state.pt"
@@ -99,7 +114,7 @@ def pretrain(ckpt: str | Path, data: str | Path, out: str | Path, cfg: PretrainC
     state = load_resume(resume) if resume else None
     model = load_model(resume or ckpt, dtype=torch.float32, device=_device(device))
     trainer = Pretrainer(model, cfg)
-    log = _JsonlLog(log_path)
+    log = _JsonlLog(log_path, state["steps_done"] if state else None)
     save = _saver(ckpt, out, save_every, trainer, keep=keep_saves)
     bar = tqdm(desc="train", unit="step", disable=not progress)
 
@@ -205,7 +220,7 @@ def reinforce(ckpt: str | Path, batches: Callable[[int], list[RLPrompt]], out: s
         trainer.load_state_dict(state)
         if "sampler" in state and hasattr(batches, "load_state_dict"):
             batches.load_state_dict(state["sampler"])
-    log = _JsonlLog(log_path)
+    log = _JsonlLog(log_path, trainer.steps_done if resume else None)
     save = _saver(ckpt, out, save_every, trainer, batches, keep=keep_saves)
     logs = []
     try:

@@ -82,3 +82,19 @@ def test_a_run_started_from_a_step_checkpoint_does_not_inherit_its_state(tiny_ck
     step = save_checkpoint(model, tmp_path / "run1-step5", tiny_ckpt, extra={STATE_FILE: {"kind": "rl"}})
     assert (step / STATE_FILE).is_file()
     assert not (save_checkpoint(model, tmp_path / "run2", step) / STATE_FILE).exists()
+
+
+def test_a_resumed_run_logs_each_step_once(tiny_ckpt, tmp_path):
+    """The interrupted run logged steps past its last save; resuming drops those lines, then logs them afresh."""
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": f"sample number {i} of the corpus"} for i in range(6)])
+    common = ["--model", str(tiny_ckpt), "--data", str(data), "--epochs", "2", "--max-tokens-per-batch", "24",
+              "--lr", "1e-2", "--threads", "1", "--out", str(tmp_path / "run"), "--log", str(tmp_path / "log.jsonl")]
+    assert main(["train", *common, "--save-every", "3"]) == 0
+    full = [json.loads(ln) for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(full) > 3
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 99, "loss": 1.0')  # a line cut by a kill
+    assert main(["train", *common, "--resume", str(tmp_path / "run-step3")]) == 0
+    again = [json.loads(ln) for ln in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == [r["step"] for r in full]
+    assert [r["loss"] for r in again] == [r["loss"] for r in full]
