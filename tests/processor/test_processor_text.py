@@ -321,3 +321,25 @@ def test_config_geometry_and_image_token_check(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="image_token_id"):
         Step3VLProcessor.from_pretrained(tmp_path)
+
+
+def test_config_can_turn_crops_off(tmp_path):
+    """vision_config.use_crops=false (a small model's geometry): every picture is the global view alone, so an
+    elongated one that STEP3-VL would cut into crops costs one view's tokens; a non-boolean value is refused."""
+    ids = write_tiny_tokenizer(tmp_path)
+    cfg = {"image_token_id": ids["<im_patch>"], "understand_projector_stride": 2,
+           "vision_config": {"patch_size": 8, "image_size": 128, "use_crops": False}}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    p = Step3VLProcessor.from_pretrained(tmp_path)
+    assert p.spec.crops is False and p.layout.global_tokens == 16  # 16 patches a side → 8 → 4
+    for size in ((512, 224), (1280, 720), (300, 300)):
+        out = p("<im_patch>", images=Image.new("RGB", size))
+        assert out.num_image_tokens == 16 + 2 and out.images[0].num_crops == 0
+        assert tuple(out.images[0].global_view.shape) == (3, 128, 128)
+    cfg["vision_config"]["use_crops"] = True  # the official behaviour: a 512x224 picture gets 224 px crops
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert Step3VLProcessor.from_pretrained(tmp_path)("<im_patch>", images=Image.new("RGB", (512, 224))).images[0].num_crops == 3
+    cfg["vision_config"]["use_crops"] = "no"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="use_crops"):
+        Step3VLProcessor.from_pretrained(tmp_path)
