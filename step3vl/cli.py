@@ -36,8 +36,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("step3vl")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="step3vl", description="STEP3-VL-10B engine and PaCoRe.")
+    ap.add_argument("--version", action="version", version=f"step3vl {_version()}")
     sub = ap.add_subparsers(dest="command")
 
     d = sub.add_parser("demo", help="PaCoRe with the bundled shapes model on the bundled picture (or your own)")

@@ -65,3 +65,17 @@ def test_demo_random_makes_a_small_checkpoint_and_says_weights_are_random(tmp_pa
     assert "made now" in out and "weights are RANDOM" in out
     assert "round 1: K=4" in out and "final: K=1" in out and "tok/s" in out
     assert main(args) == 0 and "reused" in capsys.readouterr().out
+
+
+def test_version_and_python_m(capsys):
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    try:
+        main(["--version"])
+    except SystemExit as e:
+        assert e.code == 0
+    assert capsys.readouterr().out.strip() == f"step3vl {version('step3vl')}"
+    out = subprocess.run([sys.executable, "-m", "step3vl", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"step3vl {version('step3vl')}"
