@@ -6,8 +6,8 @@ problem is a pure function of its seed, so training (seeds >= TRAIN_SEED_START) 
 never share a problem.
 
 Besides the question and the canonical answer, a problem carries the two texts the demo model learns from:
-`description()` (a caption for image-text pre-training) and `reasoning()` (a trace that names the shapes from
-the largest down, numbered so counting is reading the last number, then works the question out and ends in
+`description()` (a caption for image-text pre-training) and `reasoning()` (a trace that names the shapes left to
+right with their size, numbered so counting is reading the last number, then works the question out and ends in
 `</think>` and the answer).
 """
 
@@ -115,27 +115,37 @@ class ShapesProblem:
     def image(self) -> Image.Image:
         return render(self)
 
+    @property
+    def left_to_right(self) -> list[Shape]:
+        """The shapes by the x of their centre (the order the traces name them in: a local rule the model can
+        learn before it can rank sizes)."""
+        return sorted(self.shapes, key=lambda s: (s.bbox[0] + s.bbox[2], s.bbox[1] + s.bbox[3]))
+
+    def size_percent(self, shape: Shape) -> int:
+        """A shape's filled area in whole percent of the picture's (what the traces write beside it)."""
+        return max(1, round(100 * shape.area / (self.size[0] * self.size[1])))
+
     def description(self) -> str:
-        """A caption: every shape, largest first."""
-        names = [f"{_article(s.colour)} {s.colour} {s.kind}" for s in self.by_size]
+        """A caption: every shape, left to right."""
+        names = [f"{_article(s.colour)} {s.colour} {s.kind}" for s in self.left_to_right]
         n = len(names)
         listed = names[0] if n == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-        return f"The picture shows {n} shape{'s' * (n != 1)}, from largest to smallest: {listed}."
+        return f"The picture shows {n} shape{'s' * (n != 1)}, from left to right: {listed}."
 
     def reasoning(self) -> str:
-        """The trace the model learns to write: the shapes numbered from the largest down, then the steps the
-        question needs, then `</think>` and the canonical answer."""
-        ranked = self.by_size
-        lines = [f"{i} {s.colour} {s.kind}" for i, s in enumerate(ranked, 1)]
+        """The trace the model learns to write: the shapes numbered left to right with their size in percent of
+        the picture, then the steps the question needs, then `</think>` and the canonical answer."""
+        ordered = self.left_to_right
+        lines = [f"{i} {s.colour} {s.kind} size {self.size_percent(s)}" for i, s in enumerate(ordered, 1)]
         p = dict(self.params)
 
         def tally(label: str, keep) -> str:
-            hits = [f"#{i}" for i, s in enumerate(ranked, 1) if keep(s)]
+            hits = [f"#{i}" for i, s in enumerate(ordered, 1) if keep(s)]
             return f"{label}: {' '.join(hits) if hits else 'none'} = {len(hits)}"
 
         t = self.template
         if t in (1, 7):
-            lines.append(f"shapes: {len(ranked)}")
+            lines.append(f"shapes: {len(ordered)}")
         if t == 2:
             lines.append(tally(p["colour"], lambda s: s.colour == p["colour"]))
         if t == 3:
@@ -143,7 +153,8 @@ class ShapesProblem:
         if t == 7:
             lines.append(tally("circles", lambda s: s.kind == "circle"))
         if t in (4, 5, 7):
-            lines.append(f"largest: #1 {ranked[0].colour} {ranked[0].kind}")
+            big = self.by_size[0]
+            lines.append(f"largest: #{ordered.index(big) + 1} {big.colour} {big.kind}")
         if t == 6:
             a, b = self.count(kind=p["kind1"]), self.count(kind=p["kind2"])
             lines.append(tally(f"{p['kind1']}s", lambda s: s.kind == p["kind1"]))
