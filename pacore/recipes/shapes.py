@@ -54,7 +54,7 @@ class ShapesRecipe:
     pretrain_batch_tokens: int = 4096
     pretrain_warmup: int = 50
     # RL with outcome rewards
-    rl_steps: int = 150
+    rl_steps: int = 100
     rl_problems: int = 16  # per step
     rl_group: int = 8
     rl_lr: float = 3e-5
@@ -62,7 +62,7 @@ class ShapesRecipe:
     # reference pools and synthesis RL
     pool_problems: int = 600
     pool_rounds: list[int] = field(default_factory=lambda: [24])
-    synthesis_steps: int = 100
+    synthesis_steps: int = 60
     synthesis_problems: int = 16  # episodes per step
     synthesis_group: int = 8
     synthesis_lr: float = 3e-5
