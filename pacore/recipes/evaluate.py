@@ -172,6 +172,17 @@ def table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def breakdown_table(rep: dict, key: str = "by_template") -> str:
+    """Accuracy % per question type (or per number of shapes: key="by_shapes") for every method."""
+    names = [m for m, _, _ in methods(rep["samples"])]
+    lines = [f"| {'question type' if key == 'by_template' else 'shapes'} | n | " + " | ".join(names) + " |",
+             "|" + "---|" * (2 + len(names))]
+    for group, stats in rep[key].items():
+        lines.append(f"| {group} | {stats[names[0]]['n']} | "
+                     + " | ".join(f"{100 * stats[m]['accuracy']:.0f}" for m in names) + " |")
+    return "\n".join(lines)
+
+
 def plot_evaluation(reports: dict[str, dict], path: str | Path) -> None:
     """Accuracy against trajectories per problem: self-consistency and PaCoRe, one colour per checkpoint."""
     import matplotlib

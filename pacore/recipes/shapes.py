@@ -321,6 +321,8 @@ def _param_counts(path: Path) -> dict[str, int]:
 def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str | None) -> str:
     from step3vl.model.vision import tokens_per_view
 
+    from pacore.recipes.evaluate import breakdown_table
+
     cfg = json.loads((path / "config.json").read_text())
     v, t = cfg["vision_config"], cfg["text_config"]
     counts = _param_counts(path)
@@ -333,7 +335,7 @@ def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str 
         "architecture (Perception-Encoder ViT with 2-D RoPE, two stride-2 conv downsamplers, projector, Qwen3",
         "decoder) trained by this project's own loops on the `shapes` task (`step3vl/tasks/shapes.py`,",
         "`../shared/SHAPES.md`). It reads pictures of simple shapes and answers counting, colour and size questions,",
-        "reasoning first (numbered shapes from the largest down, then the steps) and closing with `</think>`.",
+        "reasoning first (the shapes numbered left to right with their size, then the steps) and closing with `</think>`.",
         "",
         "## Architecture",
         f"- vision: width {v['width']}, {v['layers']} blocks, {v['heads']} heads, MLP ratio {v.get('mlp_ratio')}, "
@@ -367,6 +369,9 @@ def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str 
         lines += ["", f"## Evaluation ({n} held-out problems, seeds 0-{n - 1}; temperature 1.0; 95% intervals)",
                   "", "Columns: the checkpoint after GRPO (`rl`) and after synthesis RL (`synthesis`, this model).", "",
                   eval_table, ""]
+        for name, rep in reports.items():
+            lines += ["", f"By question type ({name}, accuracy %):", "", breakdown_table(rep), "",
+                      f"By number of shapes ({name}, accuracy %):", "", breakdown_table(rep, "by_shapes"), ""]
         for name, rep in reports.items():
             d = rep["pacore_medium_minus_sc"]
             lines.append(f"- {name}: PaCoRe medium - SC@{rep['samples']} = {100 * d['mean']:+.1f} points "
