@@ -10,6 +10,8 @@ Stages (each a use of the public training API; each resumable, each skipped once
   rl         GRPO with outcome rewards (step3vl.train.run.reinforce / RLTrainer), rollouts through the engine,
              rewards from the task's checker;
   pools      PaCoRe runs of the RL model on training problems: its own cached messages (the reference pools);
+  synthesis_sft  fine-tuning (the pre-training loop) on synthesis prompts over those pools, answered with a trace
+             that tallies the references before reading the picture again, mixed with as many plain questions;
   synthesis  RL on PaCoRe synthesis episodes (pacore.episodes.EpisodeBatches over those pools, the official
              template, mostly-right instances filtered out);
   eval       greedy / single / self-consistency / PaCoRe on the held-out problems (pacore.recipes.evaluate)
@@ -38,7 +40,7 @@ from step3vl.train.run import PromptBatches, pretrain, reinforce, step_checkpoin
 
 from pacore.recipes import shapes_data as data
 
-STAGES = ("init", "pretrain", "rl", "pools", "synthesis", "eval")
+STAGES = ("init", "pretrain", "rl", "pools", "synthesis_sft", "synthesis", "eval")
 EVAL_LOSS_SEEDS = 500  # held-out-loss problems start here: neither training (>= 1e6) nor evaluation (0-499) seeds
 
 
@@ -62,6 +64,8 @@ class ShapesRecipe:
     # reference pools and synthesis RL
     pool_problems: int = 600
     pool_rounds: list[int] = field(default_factory=lambda: [24])
+    synthesis_sft_draws: int = 2  # reference sets per pool problem in the synthesis fine-tuning
+    synthesis_sft_lr: float = 3e-4
     synthesis_steps: int = 60
     synthesis_problems: int = 16  # episodes per step
     synthesis_group: int = 8
@@ -213,20 +217,46 @@ def stage_pools(recipe: ShapesRecipe) -> None:
     done.write_text("ok\n")
 
 
-def stage_synthesis(recipe: ShapesRecipe) -> None:
+def _pools(recipe: ShapesRecipe) -> tuple[list, dict[str, list[str]]]:
     from step3vl.train.data import read_jsonl
-    from pacore.episodes import EpisodeBatches, EpisodeConfig, pool_from_result
+    from pacore.episodes import pool_from_result
     from pacore.problem import Problem
+
+    pools = {rec["request_id"]: pool_from_result(rec) for _, rec in read_jsonl(recipe.path("pools.jsonl"))}
+    problems = [Problem.from_record(rec, rec["id"]) for _, rec in read_jsonl(recipe.path("pool_problems.jsonl"))]
+    return problems, pools
+
+
+def stage_synthesis_sft(recipe: ShapesRecipe) -> None:
+    out = recipe.path("synthesis_sft")
+    if _done(out):
+        return
+    problems, pools = _pools(recipe)
+    synthesis = data.synthesis_records([p.id for p in problems], pools, recipe.images, recipe.synthesis_sft_draws,
+                                       recipe.seed)
+    plain = [data.answered_record(data.generate(s), recipe.images)
+             for s in range(data.SFT_SEEDS, data.SFT_SEEDS + len(synthesis))]
+    train = data.write_jsonl(recipe.path("synthesis_sft.jsonl"), synthesis + plain)
+    cfg = PretrainConfig(optim=OptimConfig(lr=recipe.synthesis_sft_lr, warmup_steps=min(10, recipe.pretrain_warmup),
+                                           weight_decay=0.1),
+                         max_tokens_per_batch=recipe.pretrain_batch_tokens, seed=recipe.seed, train_vision=True)
+    resume = _resume_point(recipe, "synthesis_sft", out)
+    pretrain(recipe.path("rl"), train, out, cfg, device=recipe.device, log_path=_log_path(recipe, "synthesis_sft"),
+             progress=recipe.progress, save_every=recipe.save_every, resume=resume, keep_saves=1)
+    _prune_steps(out)
+
+
+def stage_synthesis(recipe: ShapesRecipe) -> None:
+    from pacore.episodes import EpisodeBatches, EpisodeConfig
 
     out = recipe.path("synthesis")
     if _done(out):
         return
-    pools = {rec["request_id"]: pool_from_result(rec) for _, rec in read_jsonl(recipe.path("pools.jsonl"))}
-    problems = [Problem.from_record(rec, rec["id"]) for _, rec in read_jsonl(recipe.path("pool_problems.jsonl"))]
+    problems, pools = _pools(recipe)
     episodes = EpisodeBatches(problems, pools, EpisodeConfig(min_refs=16, max_refs=24, seed=recipe.seed),
                               recipe.synthesis_problems, reward_fn=shapes_reward)
     resume = _resume_point(recipe, "synthesis", out)
-    reinforce(recipe.path("rl"), episodes, out, recipe.synthesis_steps,
+    reinforce(recipe.path("synthesis_sft"), episodes, out, recipe.synthesis_steps,
               _rl_config(recipe, recipe.synthesis_steps, recipe.synthesis_group, recipe.synthesis_lr),
               reward_fn=shapes_reward, device=recipe.device, engine_kwargs=recipe.engine_kwargs(),
               log_path=_log_path(recipe, "synthesis"), progress=recipe.progress, save_every=recipe.save_every,
@@ -253,7 +283,7 @@ def stage_eval(recipe: ShapesRecipe) -> None:
 
 
 STAGE_FNS = {"init": stage_init, "pretrain": stage_pretrain, "rl": stage_rl, "pools": stage_pools,
-             "synthesis": stage_synthesis, "eval": stage_eval}
+             "synthesis_sft": stage_synthesis_sft, "synthesis": stage_synthesis, "eval": stage_eval}
 
 
 def run_recipe(recipe: ShapesRecipe, stages: tuple[str, ...] = STAGES) -> None:
@@ -266,7 +296,7 @@ def run_recipe(recipe: ShapesRecipe, stages: tuple[str, ...] = STAGES) -> None:
     for stage in STAGES:
         if stage in stages:
             _timed(recipe, stage, lambda: STAGE_FNS[stage](recipe))
-    if "pretrain" in stages or "rl" in stages or "synthesis" in stages:
+    if {"pretrain", "rl", "synthesis_sft", "synthesis"} & set(stages):
         from pacore.recipes.evaluate import plot_training
         plot_training(recipe.out, recipe.path("training.png"))
 
@@ -354,9 +384,13 @@ def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str 
         "   official PaCoRe template) over synthetic reference answers, answered with the same traces;",
         f"2. GRPO with outcome rewards (the task's checker), {recipe.rl_steps} iterations x {recipe.rl_problems} "
         f"problems x {recipe.rl_group} samples, rollouts through the engine;",
-        f"3. PaCoRe synthesis-episode RL: reference pools from the RL model's own PaCoRe runs (rounds "
-        f"{recipe.pool_rounds}) on {recipe.pool_problems} problems, 16-24 references per episode, episodes whose",
-        f"   references are > 75% right filtered out; {recipe.synthesis_steps} iterations x "
+        f"3. reference pools: the RL model's own PaCoRe runs (rounds {recipe.pool_rounds}) on "
+        f"{recipe.pool_problems} training problems;",
+        f"4. synthesis fine-tuning: {recipe.synthesis_sft_draws} synthesis prompts per pool problem over 16-24 of its "
+        "own messages, answered with a trace that tallies the references and then reads the picture again, mixed "
+        "with as many plain questions;",
+        f"5. PaCoRe synthesis-episode RL (`pacore.episodes`): 16-24 references per episode from the pools, episodes "
+        f"whose references are > 75% right filtered out; {recipe.synthesis_steps} iterations x "
         f"{recipe.synthesis_problems} episodes x {recipe.synthesis_group} samples.",
         "",
         f"Recipe: `step3vl recipe shapes --out DIR --seed {recipe.seed}` (resumable; `--stages` runs a subset).",

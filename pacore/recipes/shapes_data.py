@@ -20,6 +20,12 @@ from pacore.template import synthesis_messages
 PRETRAIN_SEEDS = TRAIN_SEED_START
 RL_SEEDS = TRAIN_SEED_START + 5_000_000
 POOL_SEEDS = TRAIN_SEED_START + 6_000_000
+SFT_SEEDS = TRAIN_SEED_START + 7_000_000
+
+
+def seed_of(problem_id: str) -> int:
+    """The seed of a problem record's id (`shapes-<seed>`)."""
+    return int(problem_id.rsplit("-", 1)[1])
 
 
 def tokenizer_corpus(n: int = 3000) -> list[str]:
@@ -103,3 +109,21 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
             f.write(json.dumps(r) + "\n")
     tmp.replace(path)
     return path
+
+
+def synthesis_records(problem_ids: list[str], pools: dict[str, list[str]], images: Path, draws: int, seed: int,
+                      min_refs: int = 16, max_refs: int = 24) -> list[dict]:
+    """Synthesis prompts over the model's own cached messages (`draws` reference sets per problem, 16-24 each,
+    as PaCoRe's episodes draw them), each answered with the tally-then-read trace of `synthesis_reasoning`."""
+    records = []
+    for pid in problem_ids:
+        pool = pools.get(pid) or []
+        if not pool:
+            continue
+        problem = generate(seed_of(pid))
+        for k in range(draws):
+            rng = random.Random(f"synthesis-sft/{seed}/{pid}/{k}")
+            refs = rng.sample(pool, min(len(pool), rng.randint(min_refs, max_refs)))
+            turn = synthesis_messages(user_turn(problem, str(image_path(images, problem))), refs)
+            records.append({"messages": turn + [{"role": "assistant", "content": problem.synthesis_reasoning(refs)}]})
+    return records

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,6 +162,14 @@ class ShapesProblem:
             lines.append(tally(f"{p['kind2']}s", lambda s: s.kind == p["kind2"]))
             lines.append(f"{a} - {b} = {a - b}")
         return "\n".join(lines) + f"\n{THINK_END}\n{self.answer}"
+
+    def synthesis_reasoning(self, references: list[str]) -> str:
+        """The trace for a PaCoRe synthesis prompt over `references` (earlier trajectories' conclusions): their
+        answers tallied, most frequent first, then the picture read again as in `reasoning()`; the reading is what
+        settles the answer, the tally is the prior it is read against."""
+        tally = Counter(_strip_stop(r.strip()) for r in references if r and r.strip())
+        listed = " | ".join(f"{a} ({n})" for a, n in sorted(tally.items(), key=lambda kv: (-kv[1], kv[0])))
+        return f"references: {listed or 'none'}\n" + self.reasoning()
 
     def messages(self, image: Any = None) -> list[dict]:
         """The problem as a chat (the official PaCoRe input format's `messages`); `image` defaults to the

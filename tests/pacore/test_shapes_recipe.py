@@ -24,7 +24,7 @@ def toy_run(tmp_path_factory):
 
 def test_toy_recipe_runs_every_stage(toy_run):
     r = ShapesRecipe.toy(toy_run)
-    for ckpt in ("init", "pretrain", "rl", "synthesis"):
+    for ckpt in ("init", "pretrain", "rl", "synthesis_sft", "synthesis"):
         assert (toy_run / ckpt / "config.json").is_file(), ckpt
         assert not list(toy_run.glob(f"{ckpt}-step*")), "step checkpoints are pruned once a stage is done"
     pre = _lines(toy_run / "pretrain.log.jsonl")

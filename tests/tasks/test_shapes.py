@@ -791,3 +791,16 @@ def test_seed_splits():
         loss = range(recipe.EVAL_LOSS_SEEDS, recipe.EVAL_LOSS_SEEDS + held)
         assert loss.start >= S.HELD_OUT_SEEDS.stop and loss.stop <= S.TRAIN_SEED_START
         assert r["eval_problems"] <= len(S.HELD_OUT_SEEDS)
+
+
+def test_synthesis_trace_tallies_the_references_then_reads_the_picture():
+    p = generate(6)  # template 7
+    refs = [p.answer, "3, 2, orange.", p.answer, "", "  " + p.answer + " ", "3, 2, orange", "2, 1, red"]
+    trace = p.synthesis_reasoning(refs)
+    first, rest = trace.split("\n", 1)
+    # counted by hand: the answer 3 times (a trailing full stop and spaces do not matter), "3, 2, orange" twice,
+    # "2, 1, red" once; the empty message is left out; ties in count go in string order
+    assert first == f"references: {p.answer} (3) | 3, 2, orange (2) | 2, 1, red (1)"
+    assert rest == p.reasoning()
+    assert shapes_reward(trace, p.answer) == 1.0
+    assert p.synthesis_reasoning([]).startswith("references: none\n")
