@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]  # bench/pacore.py
+OUT = Path(__file__).resolve().parent / "out"
+# bench/pacore.py would shadow the `pacore` package: take this folder off the path before importing it.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def main() -> None:
-    from _common import OUT
     from pacore import PaCoRe, PaCoReConfig, Problem
     from pacore.recipes.evaluate import majority
     from step3vl import LLM, SamplingParams

@@ -212,6 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     rc.add_argument("--export", type=Path, default=None,
                     help="after the stages, copy the final checkpoint here with its model card and plots "
                          "(step3vl/assets/shapes_demo ships it as the demo's model)")
+    rc.add_argument("--export-checkpoint", default="synthesis", choices=["rl", "synthesis"],
+                    help="which stage's checkpoint --export copies")
     rc.add_argument("--device", default=None)
     rc.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     rc.set_defaults(func=_cmd_recipe)
@@ -488,7 +490,7 @@ def _print_result(result, show_reasoning: bool, show_rounds: bool) -> None:
     if result.error:
         print(f"error: {result.error}")
     else:
-        print("answer:\n" + result.final_response)
+        print("answer:\n" + result.final_response.strip())
 
 
 def _short(text: str, n: int = 120) -> str:
@@ -578,7 +580,7 @@ def _cmd_recipe(args) -> int:
     run_recipe(recipe, stages)
     print(f"recipe shapes: stages {', '.join(stages) or 'none'} done in {args.out}")
     if args.export is not None:
-        print(f"exported the model with its card to {export_model(recipe, args.export)}")
+        print(f"exported the model with its card to {export_model(recipe, args.export, args.export_checkpoint)}")
     return 0
 
 

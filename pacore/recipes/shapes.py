@@ -322,7 +322,7 @@ def export_model(recipe: ShapesRecipe, dest: Path, checkpoint: str = "synthesis"
             shutil.copy(recipe.path(png), tmp / png)
     reports = {n: json.loads(recipe.path(f"eval-{n}.json").read_text()) for n in ("rl", "synthesis")
                if recipe.path(f"eval-{n}.json").is_file()}
-    (tmp / "README.md").write_text(model_card(recipe, tmp, reports, table(reports) if reports else None))
+    (tmp / "README.md").write_text(model_card(recipe, tmp, reports, table(reports) if reports else None, checkpoint))
     old = dest.with_name(dest.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if dest.exists():
@@ -348,7 +348,8 @@ def _param_counts(path: Path) -> dict[str, int]:
     return counts
 
 
-def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str | None) -> str:
+def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str | None,
+               checkpoint: str = "synthesis") -> str:
     from step3vl.model.vision import tokens_per_view
 
     from pacore.recipes.evaluate import breakdown_table
@@ -393,7 +394,8 @@ def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str 
         f"whose references are > 75% right filtered out; {recipe.synthesis_steps} iterations x "
         f"{recipe.synthesis_problems} episodes x {recipe.synthesis_group} samples.",
         "",
-        f"Recipe: `step3vl recipe shapes --out DIR --seed {recipe.seed}` (resumable; `--stages` runs a subset).",
+        f"Recipe: `step3vl recipe shapes --out DIR --seed {recipe.seed} --export DIR2 --export-checkpoint {checkpoint}` "
+        "(resumable; `--stages` runs a subset).",
     ]
     if timings:
         lines += ["", "Wall time per stage (" + ", ".join(sorted({f"{x['threads']} torch threads" for x in timings}))
@@ -401,7 +403,8 @@ def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str 
     if eval_table:
         n = next(iter(reports.values()))["problems"]
         lines += ["", f"## Evaluation ({n} held-out problems, seeds 0-{n - 1}; temperature 1.0; 95% intervals)",
-                  "", "Columns: the checkpoint after GRPO (`rl`) and after synthesis RL (`synthesis`, this model).", "",
+                  "", f"Columns: the checkpoint after GRPO (`rl`) and after synthesis training (`synthesis`); this "
+                  f"model is the `{checkpoint}` checkpoint.", "",
                   eval_table, ""]
         for name, rep in reports.items():
             lines += ["", f"By question type ({name}, accuracy %):", "", breakdown_table(rep), "",

@@ -134,7 +134,7 @@ def test_export_ships_a_loadable_checkpoint_with_its_card(toy_run, tmp_path):
 
     dest = export_model(ShapesRecipe.toy(toy_run), tmp_path / "shipped")
     card = (dest / "README.md").read_text()
-    assert "step3vl recipe shapes --out DIR --seed 0" in card
+    assert "step3vl recipe shapes --out DIR --seed 0 --export DIR2 --export-checkpoint synthesis" in card
     assert "| pacore_medium | 17 |" in card and "| sc4 | 4 |" in card
     assert (dest / "eval.png").is_file() and (dest / "training.png").is_file()
     llm = LLM(dest, kv_cache_memory="32MiB")
