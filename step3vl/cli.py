@@ -208,6 +208,8 @@ def _parser() -> argparse.ArgumentParser:
     rc.add_argument("--out", type=Path, required=True, help="the run's directory (an existing one is resumed)")
     rc.add_argument("--seed", type=int, default=0)
     rc.add_argument("--stages", default=None, help="comma-separated subset of init,pretrain,rl,pools,synthesis,eval")
+    rc.add_argument("--pretrain-examples", type=int, default=None,
+                    help="pre-training problems (default: the recipe's 60,000; a resumed run needs the same value)")
     rc.add_argument("--toy", action="store_true", help="every stage at toy size (a smoke test, well under a minute)")
     rc.add_argument("--export", type=Path, default=None,
                     help="after the stages, copy the final checkpoint here with its model card and plots "
@@ -576,7 +578,8 @@ def _cmd_recipe(args) -> int:
 
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages is not None else STAGES
     make = ShapesRecipe.toy if args.toy else ShapesRecipe
-    recipe = make(out=args.out, seed=args.seed, device=args.device)
+    sizes = {} if args.pretrain_examples is None else {"pretrain_examples": args.pretrain_examples}
+    recipe = make(out=args.out, seed=args.seed, device=args.device, **sizes)
     run_recipe(recipe, stages)
     print(f"recipe shapes: stages {', '.join(stages) or 'none'} done in {args.out}")
     if args.export is not None:

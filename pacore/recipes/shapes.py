@@ -286,11 +286,29 @@ STAGE_FNS = {"init": stage_init, "pretrain": stage_pretrain, "rl": stage_rl, "po
              "synthesis_sft": stage_synthesis_sft, "synthesis": stage_synthesis, "eval": stage_eval}
 
 
+_RUN_ONLY = ("out", "device", "progress")  # settings that may change between the parts of one run
+
+
+def _check_same_recipe(recipe: ShapesRecipe) -> None:
+    """A directory holds one run: resuming it with other sizes or seeds would mix two recipes' stages."""
+    saved = recipe.path("recipe.json")
+    if not saved.is_file():
+        return
+    before = json.loads(saved.read_text())
+    now = json.loads(json.dumps(asdict(recipe), default=str))
+    changed = sorted(k for k in now if k not in _RUN_ONLY and k in before and before[k] != now[k])
+    if changed:
+        diffs = ", ".join(f"{k}: {before[k]!r} there, {now[k]!r} now" for k in changed)
+        raise ValueError(f"{recipe.out} holds a run with other settings ({diffs}); resume it with the same ones "
+                         f"or use a new --out")
+
+
 def run_recipe(recipe: ShapesRecipe, stages: tuple[str, ...] = STAGES) -> None:
     unknown = [s for s in stages if s not in STAGE_FNS]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
     Path(recipe.out).mkdir(parents=True, exist_ok=True)
+    _check_same_recipe(recipe)
     (Path(recipe.out) / "recipe.json").write_text(json.dumps(asdict(recipe), default=str, indent=1))
     torch.manual_seed(recipe.seed)
     for stage in STAGES:

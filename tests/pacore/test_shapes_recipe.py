@@ -143,3 +143,9 @@ def test_export_ships_a_loadable_checkpoint_with_its_card(toy_run, tmp_path):
     assert len(out[0].outputs[0].token_ids) >= 1
     again = export_model(ShapesRecipe.toy(toy_run), dest)  # replaces the old copy
     assert again == dest and not (tmp_path / "shipped.tmp").exists() and not (tmp_path / "shipped.old").exists()
+
+
+def test_a_run_directory_refuses_other_settings(toy_run):
+    with pytest.raises(ValueError, match=r"rl_steps: 2 there, 3 now"):
+        run_recipe(ShapesRecipe.toy(toy_run, rl_steps=3), ("rl",))
+    run_recipe(ShapesRecipe.toy(toy_run, progress=True), ())  # run-only settings may change
