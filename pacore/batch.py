@@ -29,8 +29,14 @@ def read_problems(path: str | Path) -> list[Problem | PaCoReResult]:
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     out, seen = [], {}
-    with path.open("r", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with path.open("rb") as f:  # decoded line by line: a bad byte fails its line only, named by file:line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                out.append(PaCoReResult(request_id=f"line{n}",
+                                        error=f"{path}:{n}: invalid UTF-8 at byte {e.start} of the line"))
+                continue
             if not line.strip():
                 continue
             try:

@@ -169,8 +169,12 @@ def example_from_record(processor: Step3VLProcessor, record: dict, where: str = 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed object) for each non-blank line; a bad line raises naming file:line."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported with its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid UTF-8 at byte {e.start} of the line") from None
             if not line.strip():
                 continue
             try:

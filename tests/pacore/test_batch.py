@@ -75,3 +75,12 @@ def test_read_problems_rejects_duplicate_ids(tmp_path):
         assert "duplicate id 'same'" in str(e) and "line 1" in str(e)
     else:
         raise AssertionError("duplicate ids were accepted")
+
+
+def test_invalid_utf8_fails_its_line_only(tmp_path):
+    p = tmp_path / "mixed.jsonl"
+    good = json.dumps({"id": "a", "messages": [{"role": "user", "content": "q"}]}).encode()
+    p.write_bytes(good + b"\n" + b'{"id": "b", "messages": "\xff"}\n' + good.replace(b'"a"', b'"c"') + b"\n")
+    items = read_problems(p)
+    assert [getattr(i, "id", None) or i.request_id for i in items] == ["a", "line2", "c"]
+    assert items[1].error == f"{p}:2: invalid UTF-8 at byte 25 of the line"  # after {"id": "b", "messages": "

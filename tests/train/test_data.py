@@ -167,6 +167,13 @@ def test_bad_json_line_names_file_and_line(processor, tmp_path):
         load_examples(processor, f)
 
 
+def test_invalid_utf8_names_file_and_line(processor, tmp_path):
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=rf"{f.name}:2: invalid UTF-8 at byte 13 of the line"):
+        load_examples(processor, f)
+
+
 def test_record_with_neither_key_names_file_and_line(processor, tmp_path):
     f = tmp_path / "nokey.jsonl"
     f.write_text('{"text": "ok"}\n{"caption": "no"}\n')
