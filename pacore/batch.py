@@ -79,6 +79,28 @@ def finished_ids(path: str | Path, retry_errors: bool = False) -> set[str]:
     return {rid for rid, ok in done.items() if ok or not retry_errors}
 
 
+def drop_records(path: str | Path, keep: set[str]) -> None:
+    """Rewrite `path` (atomically) with only the records of the ids in `keep`: on a retry the failed problems'
+    old error records go, so each problem ends with one record. A damaged line is dropped with them."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(rec, dict) and str(rec.get("request_id")) in keep:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def append_record(path: str | Path, record: dict) -> None:
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -110,6 +132,8 @@ def run_batch(pacore: PaCoRe, input_path: str | Path, output_path: str | Path, p
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     done = finished_ids(output_path, retry_errors)
+    if retry_errors:
+        drop_records(output_path, keep=done)
     problems = {}
     for item in items:
         rid = item.request_id if isinstance(item, PaCoReResult) else item.id

@@ -64,6 +64,13 @@ def test_resume_after_an_interrupted_batch(tmp_path, make_llm, script, hook):
     assert list(run_batch(PaCoRe(make_llm(), cfg), inp, out)) == []  # nothing left to do
     assert finished_ids(out, retry_errors=True) == {"p0", "p1", "p2", "p3"}
 
+    # --retry-errors runs the failed line again and leaves one record per problem, not the old error beside it
+    retried = list(run_batch(PaCoRe(make_llm(), cfg), inp, out, retry_errors=True))
+    assert [r["request_id"] for r in retried] == ["line3"]
+    ids = [r["request_id"] for r in read_output(out)]
+    assert sorted(ids) == sorted(["p0", "p1", "p2", "p3", "line3"]) and len(ids) == len(set(ids))
+    assert {r["request_id"]: r for r in read_output(out)}["p0"] == by_id["p0"]
+
 
 def test_read_problems_rejects_duplicate_ids(tmp_path):
     p = tmp_path / "dup.jsonl"
