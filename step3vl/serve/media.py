@@ -121,7 +121,10 @@ def _local_path(url: str, where: str, policy: MediaPolicy) -> Path:
     if root is None:
         raise RequestError(f"{where}: local image paths are not allowed on this server (start it with "
                            f"--allowed-local-media-path); send a data: URL", where)
-    path = Path(unquote(url.removeprefix("file://")) if url.startswith("file://") else url)
+    text = unquote(url.removeprefix("file://")) if url.startswith("file://") else url
+    if "\x00" in text:  # the OS cannot open it; said here rather than as a ValueError deep in pathlib
+        raise RequestError(f"{where}: a local image path cannot contain a NUL character", where)
+    path = Path(text)
     path = (path if path.is_absolute() else root / path).resolve()  # relative: under the allowed root
     if not path.is_relative_to(root.resolve()):
         raise RequestError(f"{where}: {path} is outside the allowed media path {root}", where)

@@ -142,3 +142,12 @@ def test_media_paths_resolve_under_the_allowed_root(media_server):
     for src in ("ok.png", f"file://{allowed}/with%20space.png"):
         r = _chat_with_image(url, src)
         assert r.status_code == 200, r.text
+
+
+def test_a_nul_byte_in_a_local_path_is_a_400_naming_the_part(media_server):
+    url, allowed = media_server
+    for src in (str(allowed / "ok.png") + "\x00.png", f"file://{allowed}/ok.png%00.png"):
+        r = _chat_with_image(url, src)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["message"] == "messages[0].content[0]: a local image path cannot contain a NUL character"
