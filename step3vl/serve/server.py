@@ -86,7 +86,9 @@ class OpenAIServer:
     # -- app ------------------------------------------------------------------------------------------
 
     def _build_app(self) -> FastAPI:
-        app = FastAPI(title="step3vl", version=__version__)
+        # With an API key the interactive docs and the schema would be the one unauthenticated view of the API: off.
+        docs = {} if self.config.api_key is None else dict(docs_url=None, redoc_url=None, openapi_url=None)
+        app = FastAPI(title="step3vl", version=__version__, **docs)
         app.add_exception_handler(RequestError, self._request_error)
         app.add_exception_handler(RequestValidationError, self._validation_error)
         app.add_exception_handler(EngineDeadError, self._engine_dead)
@@ -290,8 +292,11 @@ class OpenAIServer:
     async def _validation_error(self, _: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return self._error(f"{loc}: {first.get('msg', 'invalid request')}" if loc else str(e),
-                           "invalid_request_error", loc or None, 400)
+        msg = first.get("msg", "invalid request")
+        if not loc:  # the body as a whole (str(e) would show our source file and line to the client)
+            return self._error(f"request body: {msg} (send a JSON object with Content-Type: application/json)",
+                               "invalid_request_error", None, 400)
+        return self._error(f"{loc}: {msg}", "invalid_request_error", loc, 400)
 
     async def _engine_dead(self, _: Request, e: EngineDeadError) -> JSONResponse:
         return self._error(str(e), "EngineDeadError", None, 503)

@@ -4,6 +4,7 @@ counting what was served, /version."""
 from __future__ import annotations
 
 import base64
+import json
 import io
 
 import httpx
@@ -94,6 +95,22 @@ def test_api_key_guards_the_api_but_not_health(locked):
     assert ok.chat.completions.create(model=MODEL, messages=USER, max_tokens=2).usage.completion_tokens == 2
     assert httpx.post(locked + "/tokenize", json={"prompt": "x"}).status_code == 401
     assert httpx.get(locked + "/health").status_code == 200
+
+
+def test_docs_are_off_behind_an_api_key_and_on_without(locked, server):
+    for route in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(locked + route).status_code == 404
+        assert httpx.get(locked + route, headers={"Authorization": "Bearer sesame"}).status_code == 404
+    assert httpx.get(server[1] + "/openapi.json").status_code == 200  # an open server keeps them
+
+
+def test_a_body_that_is_not_json_is_a_400_without_internals(server):
+    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2})
+    r = httpx.post(server[1] + "/v1/completions", content=body)  # no Content-Type
+    assert r.status_code == 400
+    msg = r.json()["error"]["message"]
+    assert msg.startswith("request body: ") and "Content-Type: application/json" in msg
+    assert ".py" not in r.text and "line" not in msg
 
 
 def test_sleep_mode_endpoints(tiny_ckpt, server):
