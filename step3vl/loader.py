@@ -150,6 +150,10 @@ def _load_file(model: nn.Module, path: Path, expected: dict[str, torch.Tensor], 
                 src = torch.frombuffer(mm, dtype=_DTYPES[e.dtype], count=numel, offset=e.begin)
             value = src.view(e.shape).to(device=device, dtype=dtype, copy=True)
             del src
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                # A damaged or diverged checkpoint would otherwise load and generate one token forever.
+                bad = int((~torch.isfinite(value)).sum())
+                raise CheckpointError(f"{path}: key {e.key!r} holds {bad} non-finite value(s) (NaN or inf)")
             _set_tensor(model, name, value, requires_grad)
             seen[name] = path
             # Drop the file pages we just copied from our resident set: peak RSS ≈ model + one tensor.

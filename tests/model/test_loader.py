@@ -316,3 +316,23 @@ def test_load_to_cuda(tiny_ckpt, reference):
     logits, vision = _outputs(model)
     torch.testing.assert_close(logits.cpu(), reference[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(vision.cpu(), reference[1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_checkpoint_with_nan_or_inf_is_refused_naming_file_and_key(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from step3vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
+
+    ck = make_tiny_checkpoint(tmp_path / "ck", "tiny", shards=1)
+    shard = next(ck.glob("*.safetensors"))
+    state = load_file(shard)
+    key = "model.layers.1.mlp.down_proj.weight"
+    for bad in (float("nan"), float("inf")):
+        broken = dict(state)
+        broken[key] = broken[key].clone()
+        broken[key][0, 3] = bad
+        save_file(broken, shard, metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match=rf"{shard.name}: key '{key}' holds 1 non-finite value"):
+            load_model(ck, dtype=torch.float32)
+    save_file(state, shard, metadata={"format": "pt"})
+    load_model(ck)  # the intact file loads
