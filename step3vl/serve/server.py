@@ -274,8 +274,9 @@ class OpenAIServer:
         return params
 
     def count_finished(self, outs: list[RequestOutput]) -> None:
+        """Each choice by its finish reason; one a dropped stream left unfinished counts as "abort"."""
         usage = usage_of(outs)
-        self.metrics.finished([c.finish_reason for o in outs for c in o.outputs], usage.prompt_tokens,
+        self.metrics.finished([c.finish_reason or "abort" for o in outs for c in o.outputs], usage.prompt_tokens,
                               usage.completion_tokens)
 
     # -- errors ---------------------------------------------------------------------------------------
@@ -353,13 +354,15 @@ class OpenAIServer:
         head = {"id": rid, "object": "chat.completion.chunk", "created": created,
                 "model": body.model or self.config.served_model_name}
         top_n, out = body.requested_logprobs, None
-        async with contextlib.aclosing(stream):
-            async for out in stream:
-                choices = state.chat_deltas(out, self.tokenizer, top_n)
-                if choices:
-                    yield sse({**head, "choices": choices})
-        if out is not None and out.finished:
-            self.count_finished([out])
+        try:
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    choices = state.chat_deltas(out, self.tokenizer, top_n)
+                    if choices:
+                        yield sse({**head, "choices": choices})
+        finally:  # also when the client went away mid-stream (GeneratorExit at a yield)
+            if out is not None:
+                self.count_finished([out])
         if body.include_usage and out is not None:
             yield sse({**head, "choices": [], "usage": usage_of([out], self._think_end()).model_dump()})
 
@@ -395,11 +398,14 @@ class OpenAIServer:
         state = StreamState(reasoning=False)
         head = {"id": rid, "object": "text_completion", "created": now(), "model": model}
         finals: dict[int, RequestOutput] = {}
-        async for i, out in merge(streams):
-            finals[i] = out
-            choices = state.text_deltas(out, self.tokenizer, body.logprobs, i * body.n, echoes[i], body.echo_logprobs)
-            if choices:
-                yield sse({**head, "choices": choices})
-        self.count_finished(list(finals.values()))
+        try:
+            async for i, out in merge(streams):
+                finals[i] = out
+                choices = state.text_deltas(out, self.tokenizer, body.logprobs, i * body.n, echoes[i],
+                                            body.echo_logprobs)
+                if choices:
+                    yield sse({**head, "choices": choices})
+        finally:  # also when the client went away mid-stream
+            self.count_finished(list(finals.values()))
         if body.include_usage:
             yield sse({**head, "choices": [], "usage": usage_of(list(finals.values())).model_dump()})

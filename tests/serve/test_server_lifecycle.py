@@ -33,13 +33,25 @@ def _idle(srv: OpenAIServer, timeout: float = 20.0) -> tuple[bool, int]:
         time.sleep(0.05)
 
 
+def _aborted_choices(url: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("step3vl:choices_finished_total{") and 'finished_reason="abort"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_a_closed_stream_aborts_its_request(server):
     srv, url = server
+    before = _aborted_choices(url)
     with httpx.stream("POST", url + "/v1/chat/completions", json=LONG | {"stream": True}, timeout=60) as r:
         lines = r.iter_lines()
         first = next(line for line in lines if line.startswith("data:"))
         assert '"role": "assistant"' in first or '"role":"assistant"' in first
     assert _idle(srv) == (False, 0)
+    deadline = time.monotonic() + 10
+    while _aborted_choices(url) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _aborted_choices(url) == before + LONG["n"]  # the dropped stream's choices count, as aborts
 
 
 def test_a_client_that_gives_up_aborts_its_request(server):
