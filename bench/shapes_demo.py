@@ -25,7 +25,7 @@ def main() -> None:
     from pacore import PaCoRe, PaCoReConfig, Problem
     from pacore.recipes.evaluate import majority
     from step3vl import LLM, SamplingParams
-    from step3vl.tasks.shapes import final_answer
+    from step3vl.tasks.shapes import final_answer, shapes_reward
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, default=ROOT / "step3vl" / "assets" / "shapes_demo")
@@ -45,7 +45,7 @@ def main() -> None:
                         SamplingParams(n=k, temperature=1.0, max_tokens=128, seed=1000 + seed), use_tqdm=False)
         answers = [final_answer(c.text) for c in outs[0].outputs]
         rows.append({"seed": seed, "pacore": res.final_response if res.ok else None,
-                     "pacore_ok": res.ok and res.final_response.rstrip(".").strip() == problem["answer"],
+                     "pacore_ok": res.ok and shapes_reward(res.final_response, problem["answer"]) == 1.0,
                      "single_accuracy": sum(a == problem["answer"] for a in answers) / k,
                      f"sc{k}": majority(answers), f"sc{k}_ok": majority(answers) == problem["answer"]})
         r = rows[-1]

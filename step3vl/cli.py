@@ -350,7 +350,7 @@ def _cmd_demo(args) -> int:
 
 def _demo_trained(args) -> int:
     from pacore import PaCoRe, PaCoReConfig, Problem
-    from step3vl.tasks.shapes import final_answer
+    from step3vl.tasks.shapes import shapes_reward
 
     problem = json.loads((ASSETS / "demo_problem.json").read_text())
     if args.image is None and args.question is not None:
@@ -369,8 +369,8 @@ def _demo_trained(args) -> int:
     _print_result(result, show_reasoning=True, show_rounds=args.show_reasoning)
     print(f"tokens generated: {result.effective_ttc} in {wall:.1f}s ({llm.model.device})")
     if args.image is None and result.error is None:
-        got = final_answer("</think>" + result.final_response)
-        print(f"expected: {problem['answer']}: {'correct' if got == problem['answer'] else 'WRONG'}")
+        right = shapes_reward(result.final_response, problem["answer"]) == 1.0
+        print(f"expected: {problem['answer']}: {'correct' if right else 'WRONG'}")
     return 0 if result.error is None else 1
 
 

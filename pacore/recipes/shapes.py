@@ -112,6 +112,7 @@ def _latest_step(out: Path) -> Path | None:
 
 
 def _prune_steps(out: Path) -> None:
+    """Drop a finished stage's step checkpoints (half-written `.tmp` ones included)."""
     for p in out.parent.glob(f"{out.name}-step*"):
         shutil.rmtree(p, ignore_errors=True)
 
@@ -119,10 +120,11 @@ def _prune_steps(out: Path) -> None:
 def _timed(recipe: ShapesRecipe, stage: str, fn) -> None:
     t0 = time.perf_counter()
     fn()
-    if time.perf_counter() - t0 < 1.0:  # skipped: its output was there already
+    seconds = time.perf_counter() - t0
+    if seconds < 1.0:  # skipped: its output was there already
         return
     with open(recipe.path("timings.jsonl"), "a", encoding="utf-8") as f:
-        f.write(json.dumps({"stage": stage, "seconds": round(time.perf_counter() - t0, 1),
+        f.write(json.dumps({"stage": stage, "seconds": round(seconds, 1),
                             "threads": torch.get_num_threads(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
 
 

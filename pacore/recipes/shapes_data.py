@@ -50,7 +50,9 @@ def image_path(images: Path, problem: ShapesProblem) -> Path:
     return path
 
 
-def user_turn(problem: ShapesProblem, image: str) -> list[dict]:
+def user_turn(problem: ShapesProblem, images: Path) -> list[dict]:
+    """The question as a user turn, its picture by path (written under `images` if missing)."""
+    image = str(image_path(images, problem))
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": problem.question}]}]
 
 
@@ -84,13 +86,13 @@ def pretrain_records(images: Path, n: int, synthesis_fraction: float = 0.2,
 
 def answered_record(problem: ShapesProblem, images: Path) -> dict:
     """The question answered with its reasoning trace, as a chat training record."""
-    return {"messages": user_turn(problem, str(image_path(images, problem)))
+    return {"messages": user_turn(problem, images)
             + [{"role": "assistant", "content": problem.reasoning()}]}
 
 
 def problem_record(problem: ShapesProblem, images: Path) -> dict:
     """The official PaCoRe input format ({"id", "messages", "ground_truth"}), picture by path."""
-    return {"id": problem.id, "messages": user_turn(problem, str(image_path(images, problem))),
+    return {"id": problem.id, "messages": user_turn(problem, images),
             "ground_truth": problem.answer, "category": problem.template}
 
 
@@ -124,6 +126,6 @@ def synthesis_records(problem_ids: list[str], pools: dict[str, list[str]], image
         for k in range(draws):
             rng = random.Random(f"synthesis-sft/{seed}/{pid}/{k}")
             refs = rng.sample(pool, min(len(pool), rng.randint(min_refs, max_refs)))
-            turn = synthesis_messages(user_turn(problem, str(image_path(images, problem))), refs)
+            turn = synthesis_messages(user_turn(problem, images), refs)
             records.append({"messages": turn + [{"role": "assistant", "content": problem.synthesis_reasoning(refs)}]})
     return records

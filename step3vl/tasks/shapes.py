@@ -190,8 +190,7 @@ def final_answer(text: str) -> str | None:
     None when the text has no `</think>` (such a response is wrong)."""
     if THINK_END not in text:
         return None
-    out = text.rsplit(THINK_END, 1)[1].strip()
-    return out[:-1].rstrip() if out.endswith(".") else out
+    return _strip_stop(text.rsplit(THINK_END, 1)[1].strip())
 
 
 def is_correct(text: str, answer: str) -> bool:

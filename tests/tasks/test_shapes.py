@@ -748,7 +748,7 @@ def test_demo_quad_and_circle_outlines_are_2_to_3_px():
 
 @pytest.mark.xfail(strict=True, reason=(
     "the bundled demo_shapes.png outlines its green triangle ~1 px wide (360 black px along a ~377 px "
-    "perimeter, one black pixel per row); SHAPES.md says 2-3 px (the same PIL polygon stroke as the generator's)"))
+    "perimeter, one black pixel per row); SHAPES.md says 2-3 px (PIL's polygon stroke, which the generator no longer uses)"))
 def test_demo_triangle_outline_is_2_to_3_px():
     _, an = _demo()
     (tri,) = [b for b in an.blobs if b.kind == "triangle"]
