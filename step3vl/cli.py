@@ -236,6 +236,14 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default="tiny", choices=["tiny", "small", "small-vl", "shapes", "shapes-tiny"])
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=_cmd_make_checkpoint)
+
+    pm = sub.add_parser("plan-memory", help="per-rank memory plan of FSDP training of STEP3-VL-10B (fake process group)")
+    pm.add_argument("--world-sizes", default="8,16,64", help="comma-separated data-parallel world sizes")
+    pm.add_argument("--tokens", default="4096,8192,16384", help="comma-separated tokens per micro-batch")
+    pm.add_argument("--images", type=int, default=1, help="728-px images in each micro-batch")
+    pm.add_argument("--no-mixed-precision", action="store_true", help="fp32 working set and activations")
+    pm.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    pm.set_defaults(func=_cmd_plan_memory)
     return ap
 
 
@@ -266,7 +274,9 @@ def _optim_args(p: argparse.ArgumentParser, lr: float) -> None:
     o.add_argument("--max-grad-norm", type=float, default=1.0)
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default=None)
-    o.add_argument("--log", type=Path, default=None, help="append one JSON line per step to this file")
+    # "--log-file" first: under torchrun, "--log" is refused as an abbreviation of torchrun's own --log-dir.
+    o.add_argument("--log-file", "--log", dest="log", type=Path, default=None,
+                   help="append one JSON line per step to this file")
     o.add_argument("--save-every", type=int, default=None,
                    help="also write a resumable <out>-step<k> (fp32 weights + optimizer state) every k steps")
     o.add_argument("--resume", type=Path, default=None,
@@ -428,6 +438,20 @@ def _pacore_config(args):
     return PaCoReConfig.preset(args.preset, **kwargs)
 
 
+def _pacore_dist(args):
+    """This process's DistEnv: under torchrun each rank runs its share of the batch on its own engine and device
+    (cuda:LOCAL_RANK, or the CPU with gloo); world size 1 otherwise (--device untouched)."""
+    from step3vl.distributed import init_distributed
+
+    # The ranks wait at the end for the slowest one, which may be hours behind in a long run, so the collectives'
+    # timeout is long unless STEP3VL_DIST_TIMEOUT_S sets one; a rank that dies still fails the run at once (gloo
+    # sees the closed connection, and torchrun stops the other ranks).
+    env = init_distributed(args.device, timeout_s=None if "STEP3VL_DIST_TIMEOUT_S" in os.environ else 7 * 86400.0)
+    if env.is_distributed:
+        args.device = str(env.device)
+    return env
+
+
 def _cmd_pacore(args) -> int:
     from pacore import PaCoRe, Problem
     from pacore.batch import run_batch
@@ -439,23 +463,42 @@ def _cmd_pacore(args) -> int:
         raise ValueError("give either a question (with --image) or --input/--output, not both")
     if not batch and not args.question:
         raise ValueError("give a question, or --input/--output for a batch")
+    if not batch and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("one question runs in one process: start it without torchrun (under torchrun, a batch "
+                         "--input/--output is split over the ranks)")
     cfg = _pacore_config(args)
+    env = _pacore_dist(args) if batch else None
     llm = _load_llm(args, args.model)
     runner = PaCoRe(llm, cfg)
     if batch:
+        from step3vl.distributed import close_distributed
         from step3vl.train.rewards import math_reward
 
         t0, n, errors, tokens, graded, correct = time.perf_counter(), 0, 0, 0, 0, 0
-        for rec in run_batch(runner, args.input, args.output, progress=not args.no_progress,
-                             retry_errors=args.retry_errors):
-            n += 1
-            tokens += rec.get("effective_ttc", 0)
-            if rec.get("error"):
-                errors += 1
-                print(f"[{rec['request_id']}] error: {rec['error']}", file=sys.stderr)
-            elif rec.get("ground_truth") is not None:
-                graded += 1
-                correct += math_reward(rec.get("final_response") or "", rec["ground_truth"]) > 0.5
+        try:
+            for rec in run_batch(runner, args.input, args.output, progress=not args.no_progress and env.is_main,
+                                 retry_errors=args.retry_errors, dist=env):
+                n += 1
+                tokens += rec.get("effective_ttc", 0)
+                if rec.get("error"):
+                    errors += 1
+                    print(f"[{rec['request_id']}] error: {rec['error']}", file=sys.stderr)
+                elif rec.get("ground_truth") is not None:
+                    graded += 1
+                    correct += math_reward(rec.get("final_response") or "", rec["ground_truth"]) > 0.5
+            n, errors, tokens, graded, correct = (sum(c) for c in zip(*env.all_gather_objects(
+                (n, errors, tokens, graded, correct))))
+        except Exception as e:
+            if env.is_distributed:  # torchrun stops the other ranks; say which one stopped and why
+                print(f"step3vl pacore: rank {env.rank} of {env.world_size} stopped: {type(e).__name__}: {e}\n"
+                      f"step3vl pacore: the records written so far are kept ({args.output} and "
+                      f"{args.output}.part-*); the same command resumes the run, with any number of ranks",
+                      file=sys.stderr, flush=True)
+            raise
+        if env.is_distributed:
+            close_distributed()
+            if not env.is_main:
+                return 0
         wall = time.perf_counter() - t0
         print(f"{n} problem(s) written to {args.output} ({errors} with an error); {tokens} tokens in {wall:.1f}s")
         if graded:
@@ -677,6 +720,14 @@ def _synthesis_batches(args, prompts):
                                                            seed=args.seed), args.batch_size)
     print(f"synthesis episodes for {len(batches.order.prompts)} problems", file=sys.stderr)
     return batches
+
+
+def _cmd_plan_memory(args) -> int:
+    from step3vl.train.memory_plan import main as plan_memory_main
+
+    argv = ["--world-sizes", args.world_sizes, "--tokens", args.tokens, "--images", str(args.images)]
+    argv += ["--no-mixed-precision"] * args.no_mixed_precision + ["--json"] * args.json
+    return plan_memory_main(argv)
 
 
 def _cmd_make_checkpoint(args) -> int:

@@ -166,9 +166,12 @@ def _load_file(model: nn.Module, path: Path, expected: dict[str, torch.Tensor], 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                requires_grad: bool = False) -> Step3VLForCausalLM:
-    """Load a checkpoint directory (config.json + safetensors, single file or sharded) into a model."""
+    """Load a checkpoint directory (config.json + safetensors, single file or sharded) into a model; also a
+    training step checkpoint (`<out>-step<k>`, its weights in torch.distributed.checkpoint format)."""
     cfg = Step3VLConfig.from_pretrained(path)
     device = torch.device(device)
+    if (Path(path) / STEP_DCP_DIR).is_dir() and not any(Path(path).glob("*.safetensors")):
+        return model_from_state(cfg, _step_checkpoint_state(Path(path), cfg), dtype, device, str(path))
     with torch.device("meta"):
         model = Step3VLForCausalLM(cfg)
     expected = dict(model.named_parameters())
@@ -187,6 +190,24 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     with torch.device(device):
         model.reset_buffers()
     return model.eval()
+
+
+STEP_DCP_DIR = "dcp"  # where a training step checkpoint keeps its sharded state (step3vl/train/checkpoint.py)
+
+
+def _step_checkpoint_state(path: Path, cfg: Step3VLConfig) -> dict[str, torch.Tensor]:
+    """The model weights of a step checkpoint, read from its DCP shards (whatever world size wrote them) into
+    full fp32 tensors; the optimizer state beside them is not read."""
+    import torch.distributed.checkpoint as dcp
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Step3VLForCausalLM(cfg).state_dict().items()}
+    state = {k: torch.empty(shape, dtype=torch.float32) for k, shape in shapes.items()}
+    try:
+        dcp.load({"model": state}, checkpoint_id=str(path / STEP_DCP_DIR), no_dist=True)
+    except Exception as e:  # DCP names neither the directory nor a readable cause in every case
+        raise CheckpointError(f"{path / STEP_DCP_DIR}: cannot read the step checkpoint's weights ({e})") from e
+    return state
 
 
 def check_state(cfg: Step3VLConfig, state: dict[str, torch.Tensor], where: str = "state") -> dict[str, torch.Tensor]:

@@ -42,15 +42,29 @@ def write_shards(state: dict[str, torch.Tensor], out: Path, shards: int) -> None
 
 def export_state(model: nn.Module, dtype: torch.dtype | None = torch.bfloat16) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of `model` under their official names (a tied LM head is written once, as the
-    embedding), detached, on the CPU, cast to `dtype` (None keeps each tensor's own)."""
+    embedding), detached, on the CPU, cast to `dtype` (None keeps each tensor's own). A model sharded with FSDP is
+    gathered tensor by tensor, so every rank must call this; the full tensors are kept on rank 0 only (the
+    others get an empty dict)."""
     tied = getattr(model.cfg.text, "tie_word_embeddings", False)
     state = {}
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     for name, t in model.state_dict().items():
         if tied and name == "lm_head.weight":
+            continue
+        if hasattr(t, "full_tensor"):  # a DTensor shard: all-gather it (a collective, on every rank)
+            t = t.full_tensor()
+        if not rank0:
             continue
         t = t.detach().cpu()
         state[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     return state
+
+
+def copy_checkpoint_files(source: str | Path, out: Path) -> None:
+    """The source checkpoint's config, generation config and tokenizer files (not its weights) into `out`."""
+    for f in Path(source).iterdir():
+        if f.is_file() and not f.name.endswith(_NOT_COPIED) and f.name != INDEX_FILE:
+            shutil.copy2(f, out / f.name)
 
 
 def save_checkpoint(model: nn.Module, out: str | Path, source: str | Path, dtype: torch.dtype | None = torch.bfloat16,
@@ -63,14 +77,15 @@ def save_checkpoint(model: nn.Module, out: str | Path, source: str | Path, dtype
         raise FileNotFoundError(f"{source}: no config.json to copy (source must be the checkpoint the model came from)")
     if out.resolve() == source.resolve():
         raise ValueError(f"{out}: refusing to overwrite the source checkpoint in place")
+    state = export_state(model, dtype)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return out  # a sharded model: the gathers needed every rank, the writing is rank 0's
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for f in source.iterdir():
-        if f.is_file() and not f.name.endswith(_NOT_COPIED) and f.name != INDEX_FILE:
-            shutil.copy2(f, tmp / f.name)
-    write_shards(export_state(model, dtype), tmp, shards)
+    copy_checkpoint_files(source, tmp)
+    write_shards(state, tmp, shards)
     for name, obj in (extra or {}).items():
         torch.save(obj, tmp / name)
     if out.exists():

@@ -60,7 +60,9 @@ def clip_and_step(model: nn.Module, opt: torch.optim.Optimizer, sched, max_grad_
     """Clip (if asked), step, advance the schedule, zero the grads; returns the gradient norm before clipping.
     A non-finite norm skips the update (weights and schedule stay as they were) and is returned as is."""
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else math.inf))
+    total = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else math.inf)
+    # Over a sharded model's gradients the norm is a DTensor (already reduced over the ranks).
+    norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
     if math.isfinite(norm):
         opt.step()
         sched.step()

@@ -1,6 +1,7 @@
 """Next-token training on image-text and chat examples: packed micro-batches (no padding), gradient
 accumulation with the loss averaged over every target of the optimizer step, AdamW + warm-up cosine,
-gradient clipping, optional activation checkpointing and autocast."""
+gradient clipping, optional activation checkpointing and autocast; one process, or N ranks sharded with FSDP2
+training the same run (see parallel.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from step3vl.distributed import DistEnv
 from step3vl.model.vlm import Step3VLForCausalLM
 from step3vl.processor.image import LazyImageViews
-from step3vl.train.data import TrainExample, pack, split_long, token_budget_batches
+from step3vl.train.checkpoint import load_train_state, read_train_state, save_train_state
+from step3vl.train.data import PackedBatch, TrainExample, pack, split_long, token_budget_batches
+from step3vl.train.fsdp import shard_model
 from step3vl.train.logprobs import next_token_loss
 from step3vl.train.optim import OptimConfig, build_optimizer, clip_and_step
+from step3vl.train.parallel import lock_step_packed
 
 
 @dataclass
@@ -82,15 +87,25 @@ def enable_activation_checkpointing(model: Step3VLForCausalLM) -> None:
             layer._checkpointed = True
 
 
+def single_process(model: Step3VLForCausalLM) -> DistEnv:
+    return DistEnv(0, 1, 0, model.device)
+
+
 class Pretrainer:
-    def __init__(self, model: Step3VLForCausalLM, cfg: PretrainConfig | None = None):
+    """env: the run's ranks (init_distributed()); with more than one, the model is sharded here (FSDP2) and each
+    rank trains on its share of every step's examples."""
+
+    def __init__(self, model: Step3VLForCausalLM, cfg: PretrainConfig | None = None, env: DistEnv | None = None):
         self.model = model
         self.cfg = cfg or PretrainConfig()
+        self.env = env or single_process(model)
         self.steps_done = 0
         self.opt = self.sched = None
         set_trainable(model, self.cfg.train_vision)
         if self.cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
+        if self.env.is_distributed:
+            shard_model(model, self.env)
 
     def _micro_batches(self, examples: list[TrainExample]) -> list[list[TrainExample]]:
         order = list(range(len(examples)))
@@ -107,10 +122,11 @@ class Pretrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.model.device.type, dtype=self.cfg.autocast_dtype)
 
-    def state_dict(self) -> dict:
-        """What resuming needs besides the weights: optimizer moments, schedule position, steps done."""
-        return {"kind": "pretrain", "steps_done": self.steps_done, "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict()}
+    def save_state(self, path, source) -> None:
+        """A resumable step checkpoint (weights, optimizer, schedule, steps done) at `path`; every rank calls it."""
+        save_train_state(path, source, self.model, self.opt,
+                         {"kind": "pretrain", "steps_done": self.steps_done, "scheduler": self.sched.state_dict()},
+                         self.env)
 
     def _prepare(self, examples: list[TrainExample]) -> list[TrainExample]:
         if self.cfg.max_seq_len is None:
@@ -125,22 +141,27 @@ class Pretrainer:
             raise ValueError("Pretrainer.evaluate: no example has a target token")
         was_training = self.model.training
         self.model.eval()
-        total, count = 0.0, 0
-        for group in token_budget_batches(examples, self.cfg.max_tokens_per_batch):
-            batch = pack(group)
+        totals = [0.0, 0]
+
+        def run(_: int, batch: PackedBatch, weight: float) -> None:
             with self._autocast():
                 loss_sum, n = next_token_loss(self.model, batch, self.cfg.chunk_rows)
-            _release_images([batch])
-            total, count = total + loss_sum.item(), count + n
+            if weight:
+                totals[0] += loss_sum.item()
+                totals[1] += n
+
+        mine = self.env.shard(examples)
+        batches = [pack(g) for g in token_budget_batches(mine, self.cfg.max_tokens_per_batch)]
+        lock_step_packed(self.env, self.model, batches, run)
+        _release_images(batches)
         self.model.train(was_training)
-        return total / count
+        return self.env.all_sum(totals[0]) / self.env.all_sum(totals[1])
 
     def fit(self, examples: list[TrainExample], on_step: Callable[[StepLog], None] | None = None,
-            resume: dict | None = None, eval_examples: list[TrainExample] | None = None) -> list[StepLog]:
+            resume=None, eval_examples: list[TrainExample] | None = None) -> list[StepLog]:
         """Train over `examples` for cfg.epochs (or cfg.max_steps); returns one log per optimizer step.
-        resume: a `state_dict()` saved by an earlier run of the same data and config (with its weights loaded
-        into the model): training continues at the next step, with the same batches and schedule as an
-        uninterrupted run."""
+        resume: a step checkpoint (`save_state`) of an earlier run of the same data and config, at any world
+        size: training continues at the next step, with the same batches and schedule as an uninterrupted run."""
         if not examples:
             raise ValueError("Pretrainer.fit: no training examples")
         # An example without targets (an image with an empty caption, a one-token text) adds nothing to the loss.
@@ -172,28 +193,38 @@ class Pretrainer:
         self.model.eval()
         return logs
 
-    def _load_state(self, state: dict, steps: int) -> None:
+    def _load_state(self, path, steps: int) -> None:
+        state = read_train_state(path)
         if state.get("kind") != "pretrain":
-            raise ValueError(f"resume: not a pre-training state (kind {state.get('kind')!r})")
+            raise ValueError(f"resume {path}: not a pre-training state (kind {state.get('kind')!r})")
         if not 0 <= state["steps_done"] <= steps:
-            raise ValueError(f"resume: the state is at step {state['steps_done']}, this run has {steps} steps "
+            raise ValueError(f"resume {path}: the state is at step {state['steps_done']}, this run has {steps} steps "
                              f"(resume with the same data and config)")
-        self.opt.load_state_dict(state["optimizer"])
+        load_train_state(path, self.model, self.opt)
         self.sched.load_state_dict(state["scheduler"])
         self.steps_done = state["steps_done"]
 
     def _step(self, step: int, group: list[list[TrainExample]], opt, sched) -> StepLog:
         t0 = time.perf_counter()
+        targets = sum(ex.num_targets for g in group for ex in g)  # the whole step's, on every rank
+        if self.env.is_distributed:
+            mine = self.env.shard([ex for g in group for ex in g])
+            group = list(token_budget_batches(mine, self.cfg.max_tokens_per_batch))
         batches = [pack(g) for g in group]
-        targets = sum(b.num_targets for b in batches)
-        total = 0.0
-        for b in batches:
+        # FSDP averages gradients over the ranks; scaling by world_size makes them the one-process sum.
+        world = float(self.env.world_size)
+        total = [0.0]
+
+        def run(_: int, batch: PackedBatch, weight: float) -> None:
             with self._autocast():
-                loss_sum, _ = next_token_loss(self.model, b, self.cfg.chunk_rows)
-            (loss_sum / targets).backward()
-            total += loss_sum.item()
+                loss_sum, _ = next_token_loss(self.model, batch, self.cfg.chunk_rows)
+            (loss_sum * (world * weight) / targets).backward()
+            total[0] += loss_sum.item() * weight
+
+        lock_step_packed(self.env, self.model, batches, run)
         _release_images(batches)
         lr = opt.param_groups[0]["lr"]
         norm = clip_and_step(self.model, opt, sched, self.cfg.optim.max_grad_norm)
-        return StepLog(step, total / targets, lr, norm, sum(len(ex) for g in group for ex in g), targets,
+        tokens = self.env.all_sum(float(sum(len(b.input_ids) for b in batches)))
+        return StepLog(step, self.env.all_sum(total[0]) / targets, lr, norm, int(tokens), targets,
                        time.perf_counter() - t0)

@@ -29,12 +29,16 @@ from typing import Any, Callable
 
 import torch
 
+from step3vl.distributed import DistEnv
 from step3vl.engine import LLM, SamplingParams
 from step3vl.model.vlm import Step3VLForCausalLM
+from step3vl.train.checkpoint import load_train_state, read_train_state, save_train_state
 from step3vl.train.data import IGNORE, PackedBatch, SampleGroup, TrainExample, pack, pack_groups, token_budget_batches
+from step3vl.train.fsdp import full_tensors, is_sharded, shard_model
 from step3vl.train.logprobs import target_logprobs
 from step3vl.train.optim import OptimConfig, build_optimizer, clip_and_step
-from step3vl.train.pretrain import enable_activation_checkpointing, set_trainable
+from step3vl.train.parallel import filler_example, lock_step, with_stand_in
+from step3vl.train.pretrain import enable_activation_checkpointing, set_trainable, single_process
 
 ADVANTAGES = ("grpo", "mean")
 
@@ -178,34 +182,55 @@ def _stable_seed(*parts: Any) -> int:
 
 class RLTrainer:
     """`model`: the policy being trained (fp32 weights; its own copy, not the engine's). `llm`: the engine that
-    samples, loaded from the same checkpoint. reward_fn(text, answer) -> float in [0, 1]."""
+    samples, loaded from the same checkpoint. reward_fn(text, answer) -> float in [0, 1].
+    env: the run's ranks; with more than one, the policy (and the reference) are sharded here (FSDP2), each rank's
+    engine samples whole groups for its share of each step's prompts, and every engine gets the new weights."""
 
     def __init__(self, model: Step3VLForCausalLM, llm: LLM, reward_fn: Callable[[str, Any], float],
-                 cfg: RLConfig | None = None, ref_model: Step3VLForCausalLM | None = None):
+                 cfg: RLConfig | None = None, ref_model: Step3VLForCausalLM | None = None, env: DistEnv | None = None):
         self.model, self.llm, self.reward_fn = model, llm, reward_fn
         self.cfg = cfg or RLConfig()
+        self.env = env or single_process(model)
         if self.cfg.kl_coef > 0 and ref_model is None:
             raise ValueError("RLConfig.kl_coef > 0 needs ref_model (e.g. a second load_model of the initial checkpoint)")
         self.ref_model = ref_model.requires_grad_(False).eval() if ref_model is not None else None
         set_trainable(model, self.cfg.train_vision)
         if self.cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
-        # One optimizer update per PPO epoch: the schedule spans them all.
+        if self.env.is_distributed:
+            shard_model(model, self.env)
+            if self.ref_model is not None:
+                shard_model(self.ref_model, self.env)
+        # One optimizer update per PPO epoch: the schedule spans them all. Built after sharding (FSDP2 replaces the
+        # parameters with their shards).
         self.opt, self.sched = build_optimizer(model, self.cfg.optim, self.cfg.total_steps * self.cfg.ppo_epochs)
         self.steps_done = 0
 
-    def state_dict(self) -> dict:
-        """What resuming needs besides the weights: optimizer moments, schedule position, steps done (which
-        also seed the rollouts)."""
-        return {"kind": "rl", "steps_done": self.steps_done, "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict()}
+    def save_state(self, path, source, extra: dict | None = None) -> None:
+        """A resumable step checkpoint at `path` (weights, optimizer, schedule, steps done, which also seed the
+        rollouts; `extra`: e.g. the prompt sampler's state); every rank calls it."""
+        save_train_state(path, source, self.model, self.opt,
+                         {"kind": "rl", "steps_done": self.steps_done, "scheduler": self.sched.state_dict(),
+                          **(extra or {})}, self.env)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state(self, path) -> dict:
+        """Resume from a step checkpoint (any world size): policy, optimizer and schedule restored, the engine given
+        the policy's weights; returns the saved trainer state (with any `extra`)."""
+        state = read_train_state(path)
         if state.get("kind") != "rl":
-            raise ValueError(f"resume: not an RL state (kind {state.get('kind')!r})")
-        self.opt.load_state_dict(state["optimizer"])
+            raise ValueError(f"resume {path}: not an RL state (kind {state.get('kind')!r})")
+        load_train_state(path, self.model, self.opt)
         self.sched.load_state_dict(state["scheduler"])
         self.steps_done = state["steps_done"]
+        self.sync_engine()
+        return state
+
+    def sync_engine(self) -> None:
+        """The engine takes the policy's weights (a sharded policy is gathered tensor by tensor on every rank)."""
+        if is_sharded(self.model):
+            self.llm.update_weights(full_tensors(self.model))
+        else:
+            self.llm.update_weights(self.model.state_dict())
 
     # -- rollout ------------------------------------------------------------------------------------
 
@@ -215,11 +240,12 @@ class RLTrainer:
         seeds, so evaluations at different steps compare the policies, not the draws."""
         if not prompts:
             raise ValueError("RLTrainer.evaluate: no prompts")
-        requests = [self._request(p) for p in prompts]
-        params = [self._params(samples, _stable_seed(seed, i, p.id)) for i, p in enumerate(prompts)]
-        rewards = [self._reward(c, p.answer, i) for i, (p, out) in
-                   enumerate(zip(prompts, self.llm.generate(requests, params, use_tqdm=False))) for c in out.outputs]
-        return sum(rewards) / len(rewards)
+        mine = self.env.shard(list(range(len(prompts))))  # each rank's engine samples its share
+        requests = [self._request(prompts[i]) for i in mine]
+        params = [self._params(samples, _stable_seed(seed, i, prompts[i].id)) for i in mine]
+        outs = self.llm.generate(requests, params, use_tqdm=False) if mine else []
+        rewards = [self._reward(c, prompts[i].answer, i) for i, out in zip(mine, outs) for c in out.outputs]
+        return self.env.all_sum(sum(rewards)) / self.env.all_sum(len(rewards))
 
     def _request(self, p: RLPrompt) -> dict:
         text, sources = self.llm.processor.apply_chat_template(p.messages, add_generation_prompt=True)
@@ -236,9 +262,12 @@ class RLTrainer:
             raise ValueError(f"prompt {i} sample {completion.index}: reward_fn returned {reward}, expected [0, 1]")
         return reward
 
-    def rollout(self, prompts: list[RLPrompt]) -> list[Rollout]:
+    def rollout(self, prompts: list[RLPrompt], indices: list[int] | None = None) -> list[Rollout]:
+        """Group of responses for each prompt; indices: each prompt's place in the step's whole batch (what seeds
+        its samples, so a prompt draws the same samples on whichever rank samples it)."""
+        indices = list(range(len(prompts))) if indices is None else indices
         requests, inputs, params = [], [], []
-        for i, p in enumerate(prompts):
+        for i, p in zip(indices, prompts):
             requests.append(self._request(p))
             inputs.append(self.llm.processor.process(requests[-1]["prompt"], requests[-1]["images"]))
             longest = len(inputs[-1].input_ids) + self.cfg.max_tokens
@@ -246,7 +275,7 @@ class RLTrainer:
                 raise ValueError(f"prompt {i} ({p.id!r}): {len(inputs[-1].input_ids)} prompt tokens + max_tokens "
                                  f"{self.cfg.max_tokens} exceed max_tokens_per_batch {self.cfg.max_tokens_per_batch}")
             params.append(self._params(self.cfg.group_size, _stable_seed(self.cfg.seed, self.steps_done, i, p.id), 0))
-        outs = self.llm.generate(requests, params, use_tqdm=False)
+        outs = self.llm.generate(requests, params, use_tqdm=False) if prompts else []
         rollouts = []
         for i, (p, inp, out) in enumerate(zip(prompts, inputs, outs)):
             if out.prompt_token_ids != inp.input_ids:
@@ -312,18 +341,18 @@ class RLTrainer:
         """PPO epochs over the rollouts that carry a signal -> (loss, grad norm, clip fraction, gap, kl)."""
         # Without a KL term, a zero-advantage response contributes nothing; with one, every response does.
         active = [r for r in rollouts if r.num_response_tokens > 0 and (r.advantage != 0.0 or self.cfg.kl_coef > 0)]
-        if not active:  # every group's rewards were equal: nothing to learn from this batch
+        if not self.env.all_sum(len(active)):  # every group's rewards were equal: nothing to learn from this batch
             return 0.0, 0.0, 0.0, None, None
-        batches = self.training_batches(active)
+        batches = self.training_batches(active) if active else []
         self.model.train()
         ref = None
         if self.cfg.kl_coef > 0:
             with torch.no_grad():
-                ref = [self._logprobs(b, self.ref_model) for b in batches]
+                ref = self._logprobs_all(batches, self.ref_model)
         old = None  # one epoch is on-policy: the training pass itself gives the old log-probs (ratio 1)
         if self.cfg.ppo_epochs > 1:
             with torch.no_grad():
-                old = [self._logprobs(b) for b in batches]
+                old = self._logprobs_all(batches, self.model)
         loss = clip_frac = norm = 0.0
         kl = None
         for _ in range(self.cfg.ppo_epochs):
@@ -340,17 +369,44 @@ class RLTrainer:
         with autocast:
             return target_logprobs(model, b.packed, self.cfg.chunk_rows, self.cfg.temperature)
 
+    def _lock_step(self, batches: list[TrainingBatch], run: Callable[[int, TrainingBatch, float], None],
+                   model: Step3VLForCausalLM) -> None:
+        """run() over the batches in step with the other ranks (parallel.lock_step)."""
+        lock_step(self.env, model, batches, run, self._filler, lambda b: bool(b.packed.images),
+                  lambda b: self._with_stand_in(b, model))
+
+    def _logprobs_all(self, batches: list[TrainingBatch], model: Step3VLForCausalLM) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        self._lock_step(batches, lambda k, b, w: out.append(self._logprobs(b, model)), model)
+        return out
+
+    @staticmethod
+    def _filler() -> TrainingBatch:
+        packed = pack([filler_example()])
+        zeros = torch.zeros(len(packed.targets))
+        return TrainingBatch([], packed, zeros, zeros.clone())
+
+    @staticmethod
+    def _with_stand_in(b: TrainingBatch, model: Step3VLForCausalLM) -> TrainingBatch:
+        packed = with_stand_in(b.packed, model)
+        pad = torch.zeros(len(packed.targets) - len(b.packed.targets))
+        return TrainingBatch(b.rollouts, packed, torch.cat([b.advantages, pad]), torch.cat([b.engine_logprobs, pad]))
+
     def accumulate_gradients(self, batches: list[TrainingBatch], old: list[torch.Tensor] | None,
                              ref: list[torch.Tensor] | None = None
                              ) -> tuple[float, float, float | None, list[torch.Tensor]]:
         """Backward of the PPO loss (+ kl_coef × the k3 KL estimate exp(r) - r - 1, r = ref - policy log-prob),
-        averaged over every response token of all batches (no optimizer step).
+        averaged over every response token of all batches of all ranks (no optimizer step).
         old: the sampling policy's log-probs per batch; None = this pass's own (on-policy, ratio 1).
         ref: the reference policy's log-probs per batch (with kl_coef > 0).
         Returns (loss, fraction of tokens clipped, mean KL or None, this pass's log-probs, detached)."""
-        n_tokens = sum(b.packed.num_targets for b in batches)
-        total_loss, clipped, kl_sum, seen = 0.0, 0, 0.0, []
-        for k, b in enumerate(batches):
+        n_tokens = self.env.all_sum(sum(b.packed.num_targets for b in batches))
+        # FSDP averages the ranks' gradients: scaled by world_size they sum, as one process's would.
+        world = float(self.env.world_size)
+        sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0}
+        seen: list[torch.Tensor] = []
+
+        def run(k: int, b: TrainingBatch, weight: float) -> None:
             mask = (b.packed.targets != IGNORE).to(self.model.device)
             adv = b.advantages.to(self.model.device)
             logp = self._logprobs(b)
@@ -366,31 +422,41 @@ class RLTrainer:
                 r = (ref[k] - logp) * mask
                 kl_tok = torch.exp(r) - r - 1
                 loss_tok = loss_tok + self.cfg.kl_coef * kl_tok
-                kl_sum += float((kl_tok.detach() * mask).sum())
-            loss = (loss_tok * mask).sum() / n_tokens
+                sums["kl"] += weight * float((kl_tok.detach() * mask).sum())
+            loss = (loss_tok * mask).sum() * (world * weight) / n_tokens
             loss.backward()
-            total_loss += loss.item()
-            clipped += int((was_clipped & mask).sum())
-        return total_loss, clipped / n_tokens, kl_sum / n_tokens if ref is not None else None, seen
+            sums["loss"] += loss.item() / world
+            sums["clipped"] += weight * int((was_clipped & mask).sum())
+
+        self._lock_step(batches, run, self.model)
+        total = {k: self.env.all_sum(v) for k, v in sums.items()}
+        return (total["loss"], total["clipped"] / n_tokens, total["kl"] / n_tokens if ref is not None else None,
+                seen)
 
     def _logprob_gap(self, batches: list[TrainingBatch], old: list[torch.Tensor]) -> float | None:
+        """Mean |policy - engine| log-prob of the sampled tokens over all ranks (None at temperature != 1)."""
         if self.cfg.temperature != 1.0:
             return None
-        diffs = []
+        total, count = 0.0, 0
         for b, lp in zip(batches, old):
             if all(len(r.engine_logprobs) == len(r.response) for r in b.rollouts):
                 is_target = b.packed.targets != IGNORE
-                diffs.append((lp.cpu()[is_target] - b.engine_logprobs[is_target]).abs())
-        return float(torch.cat(diffs).mean()) if diffs else None
+                diff = (lp.cpu()[:len(is_target)][is_target] - b.engine_logprobs[is_target]).abs()
+                total, count = total + float(diff.sum()), count + diff.numel()
+        count = self.env.all_sum(count)
+        return self.env.all_sum(total) / count if count else None
 
     # -- the loop -----------------------------------------------------------------------------------
 
     def step(self, prompts: list[RLPrompt]) -> RLStepLog:
+        """One iteration on `prompts` (the whole step's batch; under N ranks each samples and trains on its share,
+        whole groups each)."""
         if not prompts:
             raise ValueError("RLTrainer.step: no prompts")
         t0 = time.perf_counter()
-        rollouts = self.rollout(prompts)
-        self.assign_advantages(rollouts, len(prompts))
+        mine = self.env.shard(list(range(len(prompts))))
+        rollouts = self.rollout([prompts[i] for i in mine], mine)
+        self.assign_advantages(rollouts, len(mine))
         t1 = time.perf_counter()
         lr = self.opt.param_groups[0]["lr"]
         sleep = self.cfg.engine_sleep_level
@@ -400,16 +466,18 @@ class RLTrainer:
             loss, norm, clip_frac, gap, kl = self.update(rollouts)
         except BaseException:
             if sleep is not None:  # wake mirroring the policy, not the checkpoint the engine was loaded from
-                self.llm.update_weights(self.model.state_dict())
+                self.sync_engine()
                 self.llm.wake_up()
             raise
         t2 = time.perf_counter()
-        self.llm.update_weights(self.model.state_dict())
+        self.sync_engine()
         if sleep is not None:
             self.llm.wake_up()
         self.steps_done += 1
-        rewards = torch.tensor([r.reward for r in rollouts])
-        trained = {r.prompt_index for r in rollouts if r.advantage != 0.0}
-        return RLStepLog(self.steps_done, float(rewards.mean()), float((rewards >= 0.5).float().mean()),
-                         len(trained), loss, norm, lr, sum(r.num_response_tokens for r in rollouts), clip_frac, kl, gap,
+        total = lambda xs: self.env.all_sum(float(sum(xs)))  # noqa: E731
+        count = total(1 for _ in rollouts)
+        trained = total(1 for i in {r.prompt_index for r in rollouts if r.advantage != 0.0})
+        return RLStepLog(self.steps_done, total(r.reward for r in rollouts) / count,
+                         total(r.reward >= 0.5 for r in rollouts) / count, int(trained), loss, norm, lr,
+                         int(total(r.num_response_tokens for r in rollouts)), clip_frac, kl, gap,
                          t1 - t0, t2 - t1, time.perf_counter() - t2)

@@ -13,17 +13,15 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from step3vl.distributed import DistEnv, init_distributed
 from step3vl.loader import load_model
 from step3vl.processor import Step3VLProcessor
 from step3vl.saver import save_checkpoint
+from step3vl.train.checkpoint import STATE_FILE, read_train_state
 from step3vl.train.data import load_examples, read_jsonl
 from step3vl.train.pretrain import Pretrainer, PretrainConfig
 from step3vl.train.rewards import math_reward
 from step3vl.train.rl import RLConfig, RLPrompt, RLTrainer
-
-
-def _device(device: str | None) -> torch.device:
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 class _JsonlLog:
@@ -57,23 +55,17 @@ def _logged_step(line: str) -> int:
         return 1 << 62  # a line cut by the kill: the interrupted run's last, past any resume point
 
 
-STATE_FILE = "trainer_state.pt"
-
-
-def _saver(ckpt: str | Path, out: str | Path, every: int | None, trainer, sampler=None, keep: int | None = None):
-    """on_step(step): every `every` steps a resumable checkpoint `<out>-step<k>`: fp32 weights (exact) plus the
-    trainer's state (and the prompt sampler's) in one atomic write; with `keep`, only the newest `keep` of them
-    stay (older ones are deleted after the new one is complete)."""
+def _saver(out: str | Path, every: int | None, save_state: Callable[[Path], None], env: DistEnv,
+           keep: int | None = None) -> Callable[[int], None]:
+    """on_step(step): every `every` steps a resumable step checkpoint `<out>-step<k>` (checkpoint.py: DCP weights
+    and optimizer, trainer state) written by `save_state(path)` on every rank; with `keep`, only the newest `keep`
+    of them stay (older ones are deleted after the new one is complete)."""
     out = Path(out)
 
     def save(step: int) -> None:
         if every and step % every == 0:
-            state = trainer.state_dict()
-            if sampler is not None and hasattr(sampler, "state_dict"):
-                state["sampler"] = sampler.state_dict()
-            save_checkpoint(trainer.model, out.with_name(f"{out.name}-step{step}"), ckpt, dtype=torch.float32,
-                            extra={STATE_FILE: state})
-            if keep:
+            save_state(out.with_name(f"{out.name}-step{step}"))
+            if keep and env.is_main:
                 for old in step_checkpoints(out)[:-keep]:
                     shutil.rmtree(old, ignore_errors=True)
     return save
@@ -91,32 +83,32 @@ def step_checkpoints(out: str | Path) -> list[Path]:
 
 
 def load_resume(path: str | Path) -> dict:
-    """The trainer state saved beside a `--save-every` checkpoint."""
-    f = Path(path) / STATE_FILE
-    if not f.is_file():
-        raise FileNotFoundError(f"{path}: no {STATE_FILE} (resume from a <out>-step<k> checkpoint of --save-every)")
-    return torch.load(f, map_location="cpu", weights_only=True)
+    """The trainer state saved in a `--save-every` step checkpoint (its weights and optimizer are in DCP)."""
+    return read_train_state(path)
 
 
 def pretrain(ckpt: str | Path, data: str | Path, out: str | Path, cfg: PretrainConfig | None = None,
              device: str | None = None, log_path: str | Path | None = None, progress: bool = True,
              save_every: int | None = None, save_dtype: torch.dtype = torch.bfloat16,
-             resume: str | Path | None = None, eval_data: str | Path | None = None, keep_saves: int | None = None) -> list:
+             resume: str | Path | None = None, eval_data: str | Path | None = None, keep_saves: int | None = None,
+             env: DistEnv | None = None) -> list:
     """Next-token training of the checkpoint at `ckpt` on the JSONL examples in `data` (see data.py); the
     result is written to `out` as a checkpoint (official format, `save_dtype`). resume: a `<out>-step<k>`
-    checkpoint of an earlier run with the same data and config. eval_data: held-out JSONL examples, evaluated
-    every cfg.eval_every steps and at the end (`eval_loss` in the step logs). keep_saves: how many of the newest
-    `--save-every` checkpoints to keep (None: all). Returns the step logs."""
+    checkpoint of an earlier run with the same data and config (at any world size). eval_data: held-out JSONL
+    examples, evaluated every cfg.eval_every steps and at the end (`eval_loss` in the step logs). keep_saves: how
+    many of the newest `--save-every` checkpoints to keep (None: all). env: the run's ranks (default: from
+    torchrun's environment; one process without it). Returns the step logs."""
     cfg = cfg or PretrainConfig()
+    env = env or init_distributed(device)
     processor = Step3VLProcessor.from_pretrained(ckpt)
     examples = load_examples(processor, data)
     held_out = load_examples(processor, eval_data) if eval_data else None
-    state = load_resume(resume) if resume else None
-    model = load_model(resume or ckpt, dtype=torch.float32, device=_device(device))
-    trainer = Pretrainer(model, cfg)
-    log = _JsonlLog(log_path, state["steps_done"] if state else None)
-    save = _saver(ckpt, out, save_every, trainer, keep=keep_saves)
-    bar = tqdm(desc="train", unit="step", disable=not progress)
+    resumed_at = read_train_state(resume)["steps_done"] if resume else None
+    model = load_model(ckpt, dtype=torch.float32, device=env.device)
+    trainer = Pretrainer(model, cfg, env)
+    log = _JsonlLog(log_path if env.is_main else None, resumed_at)
+    save = _saver(out, save_every, lambda p: trainer.save_state(p, ckpt), env, keep=keep_saves)
+    bar = tqdm(desc="train", unit="step", disable=not progress or not env.is_main)
 
     def on_step(s) -> None:
         log(s)
@@ -128,11 +120,12 @@ def pretrain(ckpt: str | Path, data: str | Path, out: str | Path, cfg: PretrainC
         bar.set_postfix(shown)
 
     try:
-        logs = trainer.fit(examples, on_step, resume=state, eval_examples=held_out)
+        logs = trainer.fit(examples, on_step, resume=resume, eval_examples=held_out)
     finally:
         bar.close()
         log.close()
     save_checkpoint(model, out, ckpt, dtype=save_dtype)
+    env.barrier()
     return logs
 
 
@@ -199,32 +192,38 @@ def reinforce(ckpt: str | Path, batches: Callable[[int], list[RLPrompt]], out: s
               device: str | None = None, engine_kwargs: dict | None = None, log_path: str | Path | None = None,
               progress: bool = True, save_every: int | None = None, save_dtype: torch.dtype = torch.bfloat16,
               resume: str | Path | None = None, eval_prompts: list[RLPrompt] | None = None,
-              eval_every: int | None = None, eval_samples: int = 1, keep_saves: int | None = None) -> list:
+              eval_every: int | None = None, eval_samples: int = 1, keep_saves: int | None = None,
+              env: DistEnv | None = None) -> list:
     """RL iterations up to `steps` in all; `batches(step)` gives the prompts of iteration `step` (0-based), e.g. a
     `PromptBatches`, or fresh PaCoRe synthesis episodes each step (an object with state_dict/load_state_dict
-    is saved and restored with the trainer). The policy is written to `out` as a checkpoint. resume: a
-    `<out>-step<k>` checkpoint of an earlier run. eval_prompts: held-out prompts whose mean reward is measured
-    every `eval_every` steps and after the last (`eval_reward` in the logs). keep_saves: how many of the newest
-    step checkpoints to keep (None: all). Returns the step logs of this run."""
+    is saved and restored with the trainer; under N ranks every rank draws the same batch and samples its share).
+    The policy is written to `out` as a checkpoint. resume: a `<out>-step<k>` checkpoint of an earlier run (any
+    world size). eval_prompts: held-out prompts whose mean reward is measured every `eval_every` steps and after
+    the last (`eval_reward` in the logs). keep_saves: how many of the newest step checkpoints to keep (None: all).
+    env: the run's ranks (default: from torchrun's environment). Returns the step logs of this run."""
     from step3vl.engine import LLM
 
     cfg = cfg or RLConfig(total_steps=steps)
-    dev = _device(device)
-    start = resume or ckpt
-    llm = LLM(start, device=str(dev), **(engine_kwargs or {}))
+    env = env or init_distributed(device)
+    llm = LLM(ckpt, device=str(env.device), **(engine_kwargs or {}))
     # The KL reference is the run's starting checkpoint, also when resuming.
-    ref = load_model(ckpt, dtype=torch.float32, device=dev) if cfg.kl_coef > 0 else None
-    trainer = RLTrainer(load_model(start, dtype=torch.float32, device=dev), llm, reward_fn, cfg, ref_model=ref)
+    ref = load_model(ckpt, dtype=torch.float32, device=env.device) if cfg.kl_coef > 0 else None
+    trainer = RLTrainer(load_model(ckpt, dtype=torch.float32, device=env.device), llm, reward_fn, cfg,
+                        ref_model=ref, env=env)
     if resume:
-        state = load_resume(resume)
-        trainer.load_state_dict(state)
+        state = trainer.load_state(resume)
         if "sampler" in state and hasattr(batches, "load_state_dict"):
             batches.load_state_dict(state["sampler"])
-    log = _JsonlLog(log_path, trainer.steps_done if resume else None)
-    save = _saver(ckpt, out, save_every, trainer, batches, keep=keep_saves)
+    log = _JsonlLog(log_path if env.is_main else None, trainer.steps_done if resume else None)
+
+    def save_state(path: Path) -> None:
+        sampler = {"sampler": batches.state_dict()} if hasattr(batches, "state_dict") else {}
+        trainer.save_state(path, ckpt, sampler)
+
+    save = _saver(out, save_every, save_state, env, keep=keep_saves)
     logs = []
     try:
-        for step in tqdm(range(trainer.steps_done, steps), desc="rl", unit="step", disable=not progress):
+        for step in tqdm(range(trainer.steps_done, steps), desc="rl", unit="step", disable=not progress or not env.is_main):
             logs.append(trainer.step(batches(step)))
             done = logs[-1].step
             if eval_prompts and (done == steps or (eval_every and done % eval_every == 0)):
@@ -234,4 +233,5 @@ def reinforce(ckpt: str | Path, batches: Callable[[int], list[RLPrompt]], out: s
     finally:
         log.close()
     save_checkpoint(trainer.model, out, ckpt, dtype=save_dtype)
+    env.barrier()
     return logs
