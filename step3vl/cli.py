@@ -278,7 +278,8 @@ def _optim_args(p: argparse.ArgumentParser, lr: float) -> None:
     o.add_argument("--log-file", "--log", dest="log", type=Path, default=None,
                    help="append one JSON line per step to this file")
     o.add_argument("--save-every", type=int, default=None,
-                   help="also write a resumable <out>-step<k> (fp32 weights + optimizer state) every k steps")
+                   help="also write a resumable <out>-step<k> every k steps (DCP: sharded fp32 weights, optimizer, "
+                        "schedule, sampler; loadable as a model, resumable at any number of ranks)")
     o.add_argument("--resume", type=Path, default=None,
                    help="continue from a <out>-step<k> checkpoint (same data and options as the run that wrote it)")
     o.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float32"],
@@ -666,28 +667,58 @@ def _model_ids(server):
     return asyncio.run(server.models()).data
 
 
+def _on_ranks(command: str, out: Path, run) -> int:
+    """run() in this process; under torchrun, a failure says which rank stopped and how to resume (torchrun then
+    stops the other ranks), and the process group is closed at the end."""
+    from step3vl.distributed import close_distributed
+
+    try:
+        return run()
+    except Exception as e:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            print(f"step3vl {command}: rank {os.environ.get('RANK', '?')} of {world} stopped: {type(e).__name__}: {e}\n"
+                  f"step3vl {command}: the newest complete {out.name}-step<k> checkpoint resumes the run (--resume), "
+                  f"with any number of ranks", file=sys.stderr, flush=True)
+        raise
+    finally:
+        close_distributed()
+
+
 def _cmd_train(args) -> int:
+    return _on_ranks("train", args.out, lambda: _train(args))
+
+
+def _train(args) -> int:
+    from step3vl.distributed import init_distributed
     from step3vl.train.pretrain import PretrainConfig
     from step3vl.train.run import pretrain
 
+    env = init_distributed(args.device)
     cfg = PretrainConfig(optim=_optim_config(args), max_tokens_per_batch=args.max_tokens_per_batch,
                          grad_accum=args.grad_accum, epochs=args.epochs, max_steps=args.max_steps,
                          train_vision=not args.freeze_vision, seed=args.seed,
                          activation_checkpointing=args.activation_checkpointing, max_seq_len=args.max_seq_len,
                          eval_every=args.eval_every)
-    logs = pretrain(args.model, args.data, args.out, cfg, device=args.device, log_path=args.log,
-                    save_every=args.save_every, save_dtype=_torch_dtype(args.save_dtype), resume=args.resume,
-                    eval_data=args.eval_data)
-    if logs:
+    logs = pretrain(args.model, args.data, args.out, cfg, log_path=args.log, save_every=args.save_every,
+                    save_dtype=_torch_dtype(args.save_dtype), resume=args.resume, eval_data=args.eval_data, env=env)
+    if logs and env.is_main:
         held_out = f", eval loss {logs[-1].eval_loss:.4f}" if logs[-1].eval_loss is not None else ""
-        print(f"{len(logs)} steps, loss {logs[0].loss:.4f} -> {logs[-1].loss:.4f}{held_out}; wrote {args.out}")
+        ranks = f" on {env.world_size} ranks" if env.is_distributed else ""
+        print(f"{len(logs)} steps{ranks}, loss {logs[0].loss:.4f} -> {logs[-1].loss:.4f}{held_out}; wrote {args.out}")
     return 0
 
 
 def _cmd_rl(args) -> int:
+    return _on_ranks("rl", args.out, lambda: _rl(args))
+
+
+def _rl(args) -> int:
+    from step3vl.distributed import init_distributed
     from step3vl.train.rl import RLConfig
     from step3vl.train.run import PromptBatches, read_rl_prompts, reinforce
 
+    env = init_distributed(args.device)
     prompts = read_rl_prompts(args.problems)
     batches = (_synthesis_batches(args, prompts) if args.pacore_results is not None
                else PromptBatches(prompts, args.batch_size, args.seed))
@@ -697,14 +728,15 @@ def _cmd_rl(args) -> int:
                    max_tokens_per_batch=args.max_tokens_per_batch, engine_is_cap=args.engine_is_cap,
                    kl_coef=args.kl_coef, engine_sleep_level=args.engine_sleep_level, seed=args.seed)
     engine = {"kv_cache_memory": args.kv_cache_memory} if args.kv_cache_memory else {}
-    logs = reinforce(args.model, batches, args.out, args.steps, cfg, device=args.device, engine_kwargs=engine,
+    logs = reinforce(args.model, batches, args.out, args.steps, cfg, engine_kwargs=engine,
                      log_path=args.log, save_every=args.save_every, save_dtype=_torch_dtype(args.save_dtype), resume=args.resume,
                      eval_prompts=read_rl_prompts(args.eval_problems) if args.eval_problems else None,
-                     eval_every=args.eval_every, eval_samples=args.eval_samples)
-    if logs:
+                     eval_every=args.eval_every, eval_samples=args.eval_samples, env=env)
+    if logs and env.is_main:
         held_out = f", eval reward {logs[-1].eval_reward:.3f}" if logs[-1].eval_reward is not None else ""
-        print(f"{len(logs)} steps, mean reward {logs[0].reward_mean:.3f} -> {logs[-1].reward_mean:.3f}{held_out}; "
-              f"wrote {args.out}")
+        ranks = f" on {env.world_size} ranks" if env.is_distributed else ""
+        print(f"{len(logs)} steps{ranks}, mean reward {logs[0].reward_mean:.3f} -> {logs[-1].reward_mean:.3f}"
+              f"{held_out}; wrote {args.out}")
     return 0
 
 

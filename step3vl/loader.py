@@ -8,12 +8,14 @@ Both key spellings are accepted: the official flat names (`vision_model.*`, `vit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -195,6 +197,14 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
 STEP_DCP_DIR = "dcp"  # where a training step checkpoint keeps its sharded state (step3vl/train/checkpoint.py)
 
 
+@contextlib.contextmanager
+def single_process_quiet() -> Iterator[None]:
+    """DCP warns on every single-process save or load, which is this project's normal one-process run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _step_checkpoint_state(path: Path, cfg: Step3VLConfig) -> dict[str, torch.Tensor]:
     """The model weights of a step checkpoint, read from its DCP shards (whatever world size wrote them) into
     full fp32 tensors; the optimizer state beside them is not read."""
@@ -204,7 +214,8 @@ def _step_checkpoint_state(path: Path, cfg: Step3VLConfig) -> dict[str, torch.Te
         shapes = {k: v.shape for k, v in Step3VLForCausalLM(cfg).state_dict().items()}
     state = {k: torch.empty(shape, dtype=torch.float32) for k, shape in shapes.items()}
     try:
-        dcp.load({"model": state}, checkpoint_id=str(path / STEP_DCP_DIR), no_dist=True)
+        with single_process_quiet():
+            dcp.load({"model": state}, checkpoint_id=str(path / STEP_DCP_DIR), no_dist=True)
     except Exception as e:  # DCP names neither the directory nor a readable cause in every case
         raise CheckpointError(f"{path / STEP_DCP_DIR}: cannot read the step checkpoint's weights ({e})") from e
     return state

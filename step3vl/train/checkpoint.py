@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from step3vl.distributed import DistEnv
-from step3vl.loader import STEP_DCP_DIR as DCP_DIR
+from step3vl.loader import STEP_DCP_DIR as DCP_DIR, single_process_quiet
 from step3vl.saver import copy_checkpoint_files
 
 STATE_FILE = "trainer_state.pt"
@@ -41,8 +41,9 @@ def save_train_state(path: str | Path, source: str | Path, model: nn.Module, opt
         copy_checkpoint_files(source, tmp)
     env.barrier()
     model_state, optim_state = get_state_dict(model, opt)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / DCP_DIR),
-             no_dist=not env.is_distributed)
+    with single_process_quiet():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / DCP_DIR),
+                 no_dist=not env.is_distributed)
     env.barrier()
     if env.is_main:
         torch.save({**state, "world_size": env.world_size}, tmp / STATE_FILE)
@@ -63,11 +64,12 @@ def load_train_state(path: str | Path, model: nn.Module, opt: torch.optim.Optimi
                                 f"optimizer in {STATE_FILE}: it cannot be resumed; start the stage again)")
     model_state, optim_state = get_state_dict(model, opt)
     where, single = str(path / DCP_DIR), not torch.distributed.is_initialized()
-    dcp.load({"model": model_state}, checkpoint_id=where, no_dist=single)
-    # AdamW creates a parameter's moments at its first gradient: one that never had one (a vision tower that only
-    # saw text) has none saved, and keeps the zero moments it starts with here (the same first update follows).
-    dcp.load({"optim": optim_state}, checkpoint_id=where, no_dist=single,
-             planner=DefaultLoadPlanner(allow_partial_load=True))
+    with single_process_quiet():
+        dcp.load({"model": model_state}, checkpoint_id=where, no_dist=single)
+        # AdamW creates a parameter's moments at its first gradient: one that never had one (a vision tower that
+        # only saw text) has none saved, and keeps the zero moments it starts with here (the same update follows).
+        dcp.load({"optim": optim_state}, checkpoint_id=where, no_dist=single,
+                 planner=DefaultLoadPlanner(allow_partial_load=True))
     set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=optim_state)
     return state
 
