@@ -7,7 +7,7 @@ import hashlib
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -212,6 +212,11 @@ class LLM:
         update); the KV pool itself is kept. Checked before anything changes: a wrong name, shape or dtype raises
         and leaves the engine as it was. The weights are copied in place (no second copy of the model), except on
         the native CPU path, whose packed layers are rebuilt beside the old ones and swapped in when complete.
+
+        An iterator (not a dict) is consumed one tensor at a time where the weights are copied in place: each is
+        checked and copied before the next is read, so a trainer gathering its sharded weights tensor by tensor
+        needs one tensor of extra memory, not a model. A bad tensor then raises after the ones before it were
+        copied: the engine is left with a mix, and must be given a complete set again.
         """
         from step3vl.loader import check_state, model_from_state
 
@@ -220,6 +225,9 @@ class LLM:
                                f"or abort them first")
         cfg = self.model.cfg
         weights_asleep = self._sleep.weights != "device"
+        if isinstance(weights, Iterator) and not (self._native or weights_asleep):
+            self._stream_weights(weights)
+            return
         state = check_state(cfg, dict(weights), "update_weights")
         limit = torch.finfo(self.dtype).max
         bad = next((k for k, v in state.items() if v.numel() and not _finite(v, limit)), None)
@@ -233,6 +241,37 @@ class LLM:
             with torch.no_grad():
                 for name, value in state.items():
                     params[name].copy_(value)
+        self._sleep.weights, self._sleep.host_weights = "device", None
+        self._restart_engine()
+
+    def _stream_weights(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        from step3vl.loader import CheckpointError, canonical_key
+
+        params = dict(self.model.named_parameters())
+        skip = {"lm_head.weight"} if self.model.cfg.text.tie_word_embeddings else set()
+        limit, seen = torch.finfo(self.dtype).max, set()
+        with torch.no_grad():
+            for key, value in weights:
+                name = canonical_key(key)
+                if name in skip:
+                    continue
+                try:
+                    if name not in params:
+                        raise CheckpointError(f"unexpected key {key!r}")
+                    if tuple(value.shape) != tuple(params[name].shape) or not value.is_floating_point():
+                        raise CheckpointError(f"key {key!r}: {value.dtype} {list(value.shape)}, the model expects a "
+                                              f"float {list(params[name].shape)}")
+                    if value.numel() and not _finite(value, limit):
+                        raise ValueError(f"key {key!r} holds NaN/inf or values beyond {self.dtype}'s range")
+                except (CheckpointError, ValueError) as e:
+                    raise type(e)(f"update_weights: {e} (after {len(seen)} tensors were copied: give the engine a "
+                                  f"complete set of weights again)") from None
+                params[name].copy_(value)
+                seen.add(name)
+        missing = sorted(set(params) - skip - seen)
+        if missing:
+            raise CheckpointError(f"update_weights: {len(missing)} missing key(s), e.g. {missing[:5]} (the engine "
+                                  f"holds a mix of old and new weights)")
         self._sleep.weights, self._sleep.host_weights = "device", None
         self._restart_engine()
 

@@ -42,6 +42,37 @@ def test_update_matches_a_fresh_engine_on_the_saved_weights(tiny_ckpt, tmp_path,
     assert after.cumulative_logprob != pytest.approx(before.cumulative_logprob, abs=1e-3)
 
 
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["native-rebuild", "torch-in-place"])
+def test_a_stream_of_tensors_equals_the_whole_dict(tiny_ckpt, cpu_kernels):
+    """A trainer gathering sharded weights hands them over one at a time (an iterator, not a dict)."""
+    model = _perturbed(tiny_ckpt)
+    whole = LLM(tiny_ckpt, kv_cache_memory="8MiB", cpu_kernels=cpu_kernels)
+    whole.update_weights(model.state_dict())
+    streamed = LLM(tiny_ckpt, kv_cache_memory="8MiB", cpu_kernels=cpu_kernels)
+    handed = []
+
+    def one_by_one():
+        for name, t in model.state_dict().items():
+            handed.append(name)
+            yield name, t.clone()
+
+    streamed.update_weights(one_by_one())
+    assert len(handed) == len(model.state_dict())
+    a, b = _greedy(whole).outputs[0], _greedy(streamed).outputs[0]
+    assert a.token_ids == b.token_ids and a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-6)
+
+
+def test_a_stream_names_the_bad_tensor(tiny_ckpt):
+    llm = LLM(tiny_ckpt, kv_cache_memory="8MiB", cpu_kernels=False)
+    state = _perturbed(tiny_ckpt).state_dict()
+    bad = iter(list(state.items())[:3] + [("model.norm.weight", torch.ones(3))])
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight'.*expects.*after 3 tensors were copied"):
+        llm.update_weights(bad)
+    with pytest.raises(CheckpointError, match="missing key"):
+        llm.update_weights(iter(list(state.items())[:3]))
+    llm.update_weights(iter(state.items()))  # a complete set repairs it
+
+
 def test_update_drops_the_prefix_cache(tiny_ckpt):
     llm = LLM(tiny_ckpt, kv_cache_memory="8MiB", block_size=8)
     _greedy(llm)
