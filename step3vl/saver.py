@@ -2,8 +2,8 @@
 official flat key names and an index, plus the source checkpoint's config, generation config and tokenizer files,
 so the result loads anywhere the original does (`load_model`, `LLM`, transformers-style readers).
 
-Written into a temporary sibling directory and renamed into place: a crash never leaves a half-written
-checkpoint under the target name.
+Written into a temporary sibling directory, flushed, and swapped into place (durable.py): a crash at any moment
+leaves the old checkpoint or the new one under the target name, never neither.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from step3vl.durable import fresh_tmp, replace_dir
 from step3vl.loader import INDEX_FILE
 
 # Not copied from the source: its weights, and pickled state (a trainer's) that describes another run.
@@ -80,15 +81,10 @@ def save_checkpoint(model: nn.Module, out: str | Path, source: str | Path, dtype
     state = export_state(model, dtype)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return out  # a sharded model: the gathers needed every rank, the writing is rank 0's
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp(out)
     copy_checkpoint_files(source, tmp)
     write_shards(state, tmp, shards)
     for name, obj in (extra or {}).items():
         torch.save(obj, tmp / name)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    replace_dir(tmp, out)
     return out

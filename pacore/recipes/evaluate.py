@@ -13,10 +13,11 @@ import json
 import math
 import zlib
 from collections import Counter, defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from step3vl.tasks.shapes import TEMPLATE_NAMES, ShapesProblem, final_answer, generate, shapes_reward
+from step3vl.tasks.shapes import TEMPLATE_NAMES, ShapesProblem, final_answer, generate, perception, shapes_reward
 
 from pacore.config import PaCoReConfig
 from pacore.runner import PaCoRe
@@ -118,7 +119,7 @@ def evaluate_shapes(model: str | Path, seeds: list[int], samples: int = 16, max_
                f"sc{samples}": float(majority(answers) == p.answer),
                "tokens": {"greedy": len(greedy[i].outputs[0].token_ids), "single": sum(tokens) / samples,
                           "sc4": 4 * sum(tokens) / samples, f"sc{samples}": sum(tokens)},
-               "sampled_answers": answers}
+               "sampled_answers": answers, "perception": asdict(perception(p, greedy[i].outputs[0].text))}
         for name, results in pacore.items():
             r = results[i]
             row[f"pacore_{name}"] = float(r.ok and shapes_reward(r.final_response, p.answer) == 1.0)
@@ -147,10 +148,37 @@ def report(rows: list[dict], samples: int, model: str) -> dict:
                 groups[group_of(r)].append(r[name])
             for g, scores in sorted(groups.items()):
                 out[key].setdefault(g, {})[name] = summary(scores, binary)
+    out["perception"] = perception_summary([r["perception"] for r in rows if "perception" in r])
     diff = [r["pacore_medium"] - r[f"sc{samples}"] for r in rows]
     out["pacore_medium_minus_sc"] = {"mean": sum(diff) / len(diff), "ci95": list(mean_interval(diff))}
     out["rows"] = rows
     return out
+
+
+def perception_summary(seen: list[dict]) -> dict:
+    """From the greedy listings: how often the number of shapes listed is right, and the share of kinds and
+    colours named right (positions both lists have), with 95% intervals and the kind confusion counts."""
+    if not seen:
+        return {}
+    compared = sum(p["compared"] for p in seen)
+    confusion: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for p in seen:
+        for true_kind, listed_kind in p["kind_pairs"]:
+            confusion[true_kind][listed_kind] += 1
+    rate = lambda k, n: {"rate": k / n if n else 0.0, "ci95": list(wilson(k, n)), "n": n}  # noqa: E731
+    return {"count_right": rate(sum(p["listed"] == p["actual"] for p in seen), len(seen)),
+            "kind_right": rate(sum(p["kinds_right"] for p in seen), compared),
+            "colour_right": rate(sum(p["colours_right"] for p in seen), compared),
+            "kind_confusion": {k: dict(v) for k, v in sorted(confusion.items())}}
+
+
+def perception_line(rep: dict) -> str:
+    p = rep.get("perception") or {}
+    if not p:
+        return "perception: no listings"
+    show = lambda k: f"{100 * p[k]['rate']:.1f}% [{100 * p[k]['ci95'][0]:.1f}, {100 * p[k]['ci95'][1]:.1f}]"  # noqa: E731
+    return (f"perception (greedy listings): shape count right {show('count_right')}, kinds right {show('kind_right')}, "
+            f"colours right {show('colour_right')}")
 
 
 # -- tables and plots ---------------------------------------------------------------------------------------

@@ -211,6 +211,33 @@ def _strip_stop(s: str) -> str:
 # -- generation ----------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Perception:
+    """What a response's listing ("3 green triangle size 5" lines) says the model saw, against the picture:
+    whether it listed as many shapes, and, position by position over the shapes both list, how many kinds and
+    colours it named right. Separates seeing from reasoning: a wrong answer with a right listing is a reasoning
+    error."""
+
+    listed: int
+    actual: int
+    compared: int  # min(listed, actual)
+    kinds_right: int
+    colours_right: int
+    kind_pairs: tuple[tuple[str, str], ...]  # (true kind, listed kind) per compared position
+
+
+_LISTING = re.compile(r"^\s*(\d+) (\w+) (\w+) size \d+\s*$")
+
+
+def perception(problem: ShapesProblem, text: str) -> Perception:
+    reasoning = text.split("</think>")[0]
+    listed = [m.groups() for m in map(_LISTING.match, reasoning.splitlines()) if m]
+    truth = problem.left_to_right
+    pairs = list(zip(truth, listed))
+    return Perception(len(listed), len(truth), len(pairs), sum(s.kind == got[2] for s, got in pairs),
+                      sum(s.colour == got[1] for s, got in pairs), tuple((s.kind, got[2]) for s, got in pairs))
+
+
 def template_of(seed: int) -> int:
     return seed % 7 + 1
 

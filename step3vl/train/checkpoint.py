@@ -7,14 +7,13 @@ A step checkpoint `<out>-step<k>/` holds
 - `trainer_state.pt`: the small rest (kind, steps done, lr schedule, prompt sampler), written by rank 0 with
   torch.save, last: its presence marks the checkpoint complete;
 - config.json and the tokenizer files of the run's starting checkpoint, so the directory names what it is.
-The directory appears by one rename of a finished `.tmp` sibling; a crash mid-save leaves the previous
-checkpoint as it was. `load_model` and `LLM(model=...)` read a step checkpoint's weights directly; the final
+The directory appears by one atomic swap with a finished `.tmp` sibling (step3vl/durable.py); a crash mid-save
+leaves the previous checkpoint as it was. `load_model` and `LLM(model=...)` read a step checkpoint's weights directly; the final
 weights are exported in the official safetensors format (`step3vl.saver.save_checkpoint`).
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from step3vl.distributed import DistEnv
+from step3vl.durable import fresh_tmp, replace_dir
 from step3vl.loader import STEP_DCP_DIR as DCP_DIR, single_process_quiet
 from step3vl.saver import copy_checkpoint_files
 
@@ -36,8 +36,7 @@ def save_train_state(path: str | Path, source: str | Path, model: nn.Module, opt
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        fresh_tmp(path)
         copy_checkpoint_files(source, tmp)
     env.barrier()
     model_state, optim_state = get_state_dict(model, opt)
@@ -47,9 +46,7 @@ def save_train_state(path: str | Path, source: str | Path, model: nn.Module, opt
     env.barrier()
     if env.is_main:
         torch.save({**state, "world_size": env.world_size}, tmp / STATE_FILE)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        replace_dir(tmp, path)
     env.barrier()
     return path
 

@@ -804,3 +804,36 @@ def test_synthesis_trace_tallies_the_references_then_reads_the_picture():
     assert rest == p.reasoning()
     assert shapes_reward(trace, p.answer) == 1.0
     assert p.synthesis_reasoning([]).startswith("references: none\n")
+
+
+def test_perception_reads_the_listing_against_the_picture():
+    p = generate(3)
+    truth = p.left_to_right
+    right = p.reasoning()
+    seen = S.perception(p, right)
+    assert (seen.listed, seen.actual, seen.kinds_right, seen.colours_right) == (len(truth), len(truth), len(truth),
+                                                                               len(truth))
+    # Hand-made errors: the first shape's kind and the second's colour named wrong, one shape left out.
+    wrong_kind = next(k for k in S.KINDS if k != truth[0].kind)
+    lines = [f"1 {truth[0].colour} {wrong_kind} size 5"]
+    if len(truth) > 1:
+        wrong_colour = next(c for c in S.COLOURS if c != truth[1].colour)
+        lines.append(f"2 {wrong_colour} {truth[1].kind} size 4")
+    text = "\n".join(lines) + "\nsome reasoning 3 red circle size 2 is not a listing line\n</think>\n1 red circle size 9"
+    seen = S.perception(p, text)
+    assert seen.listed == len(lines) and seen.compared == min(len(lines), len(truth))
+    assert seen.kinds_right == len(lines) - 1 and seen.kind_pairs[0] == (truth[0].kind, wrong_kind)
+    assert seen.colours_right == 1  # the answer part after </think> is never read as a listing
+
+
+def test_perception_summary_counts_by_hand():
+    from pacore.recipes.evaluate import perception_summary, wilson
+
+    seen = [{"listed": 2, "actual": 2, "compared": 2, "kinds_right": 1, "colours_right": 2,
+             "kind_pairs": [("circle", "circle"), ("square", "rectangle")]},
+            {"listed": 1, "actual": 3, "compared": 1, "kinds_right": 1, "colours_right": 0,
+             "kind_pairs": [("triangle", "triangle")]}]
+    out = perception_summary(seen)
+    assert out["count_right"]["rate"] == 0.5 and out["kind_right"]["rate"] == pytest.approx(2 / 3)
+    assert out["colour_right"]["rate"] == pytest.approx(2 / 3) and out["kind_right"]["ci95"] == list(wilson(2, 3))
+    assert out["kind_confusion"]["square"] == {"rectangle": 1}
