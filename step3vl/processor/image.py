@@ -45,6 +45,10 @@ class ImageSpec:
     # False: the global view only, never crops (a model trained at a small `image_size`, whose crops would cost
     # more than the picture is worth; config.json's vision_config.use_crops). STEP3-VL itself uses crops.
     crops: bool = True
+    # The largest pixel buffer one image may need (the decoded picture, its square padding, the canvas its crops
+    # are cut from), checked from the header before any buffer exists: a 141-byte 20000x1 PNG would otherwise be
+    # padded to a 20000x20000 canvas (1.2 GB). 0: no limit. 64 Mpx = 192 MB of RGB, above any camera's 48 Mpx.
+    max_pixels: int = 64_000_000
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
 
@@ -87,7 +91,7 @@ class ImageViews:
 # Loading
 
 
-def load_image(source: object) -> Image.Image:
+def load_image(source: object, max_pixels: int = 0) -> Image.Image:
     """Any supported image source → an RGB PIL image.
 
     Accepts a PIL image, a path (str / os.PathLike; a str may also be a `file://` URL or a `data:` URL
@@ -95,32 +99,33 @@ def load_image(source: object) -> Image.Image:
     uint8, uint16, bool, float in [0, 1], or other integer dtypes with values in [0, 255]).
     Alpha is dropped, not composited (PIL's `convert("RGB")` semantics); 16-bit and float images are
     rescaled to 8 bits (see `_to_rgb`). No EXIF orientation is applied: pixels are used as decoded.
+    max_pixels: refuse, from the header and before decoding, an encoded image with more pixels (0: no limit).
     """
     if isinstance(source, Image.Image):
         return _to_rgb(source, "PIL image")
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _decode(bytes(source), "bytes")
+        return _decode(bytes(source), "bytes", max_pixels)
     if isinstance(source, np.ndarray):
         return _from_array(source)
     if isinstance(source, str):
-        return _load_str(source)
+        return _load_str(source, max_pixels)
     if isinstance(source, os.PathLike):
-        return _load_path(Path(source))
+        return _load_path(Path(source), max_pixels)
     raise ImageError(
         f"unsupported image type {type(source).__name__}: expected a PIL image, a path, bytes or a numpy array"
     )
 
 
-def _load_str(s: str) -> Image.Image:
+def _load_str(s: str, max_pixels: int = 0) -> Image.Image:
     if not s:
         raise ImageError("empty image path")
     if s.startswith("data:"):
-        return _decode(_data_url_bytes(s), "data: URL")
+        return _decode(_data_url_bytes(s), "data: URL", max_pixels)
     if s.startswith("file://"):
-        return _load_path(Path(urllib.parse.unquote(urllib.parse.urlparse(s).path)))
+        return _load_path(Path(urllib.parse.unquote(urllib.parse.urlparse(s).path)), max_pixels)
     if s.startswith(("http://", "https://")):
         raise ImageError(f"remote image URLs are not fetched (no network access): {s[:200]}")
-    return _load_path(Path(s))
+    return _load_path(Path(s), max_pixels)
 
 
 def _data_url_bytes(url: str) -> bytes:
@@ -133,19 +138,20 @@ def _data_url_bytes(url: str) -> bytes:
         raise ImageError(f"data: URL has an invalid base64 payload: {e}") from None
 
 
-def _load_path(path: Path) -> Image.Image:
+def _load_path(path: Path, max_pixels: int = 0) -> Image.Image:
     if not path.exists():
         raise ImageError(f"image file not found: {path}")
     if not path.is_file():
         raise ImageError(f"image path is not a file: {path}")
-    return _decode(path.read_bytes(), str(path))
+    return _decode(path.read_bytes(), str(path), max_pixels)
 
 
-def _decode(data: bytes, what: str) -> Image.Image:
+def _decode(data: bytes, what: str, max_pixels: int = 0) -> Image.Image:
     if not data:
         raise ImageError(f"empty image data ({what})")
     try:
         img = Image.open(io.BytesIO(data))
+        _check_pixels(img.size, img.size, max_pixels, what)  # the header's size, before any pixel is decoded
         img.load()  # force the full decode so truncated files fail here, not later
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"cannot decode image ({what}, {len(data)} bytes): {e}") from None
@@ -217,19 +223,29 @@ def _to_rgb(img: Image.Image, what: str) -> Image.Image:
 # Geometry
 
 
-def plan_image(width: int, height: int, spec: ImageSpec = ImageSpec()) -> CropPlan:
-    """The preprocessing geometry of a width×height image (MODEL.md steps 1-4), without pixels."""
+def plan_image(width: int, height: int, spec: ImageSpec = ImageSpec(), what: str = "image") -> CropPlan:
+    """The preprocessing geometry of a width×height image (MODEL.md steps 1-4), without pixels; refuses one whose
+    buffers would exceed spec.max_pixels (what: the image's name, for the error)."""
     if width <= 0 or height <= 0:
         raise ImageError(f"zero-sized image {width}x{height}")
     w, h = _padded_size(width, height, spec)
+    _check_pixels((width, height), (w, h), spec.max_pixels, what)
     sw, sh = _scaled_size(w, h, spec)
     window = _window(max(sw, sh), min(sw, sh), spec)
     if window == 0:
         return CropPlan((w, h), (sw, sh), 0, (sw, sh), (0, 0), ())
     cw, ch = _crop_side(sw, window), _crop_side(sh, window)
+    _check_pixels((width, height), (cw, ch), spec.max_pixels, what)
     xs, ys = _starts(cw, window), _starts(ch, window)
     boxes = tuple((x, y, x + window, y + window) for y in ys for x in xs)
     return CropPlan((w, h), (sw, sh), window, (cw, ch), (len(ys), len(xs)), boxes)
+
+
+def _check_pixels(size: tuple[int, int], buffer: tuple[int, int], limit: int, what: str) -> None:
+    if limit and buffer[0] * buffer[1] > limit:
+        need = "" if buffer == size else f" needs a {buffer[0]}x{buffer[1]} buffer, which"
+        raise ImageError(f"{what}: a {size[0]}x{size[1]} image{need} exceeds the limit of {limit:,} pixels "
+                         f"(max_image_pixels)")
 
 
 def _padded_size(w: int, h: int, spec: ImageSpec) -> tuple[int, int]:
@@ -280,8 +296,8 @@ def _starts(side: int, window: int) -> list[int]:
 
 def preprocess_image(image: object, spec: ImageSpec = ImageSpec()) -> ImageViews:
     """Any `load_image` source → the normalized global view and crops (MODEL.md steps 1-5)."""
-    img = load_image(image)
-    plan = plan_image(*img.size, spec=spec)
+    img = load_image(image, spec.max_pixels)
+    plan = plan_image(*img.size, spec=spec, what=_describe(image))
     if plan.padded != img.size:
         canvas = Image.new("RGB", plan.padded, 0)
         canvas.paste(img, (0, 0))  # image at the top-left, zeros elsewhere
@@ -300,6 +316,13 @@ def preprocess_image(image: object, spec: ImageSpec = ImageSpec()) -> ImageViews
     return ImageViews(global_view=global_view, crops=crops, grid=plan.grid, size=img.size)
 
 
+def _describe(source: object) -> str:
+    path = _file_path(source)
+    if path is not None:
+        return str(path)
+    return "data: URL" if isinstance(source, str) else type(source).__name__
+
+
 def _file_path(source: object) -> Path | None:
     """The local file a source names (a path, or a str path / file:// URL); None for in-memory sources."""
     if isinstance(source, os.PathLike):
@@ -311,12 +334,12 @@ def _file_path(source: object) -> Path | None:
     return None
 
 
-def image_size(source: object) -> tuple[int, int]:
+def image_size(source: object, max_pixels: int = 0) -> tuple[int, int]:
     """(w, h) of an image source as `load_image` would load it; a file is only opened (its header read), not
     decoded."""
     path = _file_path(source)
     if path is None or not path.is_file():
-        return load_image(source).size  # in memory already, or load_image's error for a bad path
+        return load_image(source, max_pixels).size  # in memory already, or load_image's error for a bad path
     try:
         with Image.open(path) as img:
             w, h = img.size
@@ -334,8 +357,8 @@ class LazyImageViews:
 
     def __init__(self, source: object, spec: ImageSpec = ImageSpec()):
         self.source, self.spec = source, spec
-        self.size = image_size(source)
-        self.grid = plan_image(*self.size, spec=spec).grid
+        self.size = image_size(source, spec.max_pixels)
+        self.grid = plan_image(*self.size, spec=spec, what=_describe(source)).grid
         self._views: ImageViews | None = None
 
     def _load(self) -> ImageViews:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,14 +34,19 @@ class Step3VLProcessor:
         self.layout = layout or TokenLayout.from_geometry(spec)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Step3VLProcessor":
-        """Tokenizer files from `path`; patch size and projector stride from its config.json if present."""
+    def from_pretrained(cls, path: str | Path, max_image_pixels: int | None = None) -> "Step3VLProcessor":
+        """Tokenizer files from `path`; patch size and projector stride from its config.json if present.
+        max_image_pixels: the largest pixel buffer one image may need (ImageSpec.max_pixels; None: its default)."""
         path = Path(path)
         tokenizer = Step3VLTokenizer.from_pretrained(path)
         spec, layout = ImageSpec(), TokenLayout.from_geometry(ImageSpec())
         cfg_path = path / "config.json"
         if cfg_path.is_file():
             spec, layout = _geometry_from_config(cfg_path, tokenizer)
+        if max_image_pixels is not None:
+            if max_image_pixels < 0:
+                raise ValueError(f"max_image_pixels = {max_image_pixels}: must be >= 0 (0: no limit)")
+            spec = dataclasses.replace(spec, max_pixels=max_image_pixels)
         return cls(tokenizer, spec, layout)
 
     @property
