@@ -27,6 +27,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from step3vl.durable import append_json_line
+
+from pacore.journal import RoundJournal, journal_path, remove_journals
 from pacore.problem import Problem
 from pacore.result import PaCoReResult
 from pacore.runner import PaCoRe
@@ -115,15 +118,7 @@ def drop_records(path: str | Path, keep: set[str]) -> None:
 
 
 def append_record(path: str | Path, record: dict) -> None:
-    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        written = os.write(fd, line)
-        if written != len(line):
-            raise OSError(f"short write to {path}: {written} of {len(line)} bytes")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_json_line(path, record)
 
 
 def result_record(result: PaCoReResult, problem: Problem | None) -> dict:
@@ -141,8 +136,10 @@ def _item_id(item: Problem | PaCoReResult) -> str:
     return item.request_id if isinstance(item, PaCoReResult) else item.id
 
 
-def _run_items(pacore: PaCoRe, items: list, path: Path, progress: bool) -> Iterator[dict]:
-    """Appends to `path` the record of every item (error results at once, problems as they complete)."""
+def _run_items(pacore: PaCoRe, items: list, path: Path, progress: bool, output: Path | None = None) -> Iterator[dict]:
+    """Appends to `path` the record of every item (error results at once, problems as they complete); the
+    finished rounds of problems still running go to the rounds journal beside it (pacore/journal.py), and an
+    earlier run's journal beside `output` (default: `path`) resumes them."""
     problems = {}
     for item in items:
         if isinstance(item, PaCoReResult):
@@ -153,7 +150,8 @@ def _run_items(pacore: PaCoRe, items: list, path: Path, progress: bool) -> Itera
             problems[item.id] = item
     # closing(): if our caller stops early, the runner's cleanup (aborting rounds in flight) runs now, not
     # whenever the garbage collector gets to the inner generator
-    with contextlib.closing(pacore.run_iter(list(problems.values()), progress=progress)) as results:
+    journal = RoundJournal(journal_path(path), output or path)
+    with contextlib.closing(pacore.run_iter(list(problems.values()), progress=progress, journal=journal)) as results:
         for res in results:
             rec = result_record(res, problems[res.request_id])
             append_record(path, rec)
@@ -188,6 +186,7 @@ def _run_single(pacore: PaCoRe, input_path, output_path: Path, progress: bool, r
     if retry_errors:
         drop_records(output_path, keep=done)
     yield from _run_items(pacore, [it for it in items if _item_id(it) not in done], output_path, progress)
+    remove_journals(output_path)  # every problem has its record: the rounds kept for resuming are spent
 
 
 def _run_sharded(pacore: PaCoRe, input_path, output_path: Path, progress: bool, retry_errors: bool,
@@ -204,10 +203,11 @@ def _run_sharded(pacore: PaCoRe, input_path, output_path: Path, progress: bool, 
         todo = [_item_id(it) for it in items if _item_id(it) not in done]
     todo = set(dist.shard(dist.broadcast_object(todo)))
     part = part_path(output_path, dist.rank, dist.world_size)
-    yield from _run_items(pacore, [it for it in items if _item_id(it) in todo], part, progress)
+    yield from _run_items(pacore, [it for it in items if _item_id(it) in todo], part, progress, output_path)
     dist.barrier()  # every rank's records are in its part file
     if dist.is_main:
         merge_parts(output_path, items)
+        remove_journals(output_path)
 
 
 # -- part files of a data-parallel run ---------------------------------------------------------------

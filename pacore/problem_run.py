@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from step3vl.engine.sampling_params import SamplingParams
 
@@ -31,8 +31,14 @@ class RoundRequest:
 
 
 class ProblemRun:
-    def __init__(self, problem: Problem, config: PaCoReConfig, processor, marker: list[int], device, tag: str):
+    """resume: a `journal_entry` of an earlier run of this problem with the same config: the run continues at
+    the round after it, with that run's messages, records and stats (what it would have had uninterrupted)."""
+
+    def __init__(self, problem: Problem, config: PaCoReConfig, processor, marker: list[int], device, tag: str,
+                 resume: dict | None = None):
         self.problem, self.config, self.processor = problem, config, processor
+        self.resume = resume
+        self.journal_entry: dict | None = None  # set when a non-final round finishes: the state to resume from
         self.marker, self.device, self.tag = marker, device, tag
         self.result = PaCoReResult(request_id=problem.id)
         self.t0 = time.perf_counter()
@@ -55,7 +61,21 @@ class ProblemRun:
         except ValueError as e:
             self._fail(str(e))
             return None
+        if self.resume is not None:
+            return self._resumed_request(self.resume)
         return self._round_request(0, self.prepared.messages)
+
+    def _resumed_request(self, entry: dict) -> RoundRequest | None:
+        r = int(entry["round"])
+        if not 0 <= r < self.config.num_rounds - 1:
+            self._fail(f"resume: the journal's round {r + 1} does not fit this config's {self.config.num_rounds} rounds")
+            return None
+        res = self.result
+        res.round_responses = [list(x) for x in entry["round_responses"]]
+        res.tokens_per_round = list(entry["tokens_per_round"])
+        self.stats = [RoundStats(**d) for d in entry["stats"]]
+        p = self.prepared
+        return self._round_request(r + 1, synthesis_messages(p.messages, entry["messages"], p.original_prompt))
 
     def submit_failed(self, error: Exception) -> None:
         """The engine refused the round's request (too long, bad image): the problem fails, nothing else."""
@@ -87,6 +107,11 @@ class ProblemRun:
             reasons = ", ".join(f"{n} {_why(k)}" for k, n in sorted(stats.dropped.items()))
             self._fail(f"round {r + 1}: none of its {len(trajs)} trajectories yielded a message ({reasons})")
             return None
+        res = self.result
+        self.journal_entry = {"request_id": self.problem.id, "round": r, "messages": messages,
+                              "round_responses": [list(x) for x in res.round_responses],
+                              "tokens_per_round": list(res.tokens_per_round),
+                              "stats": [asdict(s) for s in self.stats[:r + 1]]}
         p = self.prepared
         return self._round_request(r + 1, synthesis_messages(p.messages, messages, p.original_prompt))
 

@@ -55,11 +55,13 @@ class PaCoRe:
         by_id = {r.request_id: r for r in self.run_iter(problems, progress)}
         return [by_id[p.id] for p in problems]
 
-    def new_run(self, problem: Problem, tag: str) -> ProblemRun:
-        return ProblemRun(problem, self.config, self.llm.processor, self.marker, self.device, tag)
+    def new_run(self, problem: Problem, tag: str, resume: dict | None = None) -> ProblemRun:
+        return ProblemRun(problem, self.config, self.llm.processor, self.marker, self.device, tag, resume)
 
-    def run_iter(self, problems: Iterable, progress: bool = False) -> Iterator[PaCoReResult]:
-        """Yields each problem's result the moment it is complete (completion order)."""
+    def run_iter(self, problems: Iterable, progress: bool = False, journal=None) -> Iterator[PaCoReResult]:
+        """Yields each problem's result the moment it is complete (completion order).
+        journal: keeps finished rounds of unfinished problems (`journal.entry(id)` to resume from, `journal.record`
+        called after each non-final round; see pacore/journal.py)."""
         problems = [as_problem(p, i) for i, p in enumerate(problems)]
         check_unique_ids(problems)
         tag = f"pacore{next(self._runs)}"
@@ -69,7 +71,8 @@ class PaCoRe:
         try:
             while pending or active:
                 while pending and (limit is None or len(active) < limit):  # one request per live problem
-                    run = self.new_run(pending.popleft(), tag)
+                    problem = pending.popleft()
+                    run = self.new_run(problem, tag, journal.entry(problem.id) if journal is not None else None)
                     if self._submit(run, run.start(), active):
                         continue
                     bar.problem_skipped(run.rounds_left_from)
@@ -88,7 +91,10 @@ class PaCoRe:
                     if not out.finished:
                         continue
                     del active[out.request_id]
-                    if self._submit(run, run.finish_round(out), active):
+                    request = run.finish_round(out)
+                    if journal is not None and request is not None and run.journal_entry is not None:
+                        journal.record(run.journal_entry)
+                    if self._submit(run, request, active):
                         continue
                     if run.result.error is not None:
                         bar.problem_skipped(run.rounds_left_from)

@@ -11,12 +11,27 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import shutil
 from pathlib import Path
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+
+
+def append_json_line(path: str | Path, record: dict) -> None:
+    """One JSON line appended by a single write and fsynced: a kill leaves the line whole or a torn tail that
+    readers skip, never a line merged into the next."""
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, line)
+        if written != len(line):
+            raise OSError(f"short write to {path}: {written} of {len(line)} bytes")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_tree(path: Path) -> None:

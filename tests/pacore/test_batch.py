@@ -91,3 +91,53 @@ def test_invalid_utf8_fails_its_line_only(tmp_path):
     items = read_problems(p)
     assert [getattr(i, "id", None) or i.request_id for i in items] == ["a", "line2", "c"]
     assert items[1].error == f"{p}:2: invalid UTF-8 at byte 25 of the line"  # after {"id": "b", "messages": "
+
+
+def _comparable(rec):
+    """A record without what depends on timing or on which other prompts shared the prefix cache."""
+    rec = dict(rec)
+    for k in ("wall_time", "prefix_hit_tokens"):
+        rec.pop(k)
+    rec["rounds"] = [{k: v for k, v in s.items() if k not in ("seconds", "prefix_hit_tokens")} for s in rec["rounds"]]
+    return rec
+
+
+def test_a_problem_interrupted_between_rounds_resumes_at_its_next_round(tmp_path, make_llm, script, hook,
+                                                                          monkeypatch):
+    from pacore import journal as J
+    from pacore.problem_run import ProblemRun
+
+    inp = tmp_path / "problems.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": f"Q{i}?"}]}) + "\n"
+                           for i in range(3)))
+    cfg = PaCoReConfig(rounds=[3, 2], max_tokens=16, sampling_hook=hook({"*": script()}))
+    straight = {r["request_id"]: r for r in run_batch(PaCoRe(make_llm(), cfg), inp, tmp_path / "straight.jsonl")}
+    assert not list(tmp_path.glob("*.rounds.jsonl"))  # a finished run leaves no journal
+
+    out, started = tmp_path / "results.jsonl", []
+    original_record, original_request = J.RoundJournal.record, ProblemRun._round_request
+
+    def record_then_die(self, entry):  # the kill comes after the second finished round is kept
+        original_record(self, entry)
+        if sum(1 for _ in open(self.path)) == 2:
+            raise KeyboardInterrupt
+
+    def logged(self, r, messages):
+        started.append((self.problem.id, r))
+        return original_request(self, r, messages)
+
+    monkeypatch.setattr(ProblemRun, "_round_request", logged)
+    with monkeypatch.context() as m:
+        m.setattr(J.RoundJournal, "record", record_then_die)
+        try:
+            list(run_batch(PaCoRe(make_llm(), cfg), inp, out))
+        except KeyboardInterrupt:
+            pass
+    kept = J.RoundJournal(J.journal_path(out), out).entries
+    assert len(kept) >= 1 and not (out.exists() and out.read_text().strip())  # rounds kept, no problem finished
+    started.clear()
+    resumed = {r["request_id"]: r for r in run_batch(PaCoRe(make_llm(), cfg), inp, out)}
+    for pid, entry in kept.items():  # resumed at the round after the kept one, never from round 1
+        assert (pid, 0) not in started and (pid, entry["round"] + 1) in started
+    assert {k: _comparable(v) for k, v in resumed.items()} == {k: _comparable(v) for k, v in straight.items()}
+    assert not list(tmp_path.glob("*.rounds.jsonl"))
