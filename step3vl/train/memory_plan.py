@@ -131,31 +131,27 @@ def _local_numel(module: torch.nn.Module) -> int:
 
 
 def measure_sharded(cfg: Step3VLConfig, world_size: int, mixed_precision: bool = True) -> ShardSizes:
-    """Shard the model as training will (one FSDP unit per vision block and decoder layer, plus the root) on a fake
-    process group as rank 0 of `world_size`, on the meta device, and read back the per-rank sizes."""
+    """Shard the model with training's own `shard_model` (one FSDP unit per vision block and decoder layer, plus
+    the root) on a fake process group as rank 0 of `world_size`, on the meta device, and read back the per-rank
+    sizes."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
+    from step3vl.distributed import DistEnv
     from step3vl.model.vlm import Step3VLForCausalLM
+    from step3vl.train.fsdp import shard_model
 
     if dist.is_initialized():
         raise RuntimeError("measure_sharded: a process group already exists; run the dry run in its own process")
-    # On a GPU the all-gathers run in bf16 and the gradients reduce in fp32; on the meta device the policy changes
-    # no size, it is passed so the dry run shards exactly what training shards.
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
-        else MixedPrecisionPolicy()
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
-        mesh = init_device_mesh("cpu", (world_size,))
         with torch.device("meta"):
             model = Step3VLForCausalLM(cfg)
+        # On a GPU the all-gathers run in bf16 and the gradients reduce in fp32; on the meta device the policy
+        # changes no size, it is passed so the dry run shards exactly what training shards.
+        shard_model(model, DistEnv(0, world_size, 0, torch.device("cpu")), mixed_precision=mixed_precision)
         blocks = list(model.vision_model.transformer.resblocks) if cfg.vision is not None else []
         blocks += list(model.model.layers)
-        for block in blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
         block_numels = [_local_numel(b) for b in blocks]
         shard_numel = _local_numel(model)
         # An all-gather fills W padded chunks: W × rank 0's chunk is the unsharded size FSDP allocates.
