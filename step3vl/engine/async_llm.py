@@ -20,8 +20,9 @@ from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable
 
 from step3vl.engine.beam_search import BeamSearchOutput, BeamSearchParams
-from step3vl.engine.llm import LLM, PreparedPrompt
+from step3vl.engine.llm import LLM
 from step3vl.engine.outputs import RequestOutput
+from step3vl.engine.prompts import PreparedPrompt
 from step3vl.engine.sampling_params import SamplingParams
 
 

@@ -6,18 +6,20 @@ log-prob, and each prompt keeps its beam_width best. A candidate ending in EOS (
 as finished. After max_tokens steps the finished and live beams are ranked by cum_logprob / len^length_penalty,
 len counting the prompt and not a final EOS (vLLM's `get_beam_search_score`). The beams of one prompt share its
 prefix in the KV pool through the prefix cache, so a step computes only each beam's last, partial block.
+
+`BeamSearch` holds the beams between steps and knows no engine; `run_beam_search` drives it on anything with
+`BeamSearchEngine`'s methods (`LLM`); AsyncLLM drives it with its own coroutines.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
+from step3vl.engine.outputs import RequestOutput
+from step3vl.engine.prompts import PreparedPrompt, prompt_list
 from step3vl.engine.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from step3vl.engine.llm import PreparedPrompt
 
 
 @dataclass
@@ -70,7 +72,7 @@ class BeamSearch:
     """The beams of a batch of prompts between steps; a driver runs each step's `requests()` on an engine (LLM or
     AsyncLLM) with `step_params` and hands the outputs to `advance`."""
 
-    def __init__(self, prepared: list["PreparedPrompt"], params: BeamSearchParams, eos_ids: set[int],
+    def __init__(self, prepared: list[PreparedPrompt], params: BeamSearchParams, eos_ids: set[int],
                  max_logprobs: int, max_model_len: int):
         if 2 * params.beam_width > max_logprobs:
             raise ValueError(f"BeamSearchParams.beam_width = {params.beam_width}: each step asks for 2 x beam_width "
@@ -91,7 +93,7 @@ class BeamSearch:
     def finished(self) -> bool:
         return self.steps >= self.params.max_tokens or not any(self.live)
 
-    def requests(self) -> list["PreparedPrompt"]:
+    def requests(self) -> list[PreparedPrompt]:
         self._flat = [(i, b) for i, beams in enumerate(self.live) for b in beams]
         return [_extend(self.prepared[i], b.tokens) for i, b in self._flat]
 
@@ -128,6 +130,27 @@ class BeamSearch:
         return out
 
 
-def _extend(prompt: "PreparedPrompt", tokens: list[int]) -> "PreparedPrompt":
+def _extend(prompt: PreparedPrompt, tokens: list[int]) -> PreparedPrompt:
     """The prompt continued by a beam's tokens, with the prompt's images (encoded once: the encoder cache)."""
     return replace(prompt, token_ids=tokens)
+
+
+class BeamSearchEngine(Protocol):
+    """What `run_beam_search` needs of an engine: `LLM` has it."""
+
+    def prepare(self, prompt: Any) -> PreparedPrompt: ...
+
+    def new_beam_search(self, prepared: list[PreparedPrompt], params: BeamSearchParams) -> BeamSearch: ...
+
+    def generate(self, prompts: Any, sampling_params: SamplingParams, use_tqdm: bool) -> list[RequestOutput]: ...
+
+    def get_tokenizer(self) -> Any: ...
+
+
+def run_beam_search(engine: BeamSearchEngine, prompts: Any, params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+    """`LLM.beam_search`: every step's beams of all prompts as one batch on the engine."""
+    search = engine.new_beam_search([engine.prepare(p) for p in prompt_list(prompts)], params)
+    while not search.finished:
+        search.advance(engine.generate(search.requests(), search.step_params, use_tqdm=use_tqdm))
+    return search.results(engine.get_tokenizer())

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from step3vl.engine.sequence import Request, Sequence
 
 
 @dataclass(slots=True)
@@ -29,3 +33,24 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
     prompt_logprobs: list | None = None  # with SamplingParams.prompt_logprobs: None, then {token: logprob} per token
+
+
+def visible_text(seq: Sequence) -> str:
+    """While running, hold back a tail that could still become a stop string (vLLM does the same), so
+    streamed text only ever grows."""
+    stops = seq.request.params.stop_strings
+    hold = max(map(len, stops)) - 1 if stops and seq.finish_reason is None else 0
+    return seq.text[:len(seq.text) - hold] if hold else seq.text
+
+
+def request_output(req: Request) -> RequestOutput:
+    """A request's output so far, its completions in index order."""
+    comps = [CompletionOutput(
+        index=s.index, text=visible_text(s), token_ids=s.output_ids,
+        cumulative_logprob=s.cumulative_logprob if req.params.logprobs is not None else None,
+        logprobs=list(s.logprobs) if req.params.logprobs is not None else None,
+        finish_reason=s.finish_reason, stop_reason=s.stop_reason) for s in sorted(req.sequences, key=lambda s: s.index)]
+    ttft = None if req.first_token_time is None else req.first_token_time - req.arrival_time
+    return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, comps, req.finished,
+                         num_cached_tokens=req.num_cached_tokens, metrics={"time_to_first_token": ttft},
+                         prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None)
