@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from step3vl.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, run_beam_search
+from step3vl.engine.config import EngineConfig
 from step3vl.engine.core import EngineCore, EngineCounters
 from step3vl.engine.kv_cache import KVCache, block_bytes
 from step3vl.engine.outputs import RequestOutput, request_output
@@ -57,45 +58,35 @@ def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtyp
 class LLM:
     """An in-process engine over one checkpoint directory (vLLM's names).
 
-    dtype: "auto" (bf16 on CUDA, fp32 on the CPU), "float32", "bfloat16", "float16" or a torch.dtype.
-    device: "cuda" when available, else "cpu". kv_cache_memory: bytes or "4GiB"-style (default: 60% of free GPU
-    memory, 1 GiB on the CPU). block_size: tokens per KV block (a power of two). max_model_len: prompt + output
-    limit (default: what the model and the pool allow). max_num_batched_tokens: per-step token budget (chunked
-    prefill). max_num_seqs: sequences per step. seed: the default for requests without one.
-    use_kernels: Triton/CUDA kernels (default on CUDA). cascade_attention: the shared-prefix cascade decode kernel on
-    CUDA (default off until measured there). cpu_kernels: on the CPU, the native decoder (packed linears, C++
-    paged attention, in fp32 one native call per decode step); False keeps the plain PyTorch path. max_logprobs:
-    the most alternatives per token (logprobs, prompt_logprobs) a request may ask for. encoder_cache_memory: image
-    features kept by image digest, so an image that recurs (PaCoRe rounds, chat turns, a shared picture) is encoded
-    once while cached. speculative_config: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
-    "prompt_lookup_min": 2} (vLLM's) drafts tokens by prompt lookup and verifies them in one pass; outputs are
-    token for token those without it (engine/speculative.py). scheduling_policy: "fcfs" (arrival order) or
-    "priority" (each request's `priority`, lower first, then arrival: admission, decode order within the batch
-    limits, and preemption of the last in that order when the pool runs out).
+    `LLM(model, **settings)` or `LLM(config=EngineConfig(...))`: every setting, its default and meaning is declared
+    once, in engine/config.py (`EngineConfig`); `llm.config` is the resolved config this engine runs with.
     """
 
-    def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", device: str | None = None,
-                 kv_cache_memory: int | str | None = None, block_size: int = 16, max_model_len: int | None = None,
-                 max_num_batched_tokens: int | None = None, max_num_seqs: int = 256, seed: int = 0,
-                 use_kernels: bool | None = None, cascade_attention: bool | None = None, cpu_kernels: bool = True,
-                 max_logprobs: int = 20, encoder_cache_memory: int | str = "256MiB",
-                 speculative_config: SpeculativeConfig | dict | None = None, scheduling_policy: str = "fcfs"):
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if block_size < 1 or block_size & (block_size - 1):
-            raise ValueError(f"block_size {block_size}: must be a power of two")
-        self.dtype = _resolve_dtype(dtype, dev)
+    def __init__(self, model: str | Path | None = None, config: EngineConfig | None = None, **settings: Any):
+        if config is None:
+            config = EngineConfig(model=str(model) if model is not None else "", **settings)
+        elif settings or (model is not None and str(model) != config.model):
+            config = config.replace(**settings, **({"model": str(model)} if model is not None else {}))
+        if not config.model:
+            raise ValueError("LLM: no model (give a checkpoint directory)")
+        self.config = config
+        dev = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        block_size = config.block_size
+        self.dtype = _resolve_dtype(config.dtype, dev)
         self.device = dev
-        self.model_path = Path(model)
-        self.processor = Step3VLProcessor.from_pretrained(model)
-        loaded = load_model(model, dtype=self.dtype, device=dev)
+        self.model_path = Path(config.model)
+        self.processor = Step3VLProcessor.from_pretrained(config.model, max_image_pixels=config.max_image_pixels)
+        loaded = load_model(config.model, dtype=self.dtype, device=dev)
         cfg = loaded.cfg.text
         per_block = block_bytes(cfg, block_size, self.dtype)
-        budget = parse_bytes(kv_cache_memory) if kv_cache_memory is not None else self._default_kv_bytes(dev)
+        budget = (parse_bytes(config.kv_cache_memory) if config.kv_cache_memory is not None
+                  else self._default_kv_bytes(dev, config.gpu_memory_utilization))
         num_blocks = budget // per_block
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory {budget} bytes holds {num_blocks} blocks of {per_block} bytes; "
                              f"need at least 2")
         limit = min(cfg.max_position_embeddings, num_blocks * block_size)
+        max_model_len = config.max_model_len
         if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
                              f"{cfg.max_position_embeddings}")
@@ -104,23 +95,24 @@ class LLM:
         self._engine_args = dict(  # EngineCore's arguments but the model and the pool (the lifecycle's)
             max_model_len=min(max_model_len or limit, cfg.max_position_embeddings), eos_token_ids=eos,
             detokenizer_factory=lambda skip: tok.stream_decoder(skip),
-            max_num_batched_tokens=max_num_batched_tokens or max(2048, block_size),
-            max_num_seqs=max_num_seqs, use_kernels=dev.type == "cuda" if use_kernels is None else use_kernels,
+            max_num_batched_tokens=config.max_num_batched_tokens or max(2048, block_size),
+            max_num_seqs=config.max_num_seqs,
+            use_kernels=dev.type == "cuda" if config.use_kernels is None else config.use_kernels,
             # On CUDA the last measured cascade kernel (eager, 3 launches) lost to plain paged decode
             # (bench/RESULTS.md); the CPU path always reads a shared prefix once per group.
-            cascade_attention=dev.type != "cuda" if cascade_attention is None else cascade_attention,
-            cpu_kernels=cpu_kernels,
+            cascade_attention=dev.type != "cuda" if config.cascade_attention is None else config.cascade_attention,
+            cpu_kernels=config.cpu_kernels,
             structured=StructuredOutputBackend(tok, cfg.vocab_size, eos),
-            max_logprobs=max_logprobs,
-            encoder_cache_bytes=parse_bytes(encoder_cache_memory, "encoder_cache_memory"),
-            speculative=SpeculativeConfig.of(speculative_config),
-            scheduling_policy=scheduling_policy,
+            max_logprobs=config.max_logprobs,
+            encoder_cache_bytes=parse_bytes(config.encoder_cache_memory, "encoder_cache_memory"),
+            speculative=SpeculativeConfig.of(config.speculative_config),
+            scheduling_policy=config.scheduling_policy,
             encode=tok.encode,
-            seed=seed)
+            seed=config.seed)
         self._prompts = PromptPreparer(self.processor, cfg.vocab_size)
         # Swaps in the CPU layers, allocates the pool and builds the engine (_new_engine).
         self._lifecycle = WeightLifecycle(loaded, path=self.model_path, dtype=self.dtype, device=dev,
-                                        cpu_kernels=cpu_kernels, num_blocks=num_blocks, block_size=block_size,
+                                        cpu_kernels=config.cpu_kernels, num_blocks=num_blocks, block_size=block_size,
                                         build_engine=self._new_engine)
         self._ids = itertools.count()
         self._asleep_stats = dict.fromkeys(self.kv_stats(), 0)  # kv_stats() while asleep: the awake keys, all 0
@@ -137,10 +129,10 @@ class LLM:
         return core
 
     @staticmethod
-    def _default_kv_bytes(dev: torch.device) -> int:
+    def _default_kv_bytes(dev: torch.device, gpu_memory_utilization: float = 0.6) -> int:
         if dev.type == "cuda":
             free, _ = torch.cuda.mem_get_info(dev)
-            return int(free * 0.6)
+            return int(free * gpu_memory_utilization)
         return 1 << 30
 
     @property
