@@ -327,8 +327,8 @@ class EngineCore:
     def _append(self, seq: Sequence, tok: SampledToken) -> None:
         p = seq.request.params
         if tok.token == NO_TOKEN:  # the request's own rules left nothing to sample: end this sample, not the engine
-            self._finish(seq, "abort", "no token is allowed by the request's rules (structured outputs, "
-                                       "allowed_token_ids, min_tokens)")
+            self._finish(seq, "abort", seq.rule_state.pop("error", None) or "no token is allowed by the request's "
+                                       "rules (structured outputs, allowed_token_ids, min_tokens)")
             return
         seq.token_ids.append(tok.token)
         if tok.logprob is not None:

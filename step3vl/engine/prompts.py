@@ -8,6 +8,7 @@ threads (images are decoded and preprocessed there) while the engine thread keep
 from __future__ import annotations
 
 import hashlib
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,25 @@ def prompt_list(prompts: Any) -> list:
     if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
         return [prompts]
     return list(prompts)
+
+
+def token_ids(ids: Any, what: str = "prompt_token_ids") -> list[int]:
+    """Token ids as plain ints, checked here so nothing else (the scheduler, the native block manager) ever sees
+    another type: ints and integer numpy scalars are taken; bools, floats and strings are refused, naming the
+    position."""
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"{what}: expected a list of token ids, got {type(ids).__name__}")
+    out = []
+    for i, t in enumerate(ids):
+        if not _is_int(t):
+            raise ValueError(f"{what}[{i}] = {t!r} ({type(t).__name__}): token ids must be integers")
+        out.append(operator.index(t))
+    return out
+
+
+def _is_int(t: Any) -> bool:
+    # bool is an int subclass, and True would silently be token 1; numpy integers have __index__, floats do not
+    return not isinstance(t, bool) and hasattr(type(t), "__index__")
 
 
 def cache_salt(cache_salt: str) -> int:
@@ -73,16 +93,20 @@ class PromptPreparer:
         if isinstance(prompt, str):
             p = self.processor.process(prompt, [])
             return prompt, p.input_ids, []
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt), []
+        if isinstance(prompt, (list, tuple)) and prompt and all(_is_int(t) for t in prompt):
+            return None, token_ids(prompt), []
         if isinstance(prompt, dict):
             images = prompt.get("images") or ([prompt["image"]] if "image" in prompt else [])
+            if not isinstance(images, (list, tuple)):
+                raise ValueError(f"prompt 'images': expected a list, got {type(images).__name__}")
             if "prompt_token_ids" in prompt:
                 if images:
                     raise ValueError("images with prompt_token_ids: pass the prompt text so the image tokens "
                                      "can be laid out")
-                return None, list(prompt["prompt_token_ids"]), []
+                return None, token_ids(prompt["prompt_token_ids"]), []
             if "prompt" in prompt:
+                if not isinstance(prompt["prompt"], str):
+                    raise ValueError(f"prompt 'prompt': expected a string, got {type(prompt['prompt']).__name__}")
                 p = self.processor.process(prompt["prompt"], list(images))
                 return prompt["prompt"], p.input_ids, p.images
         raise ValueError(f"unsupported prompt of type {type(prompt).__name__}: use a string, a list of token ids "

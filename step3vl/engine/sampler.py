@@ -105,11 +105,19 @@ class Sampler:
 
     @staticmethod
     def _apply_processors(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """vLLM-style per-request logits processors: fn(output_token_ids, logits_row) -> logits_row."""
+        """vLLM-style per-request logits processors: fn(output_token_ids, logits_row) -> logits_row. A processor
+        that raises (or returns something else than a row) ends its own sample, never the engine: the row allows
+        no token, and the reason is kept for the sample's stop_reason."""
         if not any(s.request.params.logits_processors for s in seqs):
             return logits
         logits = logits.clone()
         for i, s in enumerate(seqs):
             for fn in s.request.params.logits_processors:
-                logits[i] = fn(s.output_ids, logits[i])
+                try:
+                    row = fn(s.output_ids, logits[i])
+                    logits[i] = row
+                except Exception as e:  # user code: any failure is that request's
+                    s.rule_state["error"] = f"a logits processor raised {type(e).__name__}: {e}"
+                    logits[i] = float("-inf")
+                    break
         return logits
