@@ -93,7 +93,7 @@ class PromptPreparer:
         if isinstance(prompt, str):
             p = self.processor.process(prompt, [])
             return prompt, p.input_ids, []
-        if isinstance(prompt, (list, tuple)) and prompt and all(_is_int(t) for t in prompt):
+        if isinstance(prompt, (list, tuple)) and all(_is_int(t) for t in prompt):
             return None, token_ids(prompt), []
         if isinstance(prompt, dict):
             images = prompt.get("images") or ([prompt["image"]] if "image" in prompt else [])
