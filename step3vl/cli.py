@@ -1,8 +1,9 @@
-"""`step3vl` command line: demo, pacore (one question or a JSONL batch), generate, serve, train, rl,
-recipe, eval, make-checkpoint.
+"""`step3vl` command line: generate, serve, train, rl, make-checkpoint, plan-memory, and the commands of the
+installed plugins (step3vl/plugins.py: PaCoRe's demo, pacore, recipe and eval come from the `pacore` plugin).
 
-PaCoRe sits on top of the engine, so this module (the top of the house) imports it only inside the
-commands that use it.
+This module never imports a plugin: it asks the plugin registry for the commands to add, the options and the
+server extensions of `step3vl serve`, and the RL batch sources of `step3vl rl`. The helpers plugin commands
+share (add_engine_args, load_llm, demo_checkpoint, RandomWeightsProcessor) are public here.
 """
 
 from __future__ import annotations
@@ -11,17 +12,34 @@ import argparse
 import json
 import os
 import sys
-import time
+import warnings
 from pathlib import Path
+
+from step3vl.plugins import PLUGINS_ENV, PluginRegistry, PluginWarning, load_plugins, plugin_offering
 
 DEMO_DIR = Path.home() / ".cache" / "step3vl" / "demo-small"
 ASSETS = Path(__file__).resolve().parent / "assets"
 # The demo's default model: trained by `step3vl recipe shapes` (its model card is the README.md beside it).
 SHAPES_MODEL = ASSETS / "shapes_demo"
+# step3vl's own commands, in the order `step3vl --help` lists them (the plugins' follow, in load order).
+BUILTIN_COMMANDS = ("generate", "serve", "train", "rl", "make-checkpoint", "plan-memory")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = _parser()
+def main(argv: list[str] | None = None, plugins: PluginRegistry | None = None) -> int:
+    """`plugins`: the registry whose commands and hooks the CLI offers; default: the installed plugins that
+    STEP3VL_PLUGINS allows (load_plugins()). An embedding application passes its own (PluginRegistry.register)."""
+    plugins = load_plugins() if plugins is None else plugins
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = _parser(plugins)
+    word = next((a for a in argv if not a.startswith("-")), None)  # the top level's options take no value
+    if word is not None and word not in BUILTIN_COMMANDS and word not in plugins.commands:
+        owner = plugin_offering(word, plugins)
+        if owner is not None:
+            why = (f"{PLUGINS_ENV}={os.environ.get(PLUGINS_ENV, '')!r} leaves it out: unset {PLUGINS_ENV} or add "
+                   f"{owner} to it" if owner in plugins.disabled else "this registry does not load it")
+            print(f"step3vl {word}: error: this command comes from the {owner!r} plugin, which is not loaded ({why})",
+                  file=sys.stderr)
+            return 2
     args = ap.parse_args(argv)
     if args.command is None:
         ap.print_help()
@@ -45,55 +63,11 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="step3vl", description="STEP3-VL-10B engine and PaCoRe.")
+def _parser(plugins: PluginRegistry) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="step3vl", description="STEP3-VL-10B engine; plugins add more commands.",
+                                 epilog=plugins.summary())
     ap.add_argument("--version", action="version", version=f"step3vl {_version()}")
     sub = ap.add_subparsers(dest="command")
-
-    d = sub.add_parser("demo", help="PaCoRe with the bundled shapes model on the bundled picture (or your own)")
-    d.add_argument("question", nargs="?", default=None,
-                   help="a question about --image (default: the bundled picture's question)")
-    d.add_argument("--image", type=Path, default=None, help="your own shapes picture (default: the bundled one)")
-    d.add_argument("--model", type=Path, default=SHAPES_MODEL,
-                   help="checkpoint (default: the bundled model trained by `step3vl recipe shapes`)")
-    d.add_argument("--random", action="store_true",
-                   help="instead: a small random-weight checkpoint (benchmarking the machinery; gibberish text)")
-    d.add_argument("--dir", type=Path, default=DEMO_DIR, help=f"--random: checkpoint to make or reuse ({DEMO_DIR})")
-    d.add_argument("--preset", default="medium", choices=["low", "medium", "high"])
-    d.add_argument("--max-tokens", type=int, default=None,
-                   help="new tokens per trajectory (default 128; 64 with --random)")
-    d.add_argument("--message-max-tokens", type=int, default=24)
-    d.add_argument("--think-at", type=int, default=None,
-                   help="--random: position where </think> is forced (random weights never write it); default 3/4 "
-                        "of --max-tokens")
-    d.add_argument("--seed", type=int, default=42)
-    d.add_argument("--show-reasoning", action="store_true")
-    _engine_args(d)
-    d.set_defaults(func=_cmd_demo)
-
-    p = sub.add_parser("pacore", help="PaCoRe on one question (--image, question) or a JSONL batch (--input/--output)")
-    p.add_argument("question", nargs="?", help="the question (one-problem mode)")
-    p.add_argument("--model", required=True, type=Path)
-    p.add_argument("--image", action="append", default=[], help="an image for the question (repeatable)")
-    p.add_argument("--system", default=None, help="a system message")
-    p.add_argument("--input", type=Path, help="JSONL problems in the official format (id, messages, ...)")
-    p.add_argument("--output", type=Path, help="JSONL results; an existing file is resumed")
-    p.add_argument("--retry-errors", action="store_true", help="on resume, run again the problems that failed")
-    p.add_argument("--preset", default="medium", choices=["low", "medium", "high"])
-    p.add_argument("--rounds", default=None, help="override the preset, e.g. 8,4 (a final round of 1 is added)")
-    p.add_argument("--max-tokens", type=int, default=131072, help="new tokens per trajectory")
-    p.add_argument("--message-max-tokens", type=int, default=4096, help="bound on each message passed on")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--unclosed", default="drop", choices=["drop", "keep"],
-                   help="a trajectory without </think>: drop it (default) or pass its whole text on")
-    p.add_argument("--max-concurrent-problems", type=int, default=None)
-    p.add_argument("--show-reasoning", action="store_true", help="print the final trajectory's reasoning")
-    p.add_argument("--show-rounds", action="store_true", help="print every round's messages")
-    p.add_argument("--no-progress", action="store_true")
-    _engine_args(p)
-    p.set_defaults(func=_cmd_pacore)
 
     g = sub.add_parser("generate", help="plain sampling from a checkpoint")
     g.add_argument("prompt")
@@ -105,10 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
-    _engine_args(g)
+    add_engine_args(g)
     g.set_defaults(func=_cmd_generate)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions; PaCoRe models beside the base)")
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions; the plugins' models and routes "
+                                     "beside the base)")
     s.add_argument("--model", type=Path, default=None, help="checkpoint directory (or --demo)")
     s.add_argument("--random", action="store_true",
                    help="with --demo: the random-weight demo checkpoint instead of the bundled shapes model")
@@ -118,11 +93,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
-    s.add_argument("--pacore-presets", default="low,medium,high",
-                   help="PaCoRe chat models <name>-pacore-<preset> to serve ('' for none)")
-    s.add_argument("--pacore-max-tokens", type=int, default=None,
-                   help="per-trajectory new tokens when a request names none (default: the context's room)")
-    s.add_argument("--message-max-tokens", type=int, default=4096, help="bound on each message passed between rounds")
     s.add_argument("--chat-template", type=Path, default=None,
                    help="a Jinja chat template file to use instead of the checkpoint's (vLLM's flag)")
     s.add_argument("--no-reasoning-parser", action="store_true",
@@ -140,16 +110,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--enable-sleep-mode", action="store_true",
                    help="serve POST /sleep?level=1|2, POST /wake_up, GET /is_sleeping (a colocated trainer frees "
                         "the KV pool, and at level 2 the weights, between rollouts)")
-    s.add_argument("--max-pacore-trajectories", type=int, default=64,
-                   help="the most trajectories, all rounds together, one PaCoRe problem may ask for")
     s.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on /v1/* and /tokenize (default: $STEP3VL_API_KEY)")
     s.add_argument("--think-at", type=int, default=None,
                    help="random-weight checkpoints only (demos, benchmarks): every request writes </think> at this "
                         "output position and only decodable text")
     s.add_argument("--log-level", default="info")
-    _engine_args(s)
-    s.set_defaults(func=_cmd_serve)
+    plugins.add_options("serve", s)
+    add_engine_args(s)
+    s.set_defaults(func=lambda args: _cmd_serve(args, plugins))
 
     t = sub.add_parser("train", help="next-token training (image-text / chat JSONL) of a checkpoint")
     t.add_argument("--model", required=True, type=Path, help="the checkpoint to start from")
@@ -169,12 +138,10 @@ def _parser() -> argparse.ArgumentParser:
     _optim_args(t, lr=1e-5)
     t.set_defaults(func=_cmd_train)
 
-    r = sub.add_parser("rl", help="RL with outcome rewards (math answers) on problems, or on PaCoRe synthesis episodes")
+    r = sub.add_parser("rl", help="RL with outcome rewards (math answers) on problems, or on the batches a plugin's "
+                                  "options choose")
     r.add_argument("--model", required=True, type=Path)
     r.add_argument("--problems", required=True, type=Path, help='JSONL problems: {"id", "messages", "ground_truth"}')
-    r.add_argument("--pacore-results", type=Path, default=None,
-                   help="PaCoRe results JSONL (from `step3vl pacore --output`): train on synthesis episodes whose "
-                        "references are drawn from these messages")
     r.add_argument("--out", required=True, type=Path)
     r.add_argument("--steps", type=int, default=10)
     r.add_argument("--batch-size", type=int, default=4, help="prompts per step")
@@ -197,39 +164,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="held-out problems (same format): mean reward logged as eval_reward")
     r.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: at the end)")
     r.add_argument("--eval-samples", type=int, default=1, help="responses per held-out problem")
-    r.add_argument("--min-refs", type=int, default=16)
-    r.add_argument("--max-refs", type=int, default=24)
     _optim_args(r, lr=1e-6)
     r.add_argument("--kv-cache-memory", default=None, help="the rollout engine's KV pool, e.g. 2GiB")
-    r.set_defaults(func=_cmd_rl)
-
-    rc = sub.add_parser("recipe", help="train a model end to end: `recipe shapes` (see pacore/recipes/shapes.py)")
-    rc.add_argument("task", choices=["shapes"])
-    rc.add_argument("--out", type=Path, required=True, help="the run's directory (an existing one is resumed)")
-    rc.add_argument("--seed", type=int, default=0)
-    rc.add_argument("--stages", default=None, help="comma-separated subset of init,pretrain,rl,pools,synthesis,eval")
-    rc.add_argument("--pretrain-examples", type=int, default=None,
-                    help="pre-training problems (default: the recipe's 60,000; a resumed run needs the same value)")
-    rc.add_argument("--toy", action="store_true", help="every stage at toy size (a smoke test, well under a minute)")
-    rc.add_argument("--export", type=Path, default=None,
-                    help="after the stages, copy the final checkpoint here with its model card and plots "
-                         "(step3vl/assets/shapes_demo ships it as the demo's model)")
-    rc.add_argument("--export-checkpoint", default="synthesis", choices=["rl", "synthesis"],
-                    help="which stage's checkpoint --export copies")
-    rc.add_argument("--device", default=None)
-    rc.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    rc.set_defaults(func=_cmd_recipe)
-
-    ev = sub.add_parser("eval", help="evaluate a checkpoint: `eval shapes` (greedy, single, self-consistency, PaCoRe)")
-    ev.add_argument("task", choices=["shapes"])
-    ev.add_argument("--model", type=Path, default=SHAPES_MODEL, help="checkpoint (default: the bundled model)")
-    ev.add_argument("--problems", type=int, default=500, help="held-out problems (seeds 0..N-1, N <= 500)")
-    ev.add_argument("--samples", type=int, default=16, help="samples per problem (single and self-consistency)")
-    ev.add_argument("--max-tokens", type=int, default=128, help="new tokens per trajectory")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--out", type=Path, default=None, help="write the JSON report here (and a PNG plot beside it)")
-    _engine_args(ev)
-    ev.set_defaults(func=_cmd_eval)
+    plugins.add_options("rl", r)
+    r.set_defaults(func=lambda args: _cmd_rl(args, plugins))
 
     m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the official format")
     m.add_argument("dir", type=Path)
@@ -244,10 +182,20 @@ def _parser() -> argparse.ArgumentParser:
     pm.add_argument("--no-mixed-precision", action="store_true", help="fp32 working set and activations")
     pm.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     pm.set_defaults(func=_cmd_plan_memory)
+
+    for cmd in plugins.commands.values():
+        if cmd.name in BUILTIN_COMMANDS:
+            warnings.warn(f"step3vl plugin {cmd.plugin!r}: its command {cmd.name!r} is a built-in one, left out",
+                          PluginWarning, stacklevel=2)
+            continue
+        c = sub.add_parser(cmd.name, help=cmd.help)
+        cmd.add_arguments(c)
+        c.set_defaults(func=cmd.run)
     return ap
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The engine's options (an argument group), for every command that loads a checkpoint into an LLM."""
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="auto")
     e.add_argument("--device", default=None)
@@ -300,7 +248,8 @@ def _optim_config(args):
                        max_grad_norm=args.max_grad_norm)
 
 
-def _load_llm(args, model: Path):
+def load_llm(args, model: Path):
+    """An LLM on checkpoint `model` with the options of add_engine_args."""
     from step3vl.engine.llm import LLM
 
     if not (Path(model) / "config.json").is_file():
@@ -311,9 +260,10 @@ def _load_llm(args, model: Path):
                speculative_config=args.speculative_config, scheduling_policy=args.scheduling_policy)
 
 
-# -- demo -------------------------------------------------------------------------------------------
+# -- random-weight checkpoints (serve --demo --random; the plugins' demos) ------------------------------
 
-def _demo_checkpoint(path: Path) -> tuple[Path, bool]:
+def demo_checkpoint(path: Path) -> tuple[Path, bool]:
+    """The small random-weight checkpoint at `path`, made there if missing; (path, whether it was made now)."""
     if (path / "config.json").is_file() and (path / "model.safetensors.index.json").is_file():
         return path, False
     from step3vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
@@ -351,205 +301,12 @@ class RandomWeightsProcessor:
         return logits.masked_fill(self.banned_before if len(output_ids) < self.think_at else self.banned, float("-inf"))
 
 
-def _cmd_demo(args) -> int:
-    if args.random:
-        if args.image or args.question:
-            raise ValueError("--random runs the bundled question only (its answers are gibberish)")
-        return _demo_random(args)
-    return _demo_trained(args)
-
-
-def _demo_trained(args) -> int:
-    from pacore import PaCoRe, PaCoReConfig, Problem
-    from step3vl.tasks.shapes import shapes_reward
-
-    problem = json.loads((ASSETS / "demo_problem.json").read_text())
-    if args.image is None and args.question is not None:
-        raise ValueError("a question of your own needs --image PATH (the bundled picture has its own question)")
-    image = args.image or ASSETS / problem["image"]
-    question = args.question or problem["question"]
-    llm = _load_llm(args, args.model)
-    cfg = PaCoReConfig.preset(args.preset, max_tokens=args.max_tokens or 128,
-                              message_max_tokens=args.message_max_tokens, seed=args.seed)
-    print(f"model: {args.model}")
-    print(f"picture: {image}\nquestion: {question}")
-    print(f"PaCoRe preset {args.preset!r}: rounds {cfg.schedule} (trajectories per round; the last synthesises)")
-    t0 = time.perf_counter()
-    result = PaCoRe(llm, cfg).run([Problem.from_question(question, image=str(image), id="demo")], progress=True)[0]
-    wall = time.perf_counter() - t0
-    _print_result(result, show_reasoning=True, show_rounds=args.show_reasoning)
-    print(f"tokens generated: {result.effective_ttc} in {wall:.1f}s ({llm.model.device})")
-    if args.image is None and result.error is None:
-        right = shapes_reward(result.final_response, problem["answer"]) == 1.0
-        print(f"expected: {problem['answer']}: {'correct' if right else 'WRONG'}")
-    return 0 if result.error is None else 1
-
-
-def _demo_random(args) -> int:
-    from pacore import PaCoRe, PaCoReConfig, Problem
-
-    args.max_tokens = args.max_tokens or 64
-    path, made = _demo_checkpoint(args.dir)
-    print(f"checkpoint: {path} ({'made now' if made else 'reused'}, preset 'small')")
-    print("NOTE: the weights are RANDOM. The answer is gibberish by construction; the demo shows the machinery "
-          "(rounds, tokens, throughput), not intelligence.")
-    problem = json.loads((ASSETS / "demo_problem.json").read_text())
-    image = ASSETS / problem["image"]
-    llm = _load_llm(args, path)
-    think_at = args.think_at if args.think_at is not None else max(1, args.max_tokens * 3 // 4)
-    proc = RandomWeightsProcessor(llm.get_tokenizer(), llm.model.cfg.text.vocab_size, think_at)
-
-    def hook(pid, r, params):
-        params.logits_processors = [proc]
-        return params
-
-    cfg = PaCoReConfig.preset(args.preset, max_tokens=args.max_tokens, message_max_tokens=args.message_max_tokens,
-                              seed=args.seed, sampling_hook=hook)
-    print(f"problem: {image.name}: {problem['question']}")
-    print(f"PaCoRe preset {args.preset!r}: rounds {cfg.schedule}, {args.max_tokens} new tokens per trajectory, "
-          f"messages <= {args.message_max_tokens} tokens; random weights never write </think>, so it is forced at "
-          f"token {think_at}, and sampling keeps to ids the tokenizer can decode")
-    t0 = time.perf_counter()
-    result = PaCoRe(llm, cfg).run([Problem.from_question(problem["question"], image=str(image), id="demo")],
-                                  progress=True)[0]
-    wall = time.perf_counter() - t0
-    _print_result(result, show_reasoning=args.show_reasoning, show_rounds=True)
-    stats = llm.kv_stats()
-    print(f"tokens generated: {result.effective_ttc} in {wall:.1f}s = {result.effective_ttc / wall:.1f} tok/s "
-          f"(device {llm.model.device}); prefill tokens computed {stats['prefill_tokens_computed']}, "
-          f"peak KV {stats['peak_blocks_used']} blocks ({stats['peak_bytes_in_use'] / 2**20:.1f} MiB)")
-    print(f"expected answer for a trained model: {problem['answer']} (this one has random weights)")
-    return 0 if result.error is None else 1
-
-
-# -- pacore -----------------------------------------------------------------------------------------
-
-def _pacore_config(args):
-    from pacore import PaCoReConfig
-
-    kwargs = dict(max_tokens=args.max_tokens, message_max_tokens=args.message_max_tokens,
-                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, unclosed_policy=args.unclosed,
-                  max_concurrent_problems=args.max_concurrent_problems)
-    if args.rounds:
-        try:
-            rounds = [int(x) for x in args.rounds.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(f"--rounds {args.rounds!r}: use comma-separated ints such as 8,4") from None
-        return PaCoReConfig(rounds=rounds, **kwargs)
-    return PaCoReConfig.preset(args.preset, **kwargs)
-
-
-def _pacore_dist(args):
-    """This process's DistEnv: under torchrun each rank runs its share of the batch on its own engine and device
-    (cuda:LOCAL_RANK, or the CPU with gloo); world size 1 otherwise (--device untouched)."""
-    from step3vl.distributed import init_distributed
-
-    # The ranks wait at the end for the slowest one, which may be hours behind in a long run, so the collectives'
-    # timeout is long unless STEP3VL_DIST_TIMEOUT_S sets one; a rank that dies still fails the run at once (gloo
-    # sees the closed connection, and torchrun stops the other ranks).
-    env = init_distributed(args.device, timeout_s=None if "STEP3VL_DIST_TIMEOUT_S" in os.environ else 7 * 86400.0)
-    if env.is_distributed:
-        args.device = str(env.device)
-    return env
-
-
-def _cmd_pacore(args) -> int:
-    from pacore import PaCoRe, Problem
-    from pacore.batch import run_batch
-
-    batch = args.input is not None or args.output is not None
-    if batch and (args.input is None or args.output is None):
-        raise ValueError("a batch run needs both --input and --output")
-    if batch and (args.question or args.image):
-        raise ValueError("give either a question (with --image) or --input/--output, not both")
-    if not batch and not args.question:
-        raise ValueError("give a question, or --input/--output for a batch")
-    if not batch and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("one question runs in one process: start it without torchrun (under torchrun, a batch "
-                         "--input/--output is split over the ranks)")
-    cfg = _pacore_config(args)
-    env = _pacore_dist(args) if batch else None
-    llm = _load_llm(args, args.model)
-    runner = PaCoRe(llm, cfg)
-    if batch:
-        from step3vl.distributed import close_distributed
-        from step3vl.train.rewards import math_reward
-
-        t0, n, errors, tokens, graded, correct = time.perf_counter(), 0, 0, 0, 0, 0
-        try:
-            for rec in run_batch(runner, args.input, args.output, progress=not args.no_progress and env.is_main,
-                                 retry_errors=args.retry_errors, dist=env):
-                n += 1
-                tokens += rec.get("effective_ttc", 0)
-                if rec.get("error"):
-                    errors += 1
-                    print(f"[{rec['request_id']}] error: {rec['error']}", file=sys.stderr)
-                elif rec.get("ground_truth") is not None:
-                    graded += 1
-                    correct += math_reward(rec.get("final_response") or "", rec["ground_truth"]) > 0.5
-            n, errors, tokens, graded, correct = (sum(c) for c in zip(*env.all_gather_objects(
-                (n, errors, tokens, graded, correct))))
-        except Exception as e:
-            if env.is_distributed:  # torchrun stops the other ranks; say which one stopped and why
-                print(f"step3vl pacore: rank {env.rank} of {env.world_size} stopped: {type(e).__name__}: {e}\n"
-                      f"step3vl pacore: the records written so far are kept ({args.output} and "
-                      f"{args.output}.part-*); the same command resumes the run, with any number of ranks",
-                      file=sys.stderr, flush=True)
-            raise
-        if env.is_distributed:
-            close_distributed()
-            if not env.is_main:
-                return 0
-        wall = time.perf_counter() - t0
-        print(f"{n} problem(s) written to {args.output} ({errors} with an error); {tokens} tokens in {wall:.1f}s")
-        if graded:
-            print(f"accuracy (math_reward of the final response against ground_truth): {correct}/{graded} = "
-                  f"{correct / graded:.1%}")
-        return 0
-    content = args.question
-    if args.image:
-        content = [{"type": "image", "image": im} for im in args.image] + [{"type": "text", "text": args.question}]
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-        {"role": "user", "content": content}]
-    t0 = time.perf_counter()
-    result = runner.run([Problem(id="0", messages=messages)], progress=not args.no_progress)[0]
-    wall = time.perf_counter() - t0
-    _print_result(result, show_reasoning=args.show_reasoning, show_rounds=args.show_rounds)
-    print(f"tokens generated: {result.effective_ttc} in {wall:.1f}s = {result.effective_ttc / max(wall, 1e-9):.1f} tok/s")
-    return 0 if result.error is None else 1
-
-
-def _print_result(result, show_reasoning: bool, show_rounds: bool) -> None:
-    last = len(result.rounds) - 1
-    for r, s in enumerate(result.rounds):
-        name = "final" if r == last and result.error is None else f"round {r + 1}"
-        dropped = ", ".join(f"{n} {k}" for k, n in s.dropped.items()) or "none"
-        print(f"{name}: K={s.k} prompt {s.prompt_tokens} tok (prefix hit {s.prefix_hit_tokens}), generated "
-              f"{s.generated_tokens} tok, messages {s.messages}, dropped {dropped}, truncated {s.truncated}, "
-              f"{s.seconds:.1f}s")
-        if show_rounds and r < len(result.round_responses) and r != last:
-            for i, resp in enumerate(result.round_responses[r]):
-                if resp["content"]:
-                    print(f"  message {i + 1}: {_short(resp['content'])}")
-    if show_reasoning and result.final_reasoning_content:
-        print("reasoning:\n" + result.final_reasoning_content)
-    if result.error:
-        print(f"error: {result.error}")
-    else:
-        print("answer:\n" + result.final_response.strip())
-
-
-def _short(text: str, n: int = 120) -> str:
-    text = text.replace("\n", " ")
-    return text if len(text) <= n else text[:n] + "…"
-
-
 # -- generate / make-checkpoint ---------------------------------------------------------------------
 
 def _cmd_generate(args) -> int:
     from step3vl.engine.sampling_params import SamplingParams
 
-    llm = _load_llm(args, args.model)
+    llm = load_llm(args, args.model)
     params = SamplingParams(n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     if args.raw:
@@ -568,25 +325,23 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-def _cmd_serve(args) -> int:
+def _cmd_serve(args, plugins: PluginRegistry) -> int:
     import uvicorn
 
-    from pacore import PaCoReConfig
-    from pacore.serve import PaCoReService
     from step3vl.engine.async_llm import AsyncLLM
     from step3vl.serve import MediaPolicy, OpenAIServer, ServerConfig
 
     if args.random and not args.demo:
         raise ValueError("--random goes with --demo")
     if args.demo and args.random:
-        args.model, _ = _demo_checkpoint(DEMO_DIR)
+        args.model, _ = demo_checkpoint(DEMO_DIR)
         args.think_at = 48 if args.think_at is None else args.think_at
     elif args.demo:
         args.model = SHAPES_MODEL
     if args.model is None:
         raise ValueError("give --model DIR (a checkpoint directory) or --demo")
     template = _read_template(args.chat_template) if args.chat_template is not None else None  # before loading
-    llm = _load_llm(args, args.model)
+    llm = load_llm(args, args.model)
     if template is not None:
         llm.get_tokenizer().chat_template = template
     config = ServerConfig(served_model_name=args.served_model_name or Path(args.model).resolve().name,
@@ -602,11 +357,7 @@ def _cmd_serve(args) -> int:
                                                            args.think_at)]
     engine = AsyncLLM(llm)
     server = OpenAIServer(engine, config)
-    presets = [p for p in args.pacore_presets.split(",") if p]
-    if presets:
-        base = PaCoReConfig(max_tokens=args.pacore_max_tokens or llm.max_model_len,
-                            message_max_tokens=args.message_max_tokens)
-        PaCoReService(server, base, presets, max_trajectories=args.max_pacore_trajectories)
+    plugins.setup_server(server, args)  # the plugins' models and routes (PaCoRe's: <name>-pacore-<preset>)
     print(f"step3vl serve: {config.served_model_name} on http://{args.host}:{args.port}/v1 "
           f"(max_model_len {llm.max_model_len}; models: {', '.join(m.id for m in _model_ids(server))})",
           file=sys.stderr)
@@ -614,39 +365,6 @@ def _cmd_serve(args) -> int:
         uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         engine.shutdown()
-    return 0
-
-
-def _cmd_recipe(args) -> int:
-    from pacore.recipes.shapes import STAGES, ShapesRecipe, export_model, run_recipe
-
-    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages is not None else STAGES
-    make = ShapesRecipe.toy if args.toy else ShapesRecipe
-    sizes = {} if args.pretrain_examples is None else {"pretrain_examples": args.pretrain_examples}
-    recipe = make(out=args.out, seed=args.seed, device=args.device, **sizes)
-    run_recipe(recipe, stages)
-    print(f"recipe shapes: stages {', '.join(stages) or 'none'} done in {args.out}")
-    if args.export is not None:
-        print(f"exported the model with its card to {export_model(recipe, args.export, args.export_checkpoint)}")
-    return 0
-
-
-def _cmd_eval(args) -> int:
-    from pacore.recipes.evaluate import evaluate_shapes, plot_evaluation, table
-
-    if not 1 <= args.problems <= 500:
-        raise ValueError(f"--problems {args.problems}: the held-out set is seeds 0-499 (1..500 problems)")
-    llm = _load_llm(args, args.model)
-    report = evaluate_shapes(args.model, list(range(args.problems)), samples=args.samples,
-                             max_tokens=args.max_tokens, seed=args.seed, llm=llm, progress=True)
-    print(table({args.model.name: report}))
-    d = report["pacore_medium_minus_sc"]
-    print(f"PaCoRe medium - SC@{args.samples}: {100 * d['mean']:+.1f} points "
-          f"[{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] (paired, 95%)")
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=1))
-        plot_evaluation({args.model.name: report}, args.out.with_suffix(".png"))
-        print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
 
@@ -709,19 +427,20 @@ def _train(args) -> int:
     return 0
 
 
-def _cmd_rl(args) -> int:
-    return _on_ranks("rl", args.out, lambda: _rl(args))
+def _cmd_rl(args, plugins: PluginRegistry) -> int:
+    return _on_ranks("rl", args.out, lambda: _rl(args, plugins))
 
 
-def _rl(args) -> int:
+def _rl(args, plugins: PluginRegistry) -> int:
     from step3vl.distributed import init_distributed
     from step3vl.train.rl import RLConfig
     from step3vl.train.run import PromptBatches, read_rl_prompts, reinforce
 
     env = init_distributed(args.device)
     prompts = read_rl_prompts(args.problems)
-    batches = (_synthesis_batches(args, prompts) if args.pacore_results is not None
-               else PromptBatches(prompts, args.batch_size, args.seed))
+    batches = plugins.rl_batches(args, prompts)  # a plugin's, when its options were given (PaCoRe's episodes)
+    if batches is None:
+        batches = PromptBatches(prompts, args.batch_size, args.seed)
     cfg = RLConfig(optim=_optim_config(args), total_steps=args.steps, group_size=args.group_size,
                    temperature=args.temperature, max_tokens=args.max_tokens, advantage=args.advantage,
                    clip_eps=args.clip_eps, ppo_epochs=args.ppo_epochs, truncated_reward=args.truncated_reward,
@@ -738,20 +457,6 @@ def _rl(args) -> int:
         print(f"{len(logs)} steps{ranks}, mean reward {logs[0].reward_mean:.3f} -> {logs[-1].reward_mean:.3f}"
               f"{held_out}; wrote {args.out}")
     return 0
-
-
-def _synthesis_batches(args, prompts):
-    """PaCoRe synthesis episodes over the messages of the problems' PaCoRe results, drawn afresh each step."""
-    from pacore import EpisodeConfig, Problem, pool_from_result
-    from pacore.episodes import EpisodeBatches
-    from step3vl.train.data import read_jsonl
-
-    pools = {str(rec.get("request_id")): pool_from_result(rec) for _, rec in read_jsonl(args.pacore_results)}
-    problems = [Problem(p.id, p.messages, ground_truth=p.answer) for p in prompts]
-    batches = EpisodeBatches(problems, pools, EpisodeConfig(min_refs=args.min_refs, max_refs=args.max_refs,
-                                                           seed=args.seed), args.batch_size)
-    print(f"synthesis episodes for {len(batches.order.prompts)} problems", file=sys.stderr)
-    return batches
 
 
 def _cmd_plan_memory(args) -> int:

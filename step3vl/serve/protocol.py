@@ -357,14 +357,16 @@ class ChatChoice(BaseModel):
 
 
 class ChatCompletionResponse(BaseModel):
+    # A chat model added beside the base (OpenAIServer.add_chat_model, e.g. by a plugin) may attach fields of its
+    # own: PaCoRe's models put their per-round record (rounds, messages, tokens) under `pacore`.
+    model_config = ConfigDict(extra="allow")
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=now)
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    # PaCoRe models attach their per-round record here (rounds, messages, tokens); None otherwise.
-    pacore: dict[str, Any] | None = None
     prompt_logprobs: list | None = None  # vLLM's, when the request asked for them
 
 

@@ -5,8 +5,9 @@ Every request runs on the one engine, batched continuously with all the others; 
 forked from one prefill. A client that disconnects (or closes its stream) aborts its request, which frees its
 KV at once. Errors use OpenAI's body (`{"error": {"message", "type", "param", "code"}}`) and name the field.
 
-More chat models can be served beside the checkpoint's own through `add_chat_model(name, handler)`: PaCoRe
-registers its presets that way (pacore/serve.py), so the server itself knows nothing about PaCoRe.
+More chat models can be served beside the checkpoint's own through `add_chat_model(name, handler)`, and more
+routes through `add_route`: PaCoRe registers its presets and `POST /v1/pacore` that way (pacore/serve.py, from the
+`pacore` plugin's server extension: step3vl/plugins.py), so the server itself knows nothing about PaCoRe.
 """
 
 from __future__ import annotations
