@@ -84,7 +84,9 @@ def _parser(plugins: PluginRegistry) -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions; the plugins' models and routes "
                                      "beside the base)")
-    s.add_argument("--model", type=Path, default=None, help="checkpoint directory (or --demo)")
+    s.add_argument("model_path", nargs="?", type=Path, default=None, metavar="MODEL",
+                   help="checkpoint directory, as in `vllm serve MODEL` (or --model, or --demo)")
+    s.add_argument("--model", type=Path, default=None, help="checkpoint directory (or MODEL, or --demo)")
     s.add_argument("--random", action="store_true",
                    help="with --demo: the random-weight demo checkpoint instead of the bundled shapes model")
     s.add_argument("--demo", action="store_true",
@@ -117,7 +119,7 @@ def _parser(plugins: PluginRegistry) -> argparse.ArgumentParser:
                         "output position and only decodable text")
     s.add_argument("--log-level", default="info")
     plugins.add_options("serve", s)
-    add_engine_args(s)
+    add_engine_args(s, skip=())
     s.set_defaults(func=lambda args: _cmd_serve(args, plugins))
 
     t = sub.add_parser("train", help="next-token training (image-text / chat JSONL) of a checkpoint")
@@ -194,24 +196,13 @@ def _parser(plugins: PluginRegistry) -> argparse.ArgumentParser:
     return ap
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """The engine's options (an argument group), for every command that loads a checkpoint into an LLM."""
-    e = p.add_argument_group("engine")
-    e.add_argument("--dtype", default="auto")
-    e.add_argument("--device", default=None)
-    e.add_argument("--kv-cache-memory", default=None, help="e.g. 2GiB (default: 60%% of free GPU memory, 1GiB on CPU)")
-    e.add_argument("--max-model-len", type=int, default=None)
-    e.add_argument("--block-size", type=int, default=16, help="tokens per KV block (a power of two)")
-    e.add_argument("--max-num-seqs", type=int, default=256, help="sequences per engine step")
-    e.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step (chunked prefill)")
-    e.add_argument("--encoder-cache-memory", default="256MiB",
-                   help="image features kept by image digest, so a recurring image is encoded once")
-    e.add_argument("--speculative-config", type=json.loads, default=None,
-                   help='n-gram speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
-                        "(outputs are identical with and without it)")
-    e.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
-                   help="priority: requests' `priority` (lower first) orders admission and preemption")
-    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+def add_engine_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("seed",)) -> None:
+    """The engine's options, generated from EngineConfig (one flag per field, its help and default), for every
+    command that loads a checkpoint into an LLM; `skip`: fields the command declares itself (its own --seed)."""
+    from step3vl.engine.config import EngineConfig
+
+    EngineConfig.add_cli_args(p, skip=skip)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 
 def _optim_args(p: argparse.ArgumentParser, lr: float) -> None:
@@ -249,15 +240,13 @@ def _optim_config(args):
 
 
 def load_llm(args, model: Path):
-    """An LLM on checkpoint `model` with the options of add_engine_args."""
+    """An LLM on checkpoint `model` with the engine flags of add_engine_args."""
+    from step3vl.engine.config import EngineConfig
     from step3vl.engine.llm import LLM
 
     if not (Path(model) / "config.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {model} (config.json missing)")
-    return LLM(model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
-               max_model_len=args.max_model_len, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, encoder_cache_memory=args.encoder_cache_memory,
-               speculative_config=args.speculative_config, scheduling_policy=args.scheduling_policy)
+    return LLM(config=EngineConfig.from_cli_args(args, model=str(model)))
 
 
 # -- random-weight checkpoints (serve --demo --random; the plugins' demos) ------------------------------
@@ -333,6 +322,10 @@ def _cmd_serve(args, plugins: PluginRegistry) -> int:
 
     if args.random and not args.demo:
         raise ValueError("--random goes with --demo")
+    if args.model_path is not None:
+        if args.model is not None and args.model != args.model_path:
+            raise ValueError(f"two models: MODEL {args.model_path} and --model {args.model}")
+        args.model = args.model_path
     if args.demo and args.random:
         args.model, _ = demo_checkpoint(DEMO_DIR)
         args.think_at = 48 if args.think_at is None else args.think_at

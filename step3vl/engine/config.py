@@ -111,8 +111,8 @@ class EngineConfig:
                 continue
             flag = "--" + f.name.replace("_", "-")
             meta = f.metadata
-            kw: dict[str, Any] = {"dest": f.name, "default": f.default,
-                                  "help": f"{meta['help']} (default: {f.default})".replace("%", "%%")}
+            text = meta["help"] if "default:" in meta["help"] else f"{meta['help']} (default: {f.default})"
+            kw: dict[str, Any] = {"dest": f.name, "default": f.default, "help": text.replace("%", "%%")}
             if meta.get("cli_bool"):
                 kw["action"] = argparse.BooleanOptionalAction
             else:

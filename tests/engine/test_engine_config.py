@@ -43,7 +43,8 @@ def test_every_field_has_a_flag_with_help_and_its_default():
         if f.name == "model":
             continue
         assert f.name in actions, f.name
-        assert actions[f.name].help and f"(default: {f.default})" in actions[f.name].help.replace("%%", "%")
+        shown = actions[f.name].help.replace("%%", "%")
+        assert shown and ("(default: " in shown) and actions[f.name].default == f.default
     assert EngineConfig.from_cli_args(_parse([])) == EngineConfig()
     assert EngineConfig.from_cli_args(_parse(["--no-cpu-kernels", "--use-kernels"])).cpu_kernels is False
 

@@ -22,7 +22,9 @@ def _free_port() -> int:
 @pytest.fixture
 def served_cli(tiny_ckpt):
     port = _free_port()
-    cmd = [sys.executable, "-m", "step3vl.cli", "serve", "--model", str(tiny_ckpt), "--port", str(port),
+    # `serve MODEL` (positional, as `vllm serve MODEL`) with vLLM's engine flags
+    cmd = [sys.executable, "-m", "step3vl.cli", "serve", str(tiny_ckpt), "--port", str(port), "--seed", "3",
+           "--max-num-seqs", "8", "--gpu-memory-utilization", "0.5", "--tensor-parallel-size", "1",
            "--served-model-name", "tiny", "--pacore-presets", "low", "--think-at", "6", "--pacore-max-tokens", "12",
            "--message-max-tokens", "5", "--kv-cache-memory", "8MiB", "--threads", "1", "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -59,6 +61,15 @@ def test_serve_answers_the_base_and_the_pacore_model(served_cli):
     assert record["error"] is None and [rd["k"] for rd in record["rounds"]] == [4, 1]
     assert p.choices[0].message.content == record["final_response"] != ""
     assert p.usage.completion_tokens == record["effective_ttc"] == 5 * 12
+
+
+def test_serve_refuses_two_models_and_tensor_parallelism(tiny_ckpt, capsys):
+    from step3vl.cli import main
+
+    assert main(["serve", str(tiny_ckpt), "--model", "/elsewhere"]) == 2
+    assert "two models" in capsys.readouterr().err
+    assert main(["serve", str(tiny_ckpt), "--tensor-parallel-size", "2", "--kv-cache-memory", "8MiB"]) == 2
+    assert "tensor_parallel_size 2: this engine runs on one GPU" in capsys.readouterr().err
 
 
 def test_serve_without_a_model_says_what_to_give(capsys):
