@@ -4,8 +4,10 @@ A request can carry `data:` URLs (always accepted), `http(s)://` URLs (fetched w
 unless fetching is off) and local paths / `file://` URLs — those only under `allowed_local_media_path`, as in
 vLLM: a server must not read arbitrary files of its host because a client named them. For the same reason URLs
 whose host resolves to a loopback, private, link-local or reserved address are refused (every redirect hop is
-checked) unless `allow_private_urls`: a client must not make the server probe its own network. (A host whose DNS
-answer changes between the check and the connection is not covered.)
+checked) unless `allow_private_urls`: a client must not make the server probe its own network. The connection goes
+to the very address that passed the check (the URL's host is kept in the Host header and, for https, in SNI and the
+certificate check), so a name whose DNS answer changes between the check and the fetch (DNS rebinding) cannot
+reach a private address.
 """
 
 from __future__ import annotations
@@ -82,15 +84,27 @@ async def _fetch(url: str, where: str, policy: MediaPolicy) -> bytes:
 async def _download(url: str, where: str, policy: MediaPolicy) -> bytes:
     async with httpx.AsyncClient(timeout=policy.fetch_timeout_s, follow_redirects=False) as client:
         for _ in range(policy.max_redirects + 1):
+            target, headers, extensions = url, {}, {}
             if not policy.allow_private_urls:
-                await _check_public(url, where)
-            async with client.stream("GET", url) as resp:
+                ip = await _check_public(url, where)
+                target, headers, extensions = _pinned(url, ip)
+            async with client.stream("GET", target, headers=headers, extensions=extensions) as resp:
                 if resp.is_redirect:
                     url = urljoin(url, resp.headers["location"])
                     continue
                 resp.raise_for_status()
                 return await _read_capped(resp, url, where, policy)
     raise RequestError(f"{where}: more than {policy.max_redirects} redirects fetching the image", where)
+
+
+def _pinned(url: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[str, dict, dict]:
+    """The request for `url` sent to `ip`: the URL with the address as its host, the name in the Host header,
+    and for https the name as SNI (which the certificate is checked against)."""
+    u = httpx.URL(url)
+    host = f"[{ip}]" if ip.version == 6 else str(ip)
+    headers = {"Host": u.netloc.decode("ascii").rsplit("@", 1)[-1]}
+    extensions = {"sni_hostname": u.host} if u.scheme == "https" else {}
+    return str(u.copy_with(host=host.strip("[]"))), headers, extensions
 
 
 async def _read_capped(resp: httpx.Response, url: str, where: str, policy: MediaPolicy) -> bytes:
@@ -102,18 +116,27 @@ async def _read_capped(resp: httpx.Response, url: str, where: str, policy: Media
     return bytes(data)
 
 
-async def _check_public(url: str, where: str) -> None:
+async def _resolve(host: str) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return [addr[0].split("%", 1)[0] for *_, addr in infos]
+
+
+async def _check_public(url: str, where: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address to connect to: every address the host resolves to must be public (one private answer refuses
+    the URL), and the first is the one used."""
     host = httpx.URL(url).host
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
+        addresses = [ipaddress.ip_address(a) for a in await _resolve(host)]
+    except (socket.gaierror, ValueError) as e:
         raise RequestError(f"{where}: cannot resolve the image host {host!r}: {e}", where) from None
-    for *_, addr in infos:
-        ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+    if not addresses:
+        raise RequestError(f"{where}: the image host {host!r} has no address", where)
+    for ip in addresses:
         if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast \
                 or ip.is_unspecified:
             raise RequestError(f"{where}: the image host {host!r} is a private or local address; this server "
                                f"fetches public URLs only (--allow-private-urls to change that)", where)
+    return addresses[0]
 
 
 def _local_path(url: str, where: str, policy: MediaPolicy) -> Path:
