@@ -122,6 +122,8 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--message-max-tokens", type=int, default=4096, help="bound on each message passed between rounds")
     s.add_argument("--max-pacore-trajectories", type=int, default=64,
                    help="the most trajectories, all rounds together, one PaCoRe problem may ask for")
+    s.add_argument("--max-pacore-problems", type=int, default=64,
+                   help="the most problems one POST /v1/pacore request may carry")
 
 
 def _rl_arguments(r: argparse.ArgumentParser) -> None:
@@ -372,7 +374,8 @@ def _serve_pacore(server, args) -> None:
     if presets:
         base = PaCoReConfig(max_tokens=args.pacore_max_tokens or server.max_model_len,
                             message_max_tokens=args.message_max_tokens)
-        PaCoReService(server, base, presets, max_trajectories=args.max_pacore_trajectories)
+        PaCoReService(server, base, presets, max_trajectories=args.max_pacore_trajectories,
+                      max_problems=args.max_pacore_problems)
 
 
 def _synthesis_batches(args, prompts):

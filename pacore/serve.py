@@ -91,8 +91,9 @@ class PaCoReService:
     """Registers PaCoRe on an `OpenAIServer`: one chat model per preset, and the batch route."""
 
     def __init__(self, server: OpenAIServer, base: PaCoReConfig, presets: list[str] | None = None,
-                 max_trajectories: int | None = 64):
+                 max_trajectories: int | None = 64, max_problems: int | None = 64):
         self.max_trajectories = max_trajectories  # per problem, all rounds together (None: no limit)
+        self.max_problems = max_problems  # per POST /v1/pacore (None: no limit)
         if server.config.logits_processors and base.sampling_hook is None:
             base = dataclasses.replace(base, sampling_hook=_with_processors(server.config.logits_processors))
         self.server, self.engine, self.base = server, server.engine, base
@@ -196,6 +197,9 @@ class PaCoReService:
                               message_max_tokens=body.message_max_tokens, temperature=body.temperature,
                               top_p=body.top_p, seed=body.seed, unclosed_policy=body.unclosed_policy,
                               record_reasoning=body.record_reasoning)
+        if self.max_problems is not None and len(body.problems) > self.max_problems:
+            raise RequestError(f"{len(body.problems)} problems are over this server's limit of {self.max_problems} "
+                               f"per request (--max-pacore-problems); send them in several requests", "problems")
         try:
             problems = [as_problem(p, i) for i, p in enumerate(body.problems)]
             check_unique_ids(problems)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import json
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -56,13 +57,81 @@ class ServerConfig:
     # With the reasoning parser, a chat request's structured output (response_format, ...) applies to the answer
     # after </think>, not to the reasoning.
     structured_after_reasoning: bool = True
-    max_n: int | None = 64  # the most samples one request may ask for (None: no limit)
+    max_n: int | None = 64  # the most samples one request may ask for, all its prompts together (None: no limit)
+    # The largest request body (bytes), refused with a 413 before it is read whole: a 50 MB message would otherwise
+    # be parsed and tokenized before any length check. Images as data: URLs count (32 MiB images fit).
+    max_body_bytes: int = 48 << 20
+    # The longest prompt text, in characters, tokenized at all (None: 32 per token of the context, more than any
+    # tokenizer needs): an over-long prompt is refused before tokenizing it, not after seconds of work.
+    max_prompt_chars: int | None = None
     # Parse the Hermes <tool_call> blocks of answers to requests with tools (tool_choice "auto"); off, the text is
     # returned as content. "required" and named tool choices are always honoured (structured outputs).
     tool_call_parser: bool = True
     # POST /sleep?level=1|2, POST /wake_up[?tags=weights&tags=kv_cache], GET /is_sleeping (vLLM's dev-mode
     # endpoints): a trainer colocated with the server takes the device between rollouts.
     enable_sleep_mode: bool = False
+
+
+def _prompt_count(prompt: Any) -> int:
+    """Prompts in a completions `prompt`: a string or a token list is one; a list of them is several."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
+
+
+def _prompt_chars(prompt: Any) -> int:
+    if isinstance(prompt, str):
+        return len(prompt)
+    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+        return len(prompt["prompt"])
+    return 0
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose body exceeds `limit` bytes gets a 413 at once (its Content-Length is
+    checked before reading; a chunked body is counted as it arrives and cut off at the limit)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send, int(length))
+        seen, refused = 0, False
+
+        async def counted():
+            # Over the limit: answer 413 now and tell the app the client left, so it stops reading the body.
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    refused = True
+                    await self._refuse(send, seen)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if not refused:  # after the 413 the app's own answer (to a "disconnected" client) goes nowhere
+                await send(message)
+
+        try:
+            await self.app(scope, counted, guarded_send)
+        except Exception:
+            if not refused:  # the app's failure, not the cut-off body's consequence
+                raise
+
+    async def _refuse(self, send, size: int) -> None:
+        body = json.dumps(error_body(f"the request body ({size} bytes so far) is over this server's limit of "
+                                     f"{self.limit} bytes", "RequestTooLarge", None, 413)).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
 
 
 class OpenAIServer:
@@ -90,6 +159,7 @@ class OpenAIServer:
         # With an API key the interactive docs and the schema would be the one unauthenticated view of the API: off.
         docs = {} if self.config.api_key is None else dict(docs_url=None, redoc_url=None, openapi_url=None)
         app = FastAPI(title="step3vl", version=__version__, **docs)
+        app.add_middleware(BodyLimit, limit=self.config.max_body_bytes)
         app.add_exception_handler(RequestError, self._request_error)
         app.add_exception_handler(RequestValidationError, self._validation_error)
         app.add_exception_handler(EngineDeadError, self._engine_dead)
@@ -184,9 +254,12 @@ class OpenAIServer:
         return {"prompt": self.tokenizer.decode(body.tokens)}
 
     def _check_n(self, body) -> None:
+        """n samples (or beams) per prompt, over every prompt of the request, against --max-n."""
         limit = self.config.max_n
-        if limit is not None and body.n > limit:
-            raise RequestError(f"n = {body.n} is over this server's limit of {limit} samples per request", "n")
+        prompts = _prompt_count(getattr(body, "prompt", None))
+        if limit is not None and body.n * prompts > limit:
+            what = f"n = {body.n}" if prompts == 1 else f"n × prompts = {body.n} × {prompts} = {body.n * prompts}"
+            raise RequestError(f"{what} is over this server's limit of {limit} samples per request", "n")
 
     def _check_priority(self, body) -> None:
         try:
@@ -229,6 +302,11 @@ class OpenAIServer:
         truncate_prompt_tokens, which the engine applies; the context is checked for the truncated prompt."""
         if self.llm.is_sleeping():  # before a stream starts: a plain 503, not an error event
             raise EngineSleepingError("the engine is asleep (POST /sleep): POST /wake_up first")
+        chars = _prompt_chars(prompt)
+        limit_chars = self.config.max_prompt_chars or 32 * self.max_model_len
+        if chars > limit_chars:
+            raise RequestError(f"the prompt has {chars} characters, over this server's limit of {limit_chars} "
+                               f"(the context is {self.max_model_len} tokens); it was not tokenized", param)
         try:
             prepared = await asyncio.to_thread(self.llm.prepare, prompt)
         except ValueError as e:

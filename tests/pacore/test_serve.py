@@ -226,3 +226,17 @@ def test_run_problem_from_plain_asyncio_equals_the_runner(make_llm, base_config)
     want = _reference(make_llm, base_config, [problem])[0]
     assert got.ok and got.final_response == want.final_response
     assert got.round_responses == want.round_responses
+
+
+def test_a_batch_over_the_problem_limit_is_refused(make_llm, base_config):
+    engine = AsyncLLM(make_llm(max_model_len=1024))
+    srv = OpenAIServer(engine, ServerConfig(served_model_name="m"))
+    PaCoReService(srv, base_config, ["low"], max_problems=2)
+    try:
+        with BackgroundServer(srv.app) as url:
+            problems = [{"id": str(i), "messages": QUESTION} for i in range(3)]
+            r = httpx.post(url + "/v1/pacore", json={"problems": problems, "preset": "low"}, timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "problems"
+            assert "3 problems are over this server's limit of 2 per request" in r.json()["error"]["message"]
+    finally:
+        engine.shutdown()

@@ -1,0 +1,62 @@
+"""Server limits that hold: samples counted over every prompt of a request, a body over the size limit refused
+with a 413 before it is read whole (with or without a Content-Length), a prompt over the character limit refused
+before it is tokenized."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from step3vl.engine import LLM, AsyncLLM
+from step3vl.serve import OpenAIServer, ServerConfig
+from step3vl.serve.background import BackgroundServer
+
+from .conftest import ENGINE, MODEL
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_ckpt):
+    engine = AsyncLLM(LLM(tiny_ckpt, **ENGINE))
+    srv = OpenAIServer(engine, ServerConfig(served_model_name=MODEL, max_n=64, max_body_bytes=20_000,
+                                            max_prompt_chars=2_000))
+    with BackgroundServer(srv.app) as url:
+        yield url
+    engine.shutdown()
+
+
+def test_max_n_counts_every_prompt_of_a_request(limited):
+    r = httpx.post(limited + "/v1/completions", json={"model": MODEL, "prompt": ["a", "b", "c"], "n": 30,
+                                                      "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    assert "n × prompts = 30 × 3 = 90 is over this server's limit of 64" in r.json()["error"]["message"]
+    ok = httpx.post(limited + "/v1/completions", json={"model": MODEL, "prompt": ["a", "b"], "n": 32,
+                                                       "max_tokens": 1})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 64
+
+
+def test_a_body_over_the_limit_is_a_413_at_once(limited):
+    big = {"model": MODEL, "prompt": "x" * 30_000, "max_tokens": 1}
+    r = httpx.post(limited + "/v1/completions", json=big)
+    assert r.status_code == 413 and "over this server's limit of 20000 bytes" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield b'{"model": "' + MODEL.encode() + b'", "prompt": "'
+        for _ in range(30):
+            yield b"y" * 1000
+        yield b'"}'
+
+    r = httpx.post(limited + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "RequestTooLarge"
+
+
+def test_an_over_long_prompt_is_refused_before_tokenizing(limited):
+    t0 = time.perf_counter()
+    r = httpx.post(limited + "/v1/chat/completions", json={
+        "model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "word " * 3_000}]})
+    assert r.status_code == 400 and "it was not tokenized" in r.json()["error"]["message"]
+    assert "over this server's limit of 2000" in r.json()["error"]["message"] and time.perf_counter() - t0 < 5
+    fine = httpx.post(limited + "/v1/chat/completions", json={
+        "model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "word " * 10}]})
+    assert fine.status_code == 200
