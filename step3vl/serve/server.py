@@ -319,15 +319,18 @@ class OpenAIServer:
             n = min(n, limit - 1 if truncate == -1 else truncate)
         if n == 0:
             raise RequestError("the prompt is empty", param)
+        # vLLM's wording, word for word: clients key on it (the official PaCoRe client retries without max_tokens
+        # when it reads "Please reduce the length").
+        what = "messages" if param == "messages" else "prompt"
         if n >= limit:
-            raise RequestError(f"This model's maximum context length is {limit} tokens; the prompt has {n} "
-                               f"tokens, which leaves no room for a completion", param)
+            raise RequestError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                               f"{n} tokens in the {what}, Please reduce the length of the {what}.", param)
         if max_tokens is None:
             return prepared, limit - n
         if n + max_tokens > limit:
             raise RequestError(f"This model's maximum context length is {limit} tokens. However, you requested "
-                               f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion); "
-                               f"reduce the prompt or max_tokens", "max_tokens")
+                               f"{n + max_tokens} tokens ({n} in the {what}, {max_tokens} in the completion). "
+                               f"Please reduce the length of the {what} or completion.", "max_tokens")
         return prepared, max_tokens
 
     def render_chat(self, body: ChatCompletionRequest | TokenizeRequest, messages: list[dict]) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -215,6 +216,22 @@ def test_prompt_over_the_context_is_refused(client):
     long = [{"role": "user", "content": "word " * 2000}]
     err = _error(lambda: client.chat.completions.create(model=MODEL, messages=long, max_tokens=4))
     assert err.status_code == 400 and "maximum context length is 512" in err.message
+
+
+def test_context_overflow_speaks_vllms_words_and_the_pacore_clients_fallback_works(client):
+    """The official PaCoRe client sends a large max_tokens and, on vLLM's "Please reduce the length" 400, retries
+    without max_tokens (the server then gives what is left of the context)."""
+    messages = [{"role": "user", "content": "word " * 100}]
+    err = _error(lambda: client.chat.completions.create(model=MODEL, messages=messages, max_tokens=100_000))
+    n = int(re.search(r"\((\d+) in the messages", err.message).group(1))
+    assert err.status_code == 400 and err.message.endswith(
+        f"This model's maximum context length is 512 tokens. However, you requested {n + 100_000} tokens ({n} in the "
+        f"messages, 100000 in the completion). Please reduce the length of the messages or completion.")
+    if "Please reduce the length" in err.message:  # the client's own test
+        r = client.chat.completions.create(model=MODEL, messages=messages, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.prompt_tokens + r.usage.completion_tokens == 512
+    err = _error(lambda: client.completions.create(model=MODEL, prompt="word " * 2000, max_tokens=1))
+    assert "tokens in the prompt, Please reduce the length of the prompt." in err.message
 
 
 def test_truncate_prompt_tokens_keeps_the_tail(client, reference):
