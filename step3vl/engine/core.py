@@ -232,6 +232,10 @@ class EngineCore:
         if step.empty:
             return list(changed.values())
         self.kv.copy_blocks(step.copy_src, step.copy_dst)
+        started = time.perf_counter()
+        for w in step.prefills:
+            if w.seq.request.scheduled_time is None:
+                w.seq.request.scheduled_time = started
         rows, seqs = sample_rows_for(step)
         logits = self.runner.run(step, rows)
         self._account(step)

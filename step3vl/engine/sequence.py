@@ -95,6 +95,8 @@ class Request:
     num_cached_tokens: int = 0
     first_token_time: float | None = None
     arrival_time: float = 0.0
+    scheduled_time: float | None = None  # when its prompt was first computed (the end of its time in the queue)
+    finished_time: float | None = None
     grammar: Any = None  # structured outputs: the compiled grammar every sample follows
     bad_words_ids: list[list[int]] = field(default_factory=list)  # SamplingParams.bad_words, tokenized
     prompt_logprobs: list | None = None  # per prompt position: None (the first) or {token: logprob}

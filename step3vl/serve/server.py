@@ -359,7 +359,7 @@ class OpenAIServer:
         """Each choice by its finish reason; one a dropped stream left unfinished counts as "abort"."""
         usage = usage_of(outs)
         self.metrics.finished([c.finish_reason or "abort" for o in outs for c in o.outputs], usage.prompt_tokens,
-                              usage.completion_tokens)
+                              usage.completion_tokens, [o.metrics for o in outs if o.finished])
 
     # -- errors ---------------------------------------------------------------------------------------
 

@@ -69,6 +69,38 @@ def test_metrics_count_what_was_served(server, client):
     assert grew("images_encoded") == 1
 
 
+def test_metrics_speak_vllms_names_with_latency_histograms(server, client):
+    """vLLM's dashboards read vllm:* names: the counters, gauges and the four latency histograms, fed by real
+    requests (streamed and not)."""
+    _, url = server
+
+    def scrape() -> dict[str, float]:
+        text = httpx.get(url + "/metrics").text
+        return {line.split(" ")[0]: float(line.split(" ")[-1]) for line in text.splitlines()
+                if line.startswith("vllm:")}
+
+    label = f'{{model_name="{MODEL}"}}'
+    before = scrape()
+    r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=6, seed=2)
+    stream = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=5, seed=3, stream=True,
+                                            stream_options={"include_usage": True})
+    streamed_tokens = [c.usage.completion_tokens for c in stream if c.usage][-1]
+    after = scrape()
+
+    def grew(name: str, labels: str = label) -> float:
+        return after[f"vllm:{name}{labels}"] - before.get(f"vllm:{name}{labels}", 0.0)
+
+    assert grew("generation_tokens_total") == r.usage.completion_tokens + streamed_tokens == 11
+    assert grew("request_success_total", f'{{finished_reason="length",model_name="{MODEL}"}}') == 2
+    for hist in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
+        assert grew(f"{hist}_count") == 2, hist
+        assert grew(f"{hist}_sum") > 0, hist
+    assert grew("inter_token_latency_seconds_count") == (6 - 1) + (5 - 1)  # one per interval between tokens
+    assert grew("e2e_request_latency_seconds_sum") >= grew("time_to_first_token_seconds_sum")
+    assert after[f"vllm:num_requests_running{label}"] == 0 and f"vllm:kv_cache_usage_perc{label}" in after
+    assert f"vllm:prefix_cache_queries_total{label}" in after and f"vllm:num_preemptions_total{label}" in after
+
+
 def _png_data_url() -> str:
     buf = io.BytesIO()
     Image.new("RGB", (40, 30), (200, 30, 30)).save(buf, format="PNG")
