@@ -120,15 +120,25 @@ RL_WORKER = textwrap.dedent('''
 
     torch.set_num_threads(1)
     ckpt, problems, out, log = sys.argv[1:5]
-    resume = sys.argv[5] if len(sys.argv) > 5 else None
+    resume = sys.argv[5] if len(sys.argv) > 5 and sys.argv[5] != "-" else None
+    episodes = sys.argv[6] if len(sys.argv) > 6 else None  # PaCoRe results: train on synthesis episodes
     prompts = [RLPrompt(r["messages"], r["ground_truth"], r["id"]) for r in map(json.loads, open(problems))]
 
     def reward(text, answer):
         return float(sum(map(ord, text)) % 3) / 2.0
 
+    batches = PromptBatches(prompts, 3, seed=0)
+    if episodes:
+        from pacore import EpisodeConfig, Problem, pool_from_result
+        from pacore.episodes import EpisodeBatches
+
+        pools = {r["request_id"]: pool_from_result(r) for r in map(json.loads, open(episodes))}
+        batches = EpisodeBatches([Problem(p.id, p.messages, ground_truth=p.answer) for p in prompts], pools,
+                                 EpisodeConfig(min_refs=2, max_refs=3, seed=0), 3, reward_fn=lambda t, a: 0.0)
+
     cfg = RLConfig(optim=OptimConfig(lr=1e-3, weight_decay=0.0), total_steps=3, group_size=4, max_tokens=5,
                    truncated_reward=None, kl_coef=0.05, ppo_epochs=2, train_vision=True)
-    reinforce(ckpt, PromptBatches(prompts, 3, seed=0), out, 3, cfg, reward_fn=reward, log_path=log,
+    reinforce(ckpt, batches, out, 3, cfg, reward_fn=reward, log_path=log,
               progress=False, save_every=1, save_dtype=torch.float32, engine_kwargs={"kv_cache_memory": "8MiB"},
               resume=resume)
 ''')
@@ -157,6 +167,27 @@ def test_rl_on_two_ranks_equals_one_process(tiny_ckpt, make_image, tmp_path):
     subprocess.run([sys.executable, "worker.py", *args, "resumed", "resumed.jsonl", "two-step1"], cwd=tmp_path,
                    env=env, check=True, timeout=120)
     assert _max_diff(tmp_path / "one", tmp_path / "resumed") < TOL
+
+
+def test_rl_on_synthesis_episodes_on_two_ranks_equals_one_process(tiny_ckpt, tmp_path):
+    """PaCoRe synthesis episodes (the official template over cached references, drawn afresh each step) as the RL
+    batches: every rank draws the same episodes and samples its share."""
+    problems = [{"id": str(i), "messages": [{"role": "user", "content": f"{i}+{i}?"}], "ground_truth": str(2 * i)}
+                for i in range(4)]
+    results = [{"request_id": str(i), "round_responses": [[{"content": f"\\boxed{{{v}}}"} for v in range(5)]]}
+               for i in range(4)]
+    (tmp_path / "problems.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+    (tmp_path / "worker.py").write_text(RL_WORKER)
+    args = [str(tiny_ckpt), str(tmp_path / "problems.jsonl")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "worker.py", *args, "one", "one.jsonl", "-", "results.jsonl"], cwd=tmp_path,
+                   env=env, check=True, timeout=120)
+    _torchrun(["worker.py", *args, "two", "two.jsonl", "-", "results.jsonl"], tmp_path)
+    one, two = _logs(tmp_path / "one.jsonl"), _logs(tmp_path / "two.jsonl")
+    assert sum(s["trained_groups"] for s in one) >= 2
+    _same_steps(one, two, keys=("reward_mean", "trained_groups", "response_tokens", "loss", "grad_norm", "kl"))
+    assert _max_diff(tmp_path / "one", tmp_path / "two") < TOL
 
 
 def test_a_rank_that_dies_fails_the_run_and_keeps_the_last_checkpoint(tiny_ckpt, mixed_data, tmp_path):
