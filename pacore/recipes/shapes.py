@@ -52,6 +52,9 @@ class ShapesRecipe:
     device: str | None = None
     # pre-training
     pretrain_examples: int = 60_000
+    # Share of pre-training problems whose pictures have one or two shapes (data.pretrain_records): without them
+    # the vision tower never learned shape kinds (bench/RESULTS.md).
+    few_shapes_fraction: float = 0.25
     pretrain_lr: float = 1e-3
     pretrain_batch_tokens: int = 4096
     pretrain_warmup: int = 50
@@ -159,7 +162,8 @@ def stage_pretrain(recipe: ShapesRecipe) -> None:
     if _done(out):
         return
     recipe.images.mkdir(parents=True, exist_ok=True)
-    train = data.write_jsonl(recipe.path("pretrain.jsonl"), data.pretrain_records(recipe.images, recipe.pretrain_examples))
+    train = data.write_jsonl(recipe.path("pretrain.jsonl"), data.pretrain_records(recipe.images, recipe.pretrain_examples,
+                                                                         few_shapes_fraction=recipe.few_shapes_fraction))
     held = max(8, recipe.eval_problems // 2)
     held_out = data.write_jsonl(recipe.path("pretrain_eval.jsonl"),
                                 [data.answered_record(data.generate(s), recipe.images)

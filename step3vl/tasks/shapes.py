@@ -23,6 +23,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 KINDS = ("circle", "square", "rectangle", "triangle")
+MAX_SHAPES = 7
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 50, 50), "green": (40, 170, 70), "blue": (50, 110, 220),
     "yellow": (240, 200, 40), "purple": (150, 80, 200), "orange": (245, 140, 30),
@@ -242,13 +243,16 @@ def template_of(seed: int) -> int:
     return seed % 7 + 1
 
 
-def generate(seed: int) -> ShapesProblem:
-    """The problem of `seed`: deterministic across processes and platforms (random.Random, no hash())."""
-    rng = random.Random(f"shapes/{seed}")
+def generate(seed: int, num_shapes: int | None = None) -> ShapesProblem:
+    """The problem of `seed`: deterministic across processes and platforms (random.Random, no hash()).
+    num_shapes: a picture of exactly that many shapes (a training curriculum; the task draws 1 to 7)."""
+    if num_shapes is not None and not 1 <= num_shapes <= MAX_SHAPES:
+        raise ValueError(f"num_shapes = {num_shapes}: the task has 1 to {MAX_SHAPES} shapes")
+    rng = random.Random(f"shapes/{seed}" if num_shapes is None else f"shapes/{seed}/n{num_shapes}")
     template = template_of(seed)
     for _ in range(1000):
         w, h = rng.randint(MIN_SIDE, MAX_SIDE), rng.randint(MIN_SIDE, MAX_SIDE)
-        shapes = _place_shapes(rng, w, h, rng.randint(1, 7))
+        shapes = _place_shapes(rng, w, h, num_shapes or rng.randint(1, MAX_SHAPES))
         if shapes is None:
             continue
         if template in LARGEST_TEMPLATES and not _unique_largest(shapes):
