@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from step3vl.durable import replace_dir
 from step3vl.tasks.shapes import HELD_OUT_SEEDS, shapes_reward
 from step3vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
 from step3vl.train.optim import OptimConfig
@@ -277,6 +278,8 @@ def stage_eval(recipe: ShapesRecipe) -> None:
     results = {}
     for name in ("rl", "synthesis"):
         path = recipe.path(f"eval-{name}.json")
+        if not path.is_file() and not _done(recipe.path(name)):
+            continue  # a stage not trained yet (the eval stage runs again once it is)
         if not path.is_file():
             report = evaluate_shapes(recipe.path(name), seeds, samples=recipe.eval_samples,
                                      max_tokens=recipe.max_tokens, seed=recipe.seed, device=recipe.device,
@@ -331,7 +334,7 @@ def run_recipe(recipe: ShapesRecipe, stages: tuple[str, ...] = STAGES) -> None:
 def export_model(recipe: ShapesRecipe, dest: Path, checkpoint: str = "synthesis") -> Path:
     """The trained checkpoint (bf16 safetensors, config, tokenizer) copied to `dest` with a model card
     (README.md: architecture, data, recipe command and seed, the evaluation table) and the plots; `dest` is
-    replaced atomically (a complete new copy is renamed over the old one)."""
+    replaced atomically (a complete new copy is swapped with the old one, step3vl/durable.py)."""
     from pacore.recipes.evaluate import table
 
     src = recipe.path(checkpoint)
@@ -347,12 +350,7 @@ def export_model(recipe: ShapesRecipe, dest: Path, checkpoint: str = "synthesis"
     reports = {n: json.loads(recipe.path(f"eval-{n}.json").read_text()) for n in ("rl", "synthesis")
                if recipe.path(f"eval-{n}.json").is_file()}
     (tmp / "README.md").write_text(model_card(recipe, tmp, reports, table(reports) if reports else None, checkpoint))
-    old = dest.with_name(dest.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, dest)
     return dest
 
 
