@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -18,6 +19,10 @@ from pathlib import Path
 
 from step3vl.cli import (ASSETS, DEMO_DIR, SHAPES_MODEL, RandomWeightsProcessor, add_engine_args, demo_checkpoint,
                          load_llm)
+
+logger = logging.getLogger(__name__)
+PRESET_HELP = ("PaCoRe's compute: trajectories per round, the last round (1) synthesising the answer: low = 4,1; "
+               "medium = 16,1; high = 32,4,1")
 
 
 def register(registry) -> None:
@@ -45,49 +50,58 @@ def _demo_arguments(d: argparse.ArgumentParser) -> None:
                    help="checkpoint (default: the bundled model trained by `step3vl recipe shapes`)")
     d.add_argument("--random", action="store_true",
                    help="instead: a small random-weight checkpoint (benchmarking the machinery; gibberish text)")
-    d.add_argument("--dir", type=Path, default=DEMO_DIR, help=f"--random: checkpoint to make or reuse ({DEMO_DIR})")
-    d.add_argument("--preset", default="medium", choices=["low", "medium", "high"])
+    d.add_argument("--dir", type=Path, default=DEMO_DIR, help="--random: checkpoint to make or reuse")
+    d.add_argument("--preset", default="medium", choices=["low", "medium", "high"], help=PRESET_HELP)
     d.add_argument("--max-tokens", type=int, default=None,
                    help="new tokens per trajectory (default 128; 64 with --random)")
-    d.add_argument("--message-max-tokens", type=int, default=24)
+    d.add_argument("--message-max-tokens", type=int, default=24,
+                   help="bound on each message passed on to the next round (tokens)")
     d.add_argument("--think-at", type=int, default=None,
                    help="--random: position where </think> is forced (random weights never write it); default 3/4 "
                         "of --max-tokens")
-    d.add_argument("--seed", type=int, default=42)
-    d.add_argument("--show-reasoning", action="store_true")
+    d.add_argument("--seed", type=int, default=42, help="PaCoRe's seed (every trajectory's sampling seed derives "
+                                                        "from it)")
+    d.add_argument("--show-reasoning", action="store_true",
+                   help="more output: with the trained model, every round's messages (its final reasoning is always "
+                        "shown); with --random, the final trajectory's reasoning")
     add_engine_args(d)
 
 
 def _pacore_arguments(p: argparse.ArgumentParser) -> None:
     """`step3vl pacore`."""
     p.add_argument("question", nargs="?", help="the question (one-problem mode)")
-    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--model", required=True, type=Path, help="checkpoint directory")
     p.add_argument("--image", action="append", default=[], help="an image for the question (repeatable)")
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("--input", type=Path, help="JSONL problems in the official format (id, messages, ...)")
     p.add_argument("--output", type=Path, help="JSONL results; an existing file is resumed")
     p.add_argument("--retry-errors", action="store_true", help="on resume, run again the problems that failed")
-    p.add_argument("--preset", default="medium", choices=["low", "medium", "high"])
+    p.add_argument("--preset", default="medium", choices=["low", "medium", "high"], help=PRESET_HELP)
     p.add_argument("--rounds", default=None, help="override the preset, e.g. 8,4 (a final round of 1 is added)")
     p.add_argument("--max-tokens", type=int, default=131072, help="new tokens per trajectory")
     p.add_argument("--message-max-tokens", type=int, default=4096, help="bound on each message passed on")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every trajectory")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling of every trajectory: the most likely tokens up to this probability mass")
+    p.add_argument("--seed", type=int, default=42,
+                   help="PaCoRe's seed (every trajectory's sampling seed derives from it and the problem)")
     p.add_argument("--unclosed", default="drop", choices=["drop", "keep"],
                    help="a trajectory without </think>: drop it (default) or pass its whole text on")
-    p.add_argument("--max-concurrent-problems", type=int, default=None)
+    p.add_argument("--max-concurrent-problems", type=int, default=None,
+                   help="problems of a batch in flight at once (default: all of them)")
     p.add_argument("--show-reasoning", action="store_true", help="print the final trajectory's reasoning")
     p.add_argument("--show-rounds", action="store_true", help="print every round's messages")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_engine_args(p)
 
 
 def _recipe_arguments(rc: argparse.ArgumentParser) -> None:
     """`step3vl recipe`."""
-    rc.add_argument("task", choices=["shapes"])
+    rc.add_argument("task", choices=["shapes"], help="the recipe: shapes (pacore/recipes/shapes.py)")
     rc.add_argument("--out", type=Path, required=True, help="the run's directory (an existing one is resumed)")
-    rc.add_argument("--seed", type=int, default=0)
+    rc.add_argument("--seed", type=int, default=0,
+                    help="seed of every stage: the initial weights, the data order and the sampling (the problems are "
+                         "fixed)")
     rc.add_argument("--stages", default=None, help="comma-separated subset of init,pretrain,rl,pools,synthesis,eval")
     rc.add_argument("--pretrain-examples", type=int, default=None,
                     help="pre-training problems (default: the recipe's 60,000; a resumed run needs the same value)")
@@ -97,18 +111,19 @@ def _recipe_arguments(rc: argparse.ArgumentParser) -> None:
                          "(step3vl/assets/shapes_demo ships it as the demo's model)")
     rc.add_argument("--export-checkpoint", default="synthesis", choices=["rl", "synthesis"],
                     help="which stage's checkpoint --export copies")
-    rc.add_argument("--device", default=None)
+    rc.add_argument("--device", default=None, help="cuda or cpu for every stage (default: CUDA when available)")
     rc.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def _eval_arguments(ev: argparse.ArgumentParser) -> None:
     """`step3vl eval`."""
-    ev.add_argument("task", choices=["shapes"])
+    ev.add_argument("task", choices=["shapes"], help="the task whose held-out problems are used: shapes")
     ev.add_argument("--model", type=Path, default=SHAPES_MODEL, help="checkpoint (default: the bundled model)")
     ev.add_argument("--problems", type=int, default=500, help="held-out problems (seeds 0..N-1, N <= 500)")
     ev.add_argument("--samples", type=int, default=16, help="samples per problem (single and self-consistency)")
     ev.add_argument("--max-tokens", type=int, default=128, help="new tokens per trajectory")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=int, default=0,
+                    help="sampling seed (each problem's samples and PaCoRe runs derive theirs from it)")
     ev.add_argument("--out", type=Path, default=None, help="write the JSON report here (and a PNG plot beside it)")
     add_engine_args(ev)
 
@@ -131,8 +146,11 @@ def _rl_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--pacore-results", type=Path, default=None,
                    help="PaCoRe results JSONL (from `step3vl pacore --output`): train on synthesis episodes whose "
                         "references are drawn from these messages")
-    r.add_argument("--min-refs", type=int, default=16)
-    r.add_argument("--max-refs", type=int, default=24)
+    r.add_argument("--min-refs", type=int, default=16,
+                   help="with --pacore-results: the fewest reference messages in a synthesis episode")
+    r.add_argument("--max-refs", type=int, default=24,
+                   help="with --pacore-results: the most reference messages (each episode draws its count uniformly "
+                        "between --min-refs and this)")
 
 
 # -- commands -------------------------------------------------------------------------------------------------
@@ -391,5 +409,5 @@ def _synthesis_batches(args, prompts):
     problems = [Problem(p.id, p.messages, ground_truth=p.answer) for p in prompts]
     batches = EpisodeBatches(problems, pools, EpisodeConfig(min_refs=args.min_refs, max_refs=args.max_refs,
                                                            seed=args.seed), args.batch_size)
-    print(f"synthesis episodes for {len(batches.order.prompts)} problems", file=sys.stderr)
+    logger.info("synthesis episodes for %d problems", len(batches.order.prompts))
     return batches

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
 from pathlib import Path
 
+from step3vl.logs import LEVELS, LOGGING_LEVEL_ENV, configure_logging, level_name
 from step3vl.plugins import PLUGINS_ENV, PluginRegistry, PluginWarning, load_plugins, plugin_offering
+
+logger = logging.getLogger("step3vl.cli")  # not __name__: `python -m step3vl.cli` runs it as __main__
 
 DEMO_DIR = Path.home() / ".cache" / "step3vl" / "demo-small"
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -28,10 +32,15 @@ BUILTIN_COMMANDS = ("generate", "serve", "train", "rl", "make-checkpoint", "plan
 def main(argv: list[str] | None = None, plugins: PluginRegistry | None = None) -> int:
     """`plugins`: the registry whose commands and hooks the CLI offers; default: the installed plugins that
     STEP3VL_PLUGINS allows (load_plugins()). An embedding application passes its own (PluginRegistry.register)."""
-    plugins = load_plugins() if plugins is None else plugins
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:  # before the plugins load, so that their loading logs at the level asked for
+        configure_logging(_log_level_in(argv))
+    except ValueError as e:
+        print(f"step3vl: error: {e}", file=sys.stderr)
+        return 2
+    plugins = load_plugins() if plugins is None else plugins
     ap = _parser(plugins)
-    word = next((a for a in argv if not a.startswith("-")), None)  # the top level's options take no value
+    word = _command_word(argv)
     if word is not None and word not in BUILTIN_COMMANDS and word not in plugins.commands:
         owner = plugin_offering(word, plugins)
         if owner is not None:
@@ -41,9 +50,11 @@ def main(argv: list[str] | None = None, plugins: PluginRegistry | None = None) -
                   file=sys.stderr)
             return 2
     args = ap.parse_args(argv)
+    args.log_level = configure_logging(args.log_level)  # the level in effect, for the commands (uvicorn's)
     if args.command is None:
         ap.print_help()
         return 2
+    logger.debug("%s", plugins.summary())
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
@@ -52,6 +63,60 @@ def main(argv: list[str] | None = None, plugins: PluginRegistry | None = None) -
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"step3vl {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _command_word(argv: list[str]) -> str | None:
+    """The command in `argv`: its first word that is no option (of the top level's options, only --log-level
+    takes a value)."""
+    words = iter(argv)
+    for arg in words:
+        if arg == "--log-level":
+            next(words, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def _log_level_in(argv: list[str]) -> str | None:
+    """The value of --log-level in `argv` (before the command or after it), before argparse runs; an unknown
+    value is left to argparse's error."""
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        value = argv[i + 1] if arg == "--log-level" and i + 1 < len(argv) else (
+            arg.partition("=")[2] if arg.startswith("--log-level=") else None)
+        if value is not None:
+            return value if value.lower() in LEVELS else None
+    return None
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """`--help` with every option's default: " (default: X)" is added to a help text unless it already says what
+    its default is (or what leaving the option out means), or the default is unset (None), off (False) or empty."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if unset or action.default in ([], "") or "default" in text.lower():
+            return text
+        if not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text  # a required positional
+        return f"{text} (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """step3vl's parsers (the subcommands' and the plugins' included): HelpFormatter unless told otherwise."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
+def add_log_level_arg(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """--log-level: at the top level (`step3vl --log-level debug CMD`) and on every command (`step3vl CMD
+    --log-level debug`), one destination: the command's copy leaves the top level's value alone when not given."""
+    p.add_argument("--log-level", type=str.lower, choices=LEVELS, default=None if top else argparse.SUPPRESS,
+                   help=f"log level of step3vl and its plugins (lines on stderr) and, under `serve`, of uvicorn "
+                        f"(default: ${LOGGING_LEVEL_ENV}, else info)")
 
 
 def _version() -> str:
@@ -64,26 +129,33 @@ def _version() -> str:
 
 
 def _parser(plugins: PluginRegistry) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="step3vl", description="STEP3-VL-10B engine; plugins add more commands.",
-                                 epilog=plugins.summary())
+    ap = ArgumentParser(prog="step3vl", description="STEP3-VL-10B engine; plugins add more commands.",
+                        epilog=plugins.summary())
     ap.add_argument("--version", action="version", version=f"step3vl {_version()}")
-    sub = ap.add_subparsers(dest="command")
+    add_log_level_arg(ap, top=True)
+    sub = ap.add_subparsers(dest="command", help="the command (`step3vl COMMAND --help` lists its options)")
 
-    g = sub.add_parser("generate", help="plain sampling from a checkpoint")
-    g.add_argument("prompt")
-    g.add_argument("--model", required=True, type=Path)
-    g.add_argument("--image", action="append", default=[])
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help)
+
+    g = command("generate", "plain sampling from a checkpoint")
+    g.add_argument("prompt", help="the user message (with --raw: the whole prompt text)")
+    g.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    g.add_argument("--image", action="append", default=[],
+                   help="an image for the message: a path, file:// or data: URL (repeatable; put before the text)")
     g.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    g.add_argument("--n", type=int, default=1)
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--n", type=int, default=1, help="samples to draw (printed as [i] text)")
+    g.add_argument("--max-tokens", type=int, default=256, help="new tokens per sample, at most")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: keep the most likely tokens up to this probability mass (1: all)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="sampling seed, and the engine's (default: a fresh random seed each run)")
     add_engine_args(g)
     g.set_defaults(func=_cmd_generate)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat/completions; the plugins' models and routes "
-                                     "beside the base)")
+    s = command("serve", "OpenAI-compatible HTTP server (chat/completions; the plugins' models and routes beside "
+                         "the base)")
     s.add_argument("model_path", nargs="?", type=Path, default=None, metavar="MODEL",
                    help="checkpoint directory, as in `vllm serve MODEL` (or --model, or --demo)")
     s.add_argument("--model", type=Path, default=None, help="checkpoint directory (or MODEL, or --demo)")
@@ -92,8 +164,8 @@ def _parser(plugins: PluginRegistry) -> argparse.ArgumentParser:
     s.add_argument("--demo", action="store_true",
                    help=f"serve the demo's random-weight checkpoint ({DEMO_DIR}, made if missing) with </think> "
                         f"forced at output position 48, to try the API without real weights")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--served-model-name", default=None, help="model id clients send (default: the directory name)")
     s.add_argument("--chat-template", type=Path, default=None,
                    help="a Jinja chat template file to use instead of the checkpoint's (vLLM's flag)")
@@ -117,42 +189,49 @@ def _parser(plugins: PluginRegistry) -> argparse.ArgumentParser:
     s.add_argument("--think-at", type=int, default=None,
                    help="random-weight checkpoints only (demos, benchmarks): every request writes </think> at this "
                         "output position and only decodable text")
-    s.add_argument("--log-level", default="info")
     plugins.add_options("serve", s)
     add_engine_args(s, skip=())
     s.set_defaults(func=lambda args: _cmd_serve(args, plugins))
 
-    t = sub.add_parser("train", help="next-token training (image-text / chat JSONL) of a checkpoint")
+    t = command("train", "next-token training (image-text / chat JSONL) of a checkpoint")
     t.add_argument("--model", required=True, type=Path, help="the checkpoint to start from")
     t.add_argument("--data", required=True, type=Path,
                    help='JSONL: {"messages": [...]} (loss on assistant turns) or {"text": ..., "images": [...]}')
     t.add_argument("--out", required=True, type=Path, help="where to write the trained checkpoint")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--max-steps", type=int, default=None)
-    t.add_argument("--max-tokens-per-batch", type=int, default=8192)
-    t.add_argument("--grad-accum", type=int, default=1)
+    t.add_argument("--epochs", type=int, default=1, help="passes over --data")
+    t.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps (default: when the --epochs are done)")
+    t.add_argument("--max-tokens-per-batch", type=int, default=8192,
+                   help="tokens of one packed micro-batch (examples are packed up to it)")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     t.add_argument("--freeze-vision", action="store_true", help="train the decoder only")
     t.add_argument("--max-seq-len", type=int, default=None,
                    help="split longer text examples into windows of this many tokens (long documents)")
     t.add_argument("--eval-data", type=Path, default=None, help="held-out JSONL examples (eval_loss in the log)")
     t.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: at the end)")
-    t.add_argument("--activation-checkpointing", action="store_true")
-    _optim_args(t, lr=1e-5)
+    t.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each decoder layer in the backward pass (less memory, more compute)")
+    _optim_args(t, lr=1e-5, seed_help="seed of the data order (each epoch's shuffle)")
     t.set_defaults(func=_cmd_train)
 
-    r = sub.add_parser("rl", help="RL with outcome rewards (math answers) on problems, or on the batches a plugin's "
-                                  "options choose")
-    r.add_argument("--model", required=True, type=Path)
+    r = command("rl", "RL with outcome rewards (math answers) on problems, or on the batches a plugin's options "
+                      "choose")
+    r.add_argument("--model", required=True, type=Path,
+                   help="the checkpoint to start from (the policy, and the rollout engine's weights)")
     r.add_argument("--problems", required=True, type=Path, help='JSONL problems: {"id", "messages", "ground_truth"}')
-    r.add_argument("--out", required=True, type=Path)
-    r.add_argument("--steps", type=int, default=10)
+    r.add_argument("--out", required=True, type=Path, help="where to write the trained checkpoint")
+    r.add_argument("--steps", type=int, default=10, help="optimizer steps (also the length of the lr schedule)")
     r.add_argument("--batch-size", type=int, default=4, help="prompts per step")
     r.add_argument("--group-size", type=int, default=8, help="responses per prompt")
     r.add_argument("--max-tokens", type=int, default=1024, help="new tokens per response")
-    r.add_argument("--temperature", type=float, default=1.0)
-    r.add_argument("--ppo-epochs", type=int, default=1)
-    r.add_argument("--clip-eps", type=float, default=0.2)
-    r.add_argument("--advantage", default="grpo", choices=["grpo", "mean"])
+    r.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature of the rollouts (--engine-is-cap needs 1)")
+    r.add_argument("--ppo-epochs", type=int, default=1,
+                   help="update passes over each step's responses (1: strictly on-policy)")
+    r.add_argument("--clip-eps", type=float, default=0.2,
+                   help="PPO clip range: the probability ratio is clipped to [1 - eps, 1 + eps]")
+    r.add_argument("--advantage", default="grpo", choices=["grpo", "mean"],
+                   help="grpo: (reward - group mean) / (group std + eps); mean: reward - group mean")
     r.add_argument("--truncated-reward", type=float, default=0.0,
                    help="reward of a response cut off at --max-tokens (default 0)")
     r.add_argument("--max-tokens-per-batch", type=int, default=16384, help="packed tokens per update micro-batch")
@@ -166,18 +245,21 @@ def _parser(plugins: PluginRegistry) -> argparse.ArgumentParser:
                    help="held-out problems (same format): mean reward logged as eval_reward")
     r.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: at the end)")
     r.add_argument("--eval-samples", type=int, default=1, help="responses per held-out problem")
-    _optim_args(r, lr=1e-6)
+    _optim_args(r, lr=1e-6, seed_help="seed of the problem order and of the rollouts' sampling")
     r.add_argument("--kv-cache-memory", default=None, help="the rollout engine's KV pool, e.g. 2GiB")
     plugins.add_options("rl", r)
     r.set_defaults(func=lambda args: _cmd_rl(args, plugins))
 
-    m = sub.add_parser("make-checkpoint", help="write a random-weight checkpoint in the official format")
-    m.add_argument("dir", type=Path)
-    m.add_argument("--preset", default="tiny", choices=["tiny", "small", "small-vl", "shapes", "shapes-tiny"])
-    m.add_argument("--seed", type=int, default=0)
+    m = command("make-checkpoint", "write a random-weight checkpoint in the official format")
+    m.add_argument("dir", type=Path, help="directory to write it to (config, safetensors shards, tokenizer)")
+    m.add_argument("--preset", default="tiny", choices=["tiny", "small", "small-vl", "shapes", "shapes-tiny"],
+                   help="size: tiny (tests, 2 layers of width 64), small (6 layers of 768), small-vl (small with a "
+                        "ViT as costly per image as STEP3-VL's), shapes (the demo's model), shapes-tiny (its test "
+                        "size)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     m.set_defaults(func=_cmd_make_checkpoint)
 
-    pm = sub.add_parser("plan-memory", help="per-rank memory plan of FSDP training of STEP3-VL-10B (fake process group)")
+    pm = command("plan-memory", "per-rank memory plan of FSDP training of STEP3-VL-10B (fake process group)")
     pm.add_argument("--world-sizes", default="8,16,64", help="comma-separated data-parallel world sizes")
     pm.add_argument("--tokens", default="4096,8192,16384", help="comma-separated tokens per micro-batch")
     pm.add_argument("--images", type=int, default=1, help="728-px images in each micro-batch")
@@ -190,9 +272,12 @@ def _parser(plugins: PluginRegistry) -> argparse.ArgumentParser:
             warnings.warn(f"step3vl plugin {cmd.plugin!r}: its command {cmd.name!r} is a built-in one, left out",
                           PluginWarning, stacklevel=2)
             continue
-        c = sub.add_parser(cmd.name, help=cmd.help)
+        c = command(cmd.name, cmd.help)
         cmd.add_arguments(c)
         c.set_defaults(func=cmd.run)
+    for c in sub.choices.values():
+        if "--log-level" not in c._option_string_actions:  # a plugin's command may define its own
+            add_log_level_arg(c)
     return ap
 
 
@@ -202,17 +287,26 @@ def add_engine_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("seed",
     from step3vl.engine.config import EngineConfig
 
     EngineConfig.add_cli_args(p, skip=skip)
+    for action in p._actions:  # what unset means, where EngineConfig's help says "(default: None)"
+        if action.dest in _ENGINE_UNSET and action.help:
+            action.help = action.help.replace("(default: None)", f"(default: {_ENGINE_UNSET[action.dest]})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
 
 
-def _optim_args(p: argparse.ArgumentParser, lr: float) -> None:
+_ENGINE_UNSET = {"speculative_config": "off, plain decoding"}
+
+
+def _optim_args(p: argparse.ArgumentParser, lr: float, seed_help: str) -> None:
     o = p.add_argument_group("optimizer")
-    o.add_argument("--lr", type=float, default=lr)
-    o.add_argument("--warmup-steps", type=int, default=0)
-    o.add_argument("--weight-decay", type=float, default=0.0)
-    o.add_argument("--max-grad-norm", type=float, default=1.0)
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--device", default=None)
+    o.add_argument("--lr", type=float, default=lr,
+                   help="peak learning rate of AdamW (linear warm-up to it, then a cosine down to a tenth of it)")
+    o.add_argument("--warmup-steps", type=int, default=0, help="optimizer steps of linear warm-up to --lr")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay")
+    o.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradients' global norm to this")
+    o.add_argument("--seed", type=int, default=0, help=seed_help)
+    o.add_argument("--device", default=None,
+                   help="cuda or cpu (default: CUDA when available; under torchrun each rank takes "
+                        "cuda:LOCAL_RANK)")
     # "--log-file" first: under torchrun, "--log" is refused as an abbreviation of torchrun's own --log-dir.
     o.add_argument("--log-file", "--log", dest="log", type=Path, default=None,
                    help="append one JSON line per step to this file")
@@ -351,14 +445,19 @@ def _cmd_serve(args, plugins: PluginRegistry) -> int:
     engine = AsyncLLM(llm)
     server = OpenAIServer(engine, config)
     plugins.setup_server(server, args)  # the plugins' models and routes (PaCoRe's: <name>-pacore-<preset>)
-    print(f"step3vl serve: {config.served_model_name} on http://{args.host}:{args.port}/v1 "
-          f"(max_model_len {llm.max_model_len}; models: {', '.join(m.id for m in _model_ids(server))})",
-          file=sys.stderr)
+    logger.info("step3vl serve: %s on http://%s:%d/v1 (max_model_len %d; models: %s)", config.served_model_name,
+                args.host, args.port, llm.max_model_len, ", ".join(m.id for m in _model_ids(server)))
     try:
-        uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(server.app, **uvicorn_options(args.host, args.port, args.log_level))
     finally:
         engine.shutdown()
     return 0
+
+
+def uvicorn_options(host: str, port: int, log_level: str | None = None) -> dict:
+    """uvicorn.run's options for `step3vl serve`: its log level is step3vl's (--log-level, else
+    STEP3VL_LOGGING_LEVEL, else info), so one switch sets both."""
+    return dict(host=host, port=port, log_level=level_name(log_level))
 
 
 def _read_template(path: Path) -> str:

@@ -9,6 +9,8 @@ model, the pool and the engine over them), beam search in engine/beam_search.py.
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -28,6 +30,7 @@ from step3vl.engine.weights import EngineSleepingError, WeightLifecycle  # noqa:
 from step3vl.loader import load_model
 from step3vl.processor import Step3VLProcessor
 
+logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _SIZE_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1}
@@ -70,6 +73,8 @@ class LLM:
         if not config.model:
             raise ValueError("LLM: no model (give a checkpoint directory)")
         self.config = config
+        t0 = time.perf_counter()
+        logger.debug("LLM: %s", config)
         dev = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         block_size = config.block_size
         self.dtype = _resolve_dtype(config.dtype, dev)
@@ -116,6 +121,10 @@ class LLM:
                                         build_engine=self._new_engine)
         self._ids = itertools.count()
         self._asleep_stats = dict.fromkeys(self.kv_stats(), 0)  # kv_stats() while asleep: the awake keys, all 0
+        logger.info("LLM: %s, %s on %s, native CPU kernels %s; KV pool %d blocks of %d tokens (%.1f MiB), "
+                    "max_model_len %d; ready in %.1fs", self.model_path, str(self.dtype).removeprefix("torch."), dev,
+                    "on" if self._lifecycle.native else "off", num_blocks, block_size,
+                    num_blocks * per_block / 2**20, self.max_model_len, time.perf_counter() - t0)
 
     def _new_engine(self, model: torch.nn.Module, kv: KVCache, rng: Any = None) -> EngineCore:
         """The engine over these weights and this pool; its stats count from zero."""

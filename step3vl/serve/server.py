@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -43,6 +44,7 @@ from step3vl.serve.responses_api import ResponsesAPI
 from step3vl.serve.streams import event_stream, gather_or_cancel, last, merge, until_disconnected
 from step3vl.serve.tool_calls import NO_TOOLS, ToolPlan
 
+logger = logging.getLogger(__name__)
 ChatHandler = Callable[["OpenAIServer", ChatCompletionRequest, list[dict]], Awaitable[Any]]
 
 
@@ -152,6 +154,7 @@ class OpenAIServer:
         if name in self._chat_models:
             raise ValueError(f"a model named {name!r} is already served")
         self._chat_models[name] = handler
+        logger.debug("chat model %r added", name)
 
     # -- app ------------------------------------------------------------------------------------------
 
