@@ -171,6 +171,18 @@ def _parser(plugins: PluginRegistry) -> argparse.ArgumentParser:
                    help="a Jinja chat template file to use instead of the checkpoint's (vLLM's flag)")
     s.add_argument("--no-reasoning-parser", action="store_true",
                    help="return the raw text as content (no reasoning_content split at </think>)")
+    s.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default="step3",
+                   help="vLLM's flag: the parsers vLLM has for </think> models (step3, qwen3, deepseek_r1) all "
+                        "split reasoning_content at </think>, as this server does; none returns the raw text")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="vLLM's flag, accepted: tool_choice 'auto' is always served here (with "
+                        "--tool-call-parser hermes)")
+    s.add_argument("--limit-mm-per-prompt", type=json.loads, default=None,
+                   help='vLLM\'s flag: the most images one request may carry, e.g. \'{"image": 4}\' '
+                        "(default: no limit)")
+    s.add_argument("--uvicorn-log-level", default=None, choices=["trace", "debug", "info", "warning", "error",
+                                                                   "critical"],
+                   help="uvicorn's own log level (default: the --log-level of everything else)")
     s.add_argument("--tool-call-parser", choices=["hermes", "none"], default="hermes",
                    help="tool calls in answers to requests with tools: hermes parses STEP3-VL's <tool_call> blocks "
                         "into tool_calls (vLLM's/SGLang's parser for it); none returns them as content")
@@ -287,13 +299,7 @@ def add_engine_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ("seed",
     from step3vl.engine.config import EngineConfig
 
     EngineConfig.add_cli_args(p, skip=skip)
-    for action in p._actions:  # what unset means, where EngineConfig's help says "(default: None)"
-        if action.dest in _ENGINE_UNSET and action.help:
-            action.help = action.help.replace("(default: None)", f"(default: {_ENGINE_UNSET[action.dest]})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-
-
-_ENGINE_UNSET = {"speculative_config": "off, plain decoding"}
 
 
 def _optim_args(p: argparse.ArgumentParser, lr: float, seed_help: str) -> None:
@@ -432,7 +438,8 @@ def _cmd_serve(args, plugins: PluginRegistry) -> int:
     if template is not None:
         llm.get_tokenizer().chat_template = template
     config = ServerConfig(served_model_name=args.served_model_name or Path(args.model).resolve().name,
-                          reasoning_parser=not args.no_reasoning_parser,
+                          reasoning_parser=not args.no_reasoning_parser and args.reasoning_parser != "none",
+                          max_images_per_prompt=_image_limit(args.limit_mm_per_prompt),
                           api_key=args.api_key or os.environ.get("STEP3VL_API_KEY"),
                           media=MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
                                             fetch_urls=not args.no_fetch_urls,
@@ -448,16 +455,29 @@ def _cmd_serve(args, plugins: PluginRegistry) -> int:
     logger.info("step3vl serve: %s on http://%s:%d/v1 (max_model_len %d; models: %s)", config.served_model_name,
                 args.host, args.port, llm.max_model_len, ", ".join(m.id for m in _model_ids(server)))
     try:
-        uvicorn.run(server.app, **uvicorn_options(args.host, args.port, args.log_level))
+        uvicorn.run(server.app, **uvicorn_options(args.host, args.port, args.uvicorn_log_level or args.log_level))
     finally:
         engine.shutdown()
     return 0
 
 
+REASONING_PARSERS = ("step3", "qwen3", "deepseek_r1", "none")
+
+
+def _image_limit(limit: dict | None) -> int | None:
+    if limit is None:
+        return None
+    if not isinstance(limit, dict) or set(limit) - {"image"} or not isinstance(limit.get("image", 0), int) \
+            or limit.get("image", 0) < 0:
+        raise ValueError(f"--limit-mm-per-prompt {limit!r}: expected {{\"image\": N}} with N >= 0 (this model "
+                         f"takes images only)")
+    return limit.get("image")
+
+
 def uvicorn_options(host: str, port: int, log_level: str | None = None) -> dict:
     """uvicorn.run's options for `step3vl serve`: its log level is step3vl's (--log-level, else
     STEP3VL_LOGGING_LEVEL, else info), so one switch sets both."""
-    return dict(host=host, port=port, log_level=level_name(log_level))
+    return dict(host=host, port=port, log_level=log_level if log_level == "trace" else level_name(log_level))
 
 
 def _read_template(path: Path) -> str:

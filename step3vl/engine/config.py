@@ -45,6 +45,9 @@ class EngineConfig:
         "token budget per engine step; longer prompts are prefilled in chunks (default: max(2048, block_size))"))
     max_num_seqs: int = field(default=256, metadata=_help("sequences per engine step"))
     seed: int = field(default=0, metadata=_help("the sampling seed of requests that give none"))
+    enable_prefix_caching: bool = field(default=True, metadata=_help(
+        "reuse the KV blocks of prompt prefixes seen before, across requests (vLLM's flag); off, each request "
+        "computes its own prompt (its n samples still share one prefill)", cli_bool=True))
     use_kernels: bool | None = field(default=None, metadata=_help(
         "the Triton/CUDA kernels (default: on CUDA)", cli_bool=True))
     cascade_attention: bool | None = field(default=None, metadata=_help(
@@ -58,7 +61,7 @@ class EngineConfig:
         "image features kept by image digest, so a recurring image (PaCoRe rounds, chat turns) is encoded once"))
     speculative_config: dict | None = field(default=None, metadata=_help(
         'n-gram speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' (outputs are '
-        "token for token those without it)", parse=json.loads))
+        "token for token those without it) (default: off, plain decoding)", parse=json.loads))
     scheduling_policy: str = field(default="fcfs", metadata=_help(
         "fcfs: arrival order; priority: each request's `priority` (lower first) orders admission, decode order and "
         "preemption", choices=POLICIES))

@@ -114,7 +114,7 @@ class LLM:
             scheduling_policy=config.scheduling_policy,
             encode=tok.encode,
             seed=config.seed)
-        self._prompts = PromptPreparer(self.processor, cfg.vocab_size)
+        self._prompts = PromptPreparer(self.processor, cfg.vocab_size, share_prefixes=config.enable_prefix_caching)
         # Swaps in the CPU layers, allocates the pool and builds the engine (_new_engine).
         self._lifecycle = WeightLifecycle(loaded, path=self.model_path, dtype=self.dtype, device=dev,
                                         cpu_kernels=config.cpu_kernels, num_blocks=num_blocks, block_size=block_size,

@@ -8,6 +8,7 @@ threads (images are decoded and preprocessed there) while the engine thread keep
 from __future__ import annotations
 
 import hashlib
+import itertools
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,9 +62,12 @@ def cache_salt(cache_salt: str) -> int:
 class PromptPreparer:
     """Prompts -> `PreparedPrompt`s with one processor and vocabulary (thread-safe: no mutable state)."""
 
-    def __init__(self, processor: Step3VLProcessor, vocab_size: int):
+    def __init__(self, processor: Step3VLProcessor, vocab_size: int, share_prefixes: bool = True):
         self.processor = processor
         self.vocab_size = vocab_size
+        # Off (enable_prefix_caching=False): each prepared prompt gets a salt of its own, so no two requests share
+        # cached blocks; a request's n samples still fork from its one prefill.
+        self._own_salts = None if share_prefixes else itertools.count(1)
 
     def prepare(self, prompt: Any) -> PreparedPrompt:
         """Tokenize a prompt and preprocess its images; a PreparedPrompt passes through. Raises ValueError naming
@@ -75,6 +79,8 @@ class PromptPreparer:
         salt = 0
         if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
             salt = cache_salt(str(prompt["cache_salt"]))
+        if self._own_salts is not None:
+            salt = (1 << 62) | next(self._own_salts)
         return PreparedPrompt(text, ids, images, salt, [image_hash(im) for im in images])
 
     def chat(self, messages: list[dict] | list[list[dict]], add_generation_prompt: bool = True) -> list[dict]:

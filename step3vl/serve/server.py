@@ -66,6 +66,7 @@ class ServerConfig:
     # The longest prompt text, in characters, tokenized at all (None: 32 per token of the context, more than any
     # tokenizer needs): an over-long prompt is refused before tokenizing it, not after seconds of work.
     max_prompt_chars: int | None = None
+    max_images_per_prompt: int | None = None  # vLLM's --limit-mm-per-prompt image=N (None: no limit)
     # Parse the Hermes <tool_call> blocks of answers to requests with tools (tool_choice "auto"); off, the text is
     # returned as content. "required" and named tool choices are always honoured (structured outputs).
     tool_call_parser: bool = True
@@ -264,6 +265,16 @@ class OpenAIServer:
             what = f"n = {body.n}" if prompts == 1 else f"n × prompts = {body.n} × {prompts} = {body.n * prompts}"
             raise RequestError(f"{what} is over this server's limit of {limit} samples per request", "n")
 
+    def _check_images(self, messages: Any) -> None:
+        limit = self.config.max_images_per_prompt
+        if limit is None or not isinstance(messages, list):
+            return
+        count = sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+                    for part in m["content"] if isinstance(part, dict) and part.get("type") in ("image_url", "image"))
+        if count > limit:
+            raise RequestError(f"{count} images are over this server's limit of {limit} per request "
+                               f"(--limit-mm-per-prompt)", "messages")
+
     def _check_priority(self, body) -> None:
         try:
             self.engine.llm.engine.check_priority(body.priority)
@@ -284,6 +295,7 @@ class OpenAIServer:
         if handler is None:
             raise RequestError(f"The model `{name}` does not exist. Served: {sorted(self._chat_models)}",
                                "model", 404, "NotFoundError")
+        self._check_images(body.messages)  # before any picture is fetched or decoded
         messages = await resolve_images(body.messages, self.config.media)
         return await handler(self, body, messages)
 
