@@ -374,7 +374,7 @@ def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str 
                checkpoint: str = "synthesis") -> str:
     from step3vl.model.vision import tokens_per_view
 
-    from pacore.recipes.evaluate import breakdown_table
+    from pacore.recipes.evaluate import breakdown_table, perception_line
 
     cfg = json.loads((path / "config.json").read_text())
     v, t = cfg["vision_config"], cfg["text_config"]
@@ -404,7 +404,9 @@ def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str 
         "## Data and training (every parameter trained, vision tower included)",
         f"1. pre-training on {recipe.pretrain_examples:,} generated problems (seeds from "
         "1,000,000): captions, questions answered with their reasoning traces, and synthesis prompts (the",
-        "   official PaCoRe template) over synthetic reference answers, answered with the same traces;",
+        "   official PaCoRe template) over synthetic reference answers, answered with the same traces;"
+        + (f" {100 * recipe.few_shapes_fraction:.0f}% of the pictures have one or two shapes (a curriculum for "
+           "shape kinds);" if recipe.few_shapes_fraction else ""),
         f"2. GRPO with outcome rewards (the task's checker), {recipe.rl_steps} iterations x {recipe.rl_problems} "
         f"problems x {recipe.rl_group} samples, rollouts through the engine;",
         f"3. reference pools: the RL model's own PaCoRe runs (rounds {recipe.pool_rounds}) on "
@@ -425,9 +427,12 @@ def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str 
     if eval_table:
         n = next(iter(reports.values()))["problems"]
         lines += ["", f"## Evaluation ({n} held-out problems, seeds 0-{n - 1}; temperature 1.0; 95% intervals)",
-                  "", f"Columns: the checkpoint after GRPO (`rl`) and after synthesis training (`synthesis`); this "
-                  f"model is the `{checkpoint}` checkpoint.", "",
+                  "", f"Columns: the checkpoints evaluated ({', '.join(f'`{k}`' for k in reports)}: after GRPO, after "
+                  f"synthesis training); this model is the `{checkpoint}` checkpoint.", "",
                   eval_table, ""]
+        for name, rep in reports.items():
+            if rep.get("perception"):
+                lines.append(f"- {name}: {perception_line(rep)}")
         for name, rep in reports.items():
             lines += ["", f"By question type ({name}, accuracy %):", "", breakdown_table(rep), "",
                       f"By number of shapes ({name}, accuracy %):", "", breakdown_table(rep, "by_shapes"), ""]
