@@ -67,6 +67,9 @@ class ServerConfig:
     # tokenizer needs): an over-long prompt is refused before tokenizing it, not after seconds of work.
     max_prompt_chars: int | None = None
     max_images_per_prompt: int | None = None  # vLLM's --limit-mm-per-prompt image=N (None: no limit)
+    # A client that stops sending its body for this long gets a 408 and the connection's task ends (a slow-body
+    # client would otherwise hold a worker forever).
+    body_timeout_s: float = 30.0
     # Parse the Hermes <tool_call> blocks of answers to requests with tools (tool_choice "auto"); off, the text is
     # returned as content. "required" and named tool choices are always honoured (structured outputs).
     tool_call_parser: bool = True
@@ -92,10 +95,11 @@ def _prompt_chars(prompt: Any) -> int:
 
 class BodyLimit:
     """ASGI middleware: a request whose body exceeds `limit` bytes gets a 413 at once (its Content-Length is
-    checked before reading; a chunked body is counted as it arrives and cut off at the limit)."""
+    checked before reading; a chunked body is counted as it arrives and cut off at the limit), and one whose body
+    stalls for `timeout_s` between two pieces gets a 408."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout_s: float = 30.0):
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -110,7 +114,13 @@ class BodyLimit:
             nonlocal seen, refused
             if refused:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                refused = True
+                await self._refuse(send, seen, 408, f"the request body stalled for {self.timeout_s:g} s "
+                                                    f"({seen} bytes received)")
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
@@ -129,10 +139,11 @@ class BodyLimit:
             if not refused:  # the app's failure, not the cut-off body's consequence
                 raise
 
-    async def _refuse(self, send, size: int) -> None:
-        body = json.dumps(error_body(f"the request body ({size} bytes so far) is over this server's limit of "
-                                     f"{self.limit} bytes", "RequestTooLarge", None, 413)).encode()
-        await send({"type": "http.response.start", "status": 413,
+    async def _refuse(self, send, size: int, status: int = 413, message: str | None = None) -> None:
+        message = message or f"the request body ({size} bytes so far) is over this server's limit of {self.limit} bytes"
+        kind = "RequestTooLarge" if status == 413 else "RequestTimeout"
+        body = json.dumps(error_body(message, kind, None, status)).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
@@ -163,7 +174,7 @@ class OpenAIServer:
         # With an API key the interactive docs and the schema would be the one unauthenticated view of the API: off.
         docs = {} if self.config.api_key is None else dict(docs_url=None, redoc_url=None, openapi_url=None)
         app = FastAPI(title="step3vl", version=__version__, **docs)
-        app.add_middleware(BodyLimit, limit=self.config.max_body_bytes)
+        app.add_middleware(BodyLimit, limit=self.config.max_body_bytes, timeout_s=self.config.body_timeout_s)
         app.add_exception_handler(RequestError, self._request_error)
         app.add_exception_handler(RequestValidationError, self._validation_error)
         app.add_exception_handler(EngineDeadError, self._engine_dead)

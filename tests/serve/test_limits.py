@@ -20,7 +20,7 @@ from .conftest import ENGINE, MODEL
 def limited(tiny_ckpt):
     engine = AsyncLLM(LLM(tiny_ckpt, **ENGINE))
     srv = OpenAIServer(engine, ServerConfig(served_model_name=MODEL, max_n=64, max_body_bytes=20_000,
-                                            max_prompt_chars=2_000))
+                                            max_prompt_chars=2_000, body_timeout_s=1.0))
     with BackgroundServer(srv.app) as url:
         yield url
     engine.shutdown()
@@ -60,3 +60,18 @@ def test_an_over_long_prompt_is_refused_before_tokenizing(limited):
     fine = httpx.post(limited + "/v1/chat/completions", json={
         "model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "word " * 10}]})
     assert fine.status_code == 200
+
+
+def test_a_stalled_body_is_a_408(limited):
+    """A client that sends its headers and part of its body, then nothing: answered 408 once the body stalls."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(limited)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"model\": ")
+        t0 = time.perf_counter()
+        reply = sock.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 408") and "stalled for 1 s" in reply
+    assert 0.5 < time.perf_counter() - t0 < 8
