@@ -81,8 +81,11 @@ WEIGHTS = {"chat": 6, "chat_stream": 4, "completions_n4": 3, "dropped_stream": 2
            "bomb_image": 1, "bad_base64": 1, "float_ids": 1, "long_prompt": 1, "huge_body": 1, "n_over_limit": 1}
 
 
+UNEXPECTED: dict[str, list[str]] = defaultdict(list)  # per kind, the first bodies of unexpected answers
+
+
 def _one(client: httpx.Client, url: str, kind: str, rng: random.Random) -> tuple[int, float]:
-    path, body, _ = KINDS[kind]
+    path, body, expected = KINDS[kind]
     t0 = time.perf_counter()
     payload = body(rng)
     if payload.get("stream"):
@@ -92,6 +95,8 @@ def _one(client: httpx.Client, url: str, kind: str, rng: random.Random) -> tuple
                     break  # the client goes away mid-stream: the server must abort and free the blocks
             return r.status_code, time.perf_counter() - t0
     r = client.post(url + path, json=payload)
+    if r.status_code not in expected and len(UNEXPECTED[kind]) < 3:
+        UNEXPECTED[kind].append(f"{r.status_code}: {r.text[:400]}")
     return r.status_code, time.perf_counter() - t0
 
 
@@ -185,8 +190,11 @@ def _report(results: dict, rss: list[tuple[float, float]], stats: dict) -> dict:
     print(f"{total} requests, {unexpected} with an unexpected status; RSS {mem['start_mb']:.0f} -> "
           f"{mem['end_mb']:.0f} MB (max {mem['max_mb']:.0f}, second half {slope:+.1f} MB/min); "
           f"blocks in use at the end: {stats['blocks_used']}")
+    for kind, bodies in UNEXPECTED.items():
+        for b in bodies:
+            print(f"  unexpected {kind}: {b}")
     return {"kinds": rows, "memory": mem, "blocks_used_at_end": stats["blocks_used"], "requests": total,
-            "unexpected": unexpected, "rss_series": rss}
+            "unexpected": unexpected, "unexpected_bodies": dict(UNEXPECTED), "rss_series": rss}
 
 
 if __name__ == "__main__":
