@@ -331,6 +331,14 @@ def test_shapes_are_apart_and_wholly_inside():
     _spec_check(check)
 
 
+def _pixel_perimeter(b: Blob) -> int:
+    """A blob's boundary length in pixels: its pixels with a 4-neighbour outside it."""
+    mask = np.zeros((int(b.ys.max()) + 3, int(b.xs.max()) + 3), dtype=bool)
+    mask[b.ys + 1, b.xs + 1] = True
+    inner = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+    return int(mask[1:-1, 1:-1].sum() - inner.sum())
+
+
 def _perimeter(s: Shape) -> float:
     if s.kind == "circle":
         return 2 * math.pi * s.points[1][0]
@@ -747,8 +755,8 @@ def test_demo_quad_and_circle_outlines_are_2_to_3_px():
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "the bundled demo_shapes.png outlines its green triangle ~1 px wide (360 black px along a ~377 px "
-    "perimeter, one black pixel per row); SHAPES.md says 2-3 px (PIL's polygon stroke, which the generator no longer uses)"))
+    "the bundled demo_shapes.png outlines its green triangle ~1 px wide (360 black px along a 360-px "
+    "pixel perimeter, one black pixel per row); SHAPES.md says 2-3 px (PIL's polygon stroke, which the generator no longer uses)"))
 def test_demo_triangle_outline_is_2_to_3_px():
     _, an = _demo()
     (tri,) = [b for b in an.blobs if b.kind == "triangle"]

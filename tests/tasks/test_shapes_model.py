@@ -2,9 +2,7 @@
 shapes problems as it did when measured (a broken loader, processor, tokenizer or engine path fails this)."""
 
 import json
-from pathlib import Path
 
-import pytest
 import torch
 
 from step3vl import LLM, SamplingParams
