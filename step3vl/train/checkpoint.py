@@ -51,11 +51,10 @@ def save_train_state(path: str | Path, source: str | Path, model: nn.Module, opt
     return path
 
 
-def load_train_state(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+def load_train_state(path: str | Path, model: nn.Module, opt: torch.optim.Optimizer) -> None:
     """Load a step checkpoint's weights and optimizer moments into `model` and `opt` (built as for the run that
-    saved it, at any world size) and return its trainer state."""
+    saved it, at any world size); its trainer state is `read_train_state`'s, which callers check first."""
     path = Path(path)
-    state = read_train_state(path)
     if not (path / DCP_DIR).is_dir():
         raise FileNotFoundError(f"{path}: no {DCP_DIR}/ (a step checkpoint of an older step3vl, which kept the "
                                 f"optimizer in {STATE_FILE}: it cannot be resumed; start the stage again)")
@@ -68,7 +67,6 @@ def load_train_state(path: str | Path, model: nn.Module, opt: torch.optim.Optimi
         dcp.load({"optim": optim_state}, checkpoint_id=where, no_dist=single,
                  planner=DefaultLoadPlanner(allow_partial_load=True))
     set_state_dict(model, opt, model_state_dict=model_state, optim_state_dict=optim_state)
-    return state
 
 
 def read_train_state(path: str | Path) -> dict:

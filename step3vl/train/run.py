@@ -82,11 +82,6 @@ def step_checkpoints(out: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_resume(path: str | Path) -> dict:
-    """The trainer state saved in a `--save-every` step checkpoint (its weights and optimizer are in DCP)."""
-    return read_train_state(path)
-
-
 def pretrain(ckpt: str | Path, data: str | Path, out: str | Path, cfg: PretrainConfig | None = None,
              device: str | None = None, log_path: str | Path | None = None, progress: bool = True,
              save_every: int | None = None, save_dtype: torch.dtype = torch.bfloat16,
