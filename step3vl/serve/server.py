@@ -107,13 +107,15 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._refuse(send, int(length))
-        seen, refused = 0, False
+        seen, refused, body_done = 0, False, False
 
         async def counted():
             # Over the limit: answer 413 now and tell the app the client left, so it stops reading the body.
-            nonlocal seen, refused
+            nonlocal seen, refused, body_done
             if refused:
                 return {"type": "http.disconnect"}
+            if body_done:  # the app now waits for a disconnect, however long its answer takes: no timeout
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), self.timeout_s)
             except asyncio.TimeoutError:
@@ -122,6 +124,7 @@ class BodyLimit:
                                                     f"({seen} bytes received)")
                 return {"type": "http.disconnect"}
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     refused = True

@@ -75,3 +75,21 @@ def test_a_stalled_body_is_a_408(limited):
         reply = sock.recv(4096).decode()
     assert reply.startswith("HTTP/1.1 408") and "stalled for 1 s" in reply
     assert 0.5 < time.perf_counter() - t0 < 8
+
+
+def test_the_body_timeout_never_cuts_a_long_answer(tiny_ckpt):
+    """Once the body is in, the app waits for a disconnect for as long as its answer takes: a stream longer than
+    body_timeout_s ends normally."""
+    engine = AsyncLLM(LLM(tiny_ckpt, **ENGINE))
+    srv = OpenAIServer(engine, ServerConfig(served_model_name=MODEL, body_timeout_s=0.05))
+    try:
+        with BackgroundServer(srv.app) as url:
+            t0 = time.perf_counter()
+            with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
+                    "model": MODEL, "prompt": "once", "max_tokens": 120, "ignore_eos": True, "stream": True}) as r:
+                lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+            assert time.perf_counter() - t0 > 0.05
+            assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+            assert '"finish_reason": "length"' in "".join(lines)  # all 120 tokens, not cut off
+    finally:
+        engine.shutdown()
