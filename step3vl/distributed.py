@@ -110,6 +110,12 @@ def init_distributed(device: str | None = None, timeout_s: float | None = None) 
                                f"use --nproc-per-node <= the GPUs per node")
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
+        # Imported before the group exists: torch.distributed.fsdp binds `dist.group.WORLD` into default arguments
+        # when it is imported, and imported after init_process_group those references outlive
+        # destroy_process_group, so gloo's worker threads were still running at interpreter exit and aborted
+        # the process now and then (std::terminate while freeing a finished collective's tensors).
+        import torch.distributed.fsdp  # noqa: F401
+
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s or DEFAULT_TIMEOUT_S)
         dist.init_process_group(backend, timeout=timeout, **({"device_id": dev} if dev.type == "cuda" else {}))

@@ -216,3 +216,29 @@ def test_a_rank_that_dies_fails_the_run_and_keeps_the_last_checkpoint(tiny_ckpt,
     assert main(_train_args(tiny_ckpt, mixed_data, tmp_path / "out", tmp_path / "log.jsonl",
                             "--resume", str(tmp_path / "out-step2"))) == 0
     assert [s["step"] for s in _logs(tmp_path / "log.jsonl")][-1] >= 3
+
+
+CLOSE_SCRIPT = """
+import os, sys
+from step3vl.distributed import close_distributed, init_distributed
+
+threads_before = len(os.listdir("/proc/self/task"))
+env = init_distributed("cpu")
+import step3vl.train.rewards  # noqa: F401  (imports torch.distributed.fsdp after the group exists, as pacore does)
+assert env.all_gather_objects(env.rank) == [0, 1]
+close_distributed()
+left = len(os.listdir("/proc/self/task"))
+print(f"rank {env.rank}: threads {threads_before} before, {left} after close", flush=True)
+sys.exit(0 if left <= threads_before else 3)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc (Linux)")
+def test_close_distributed_stops_the_gloo_threads(tmp_path):
+    """A process group that outlives close_distributed() keeps gloo's worker threads running into interpreter
+    exit, where freeing a finished collective aborted the process now and then; the count is deterministic."""
+    script = tmp_path / "close.py"
+    script.write_text(CLOSE_SCRIPT)
+    proc = _torchrun([str(script)], cwd=Path(__file__).resolve().parents[2], timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count("after close") == 2
