@@ -1,5 +1,6 @@
-"""Build: Python packages step3vl, pacore and step3vl_kernels (the kernels/ folder), the native module
-step3vl_native through CMake + Ninja, and, when nvcc is found, the CUDA fatbins of csrc/cuda/*.cu.
+"""Build: Python packages step3vl, step3vl_pacore (the pacore/ folder) and step3vl_kernels (the kernels/ folder),
+the native module step3vl_native through CMake + Ninja, and, when nvcc is found, the CUDA fatbins of
+csrc/cuda/*.cu.
 
 Metadata and dependencies live in pyproject.toml. Set STEP3VL_SKIP_CUDA=1 to skip the fatbins.
 """
@@ -14,7 +15,10 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-KERNELS_PACKAGE = "step3vl_kernels"  # the PyPI name `kernels` belongs to another project
+# Import names: every one starts with step3vl, so none clashes with another distribution (the PyPI names
+# `kernels` and `pacore` belong to other projects; the official PaCoRe package installs a top-level `pacore`).
+# import name -> source folder
+FOLDERS = {"step3vl_pacore": "pacore", "step3vl_kernels": "kernels"}
 
 
 def _tool(name: str, module: str, attr: str) -> str:
@@ -54,7 +58,7 @@ class CMakeBuild(build_ext):
         if self._into_source:
             cubin_dir = ROOT / "kernels" / "_cubin"
         else:
-            cubin_dir = Path(self.build_lib).resolve() / KERNELS_PACKAGE / "_cubin"
+            cubin_dir = Path(self.build_lib).resolve() / "step3vl_kernels" / "_cubin"
         build_dir = Path(self.build_temp).resolve() / "cmake"
         args = [
             f"-DPython_EXECUTABLE={sys.executable}",
@@ -72,7 +76,7 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"CMake did not produce {ext_path}")
         if not self._into_source:
             # Ship the CUDA sources so NVRTC can compile them at first use where nvcc was absent at build.
-            csrc_dir = Path(self.build_lib).resolve() / KERNELS_PACKAGE / "_csrc"
+            csrc_dir = Path(self.build_lib).resolve() / "step3vl_kernels" / "_csrc"
             csrc_dir.mkdir(parents=True, exist_ok=True)
             for src in (ROOT / "csrc" / "cuda").glob("*.[ch]*"):
                 shutil.copy2(src, csrc_dir / src.name)
@@ -89,9 +93,10 @@ class CMakeBuild(build_ext):
 
 
 def _packages() -> list[str]:
-    ours = find_packages(include=["step3vl", "step3vl.*", "pacore", "pacore.*"])
-    kernels = [KERNELS_PACKAGE] + [f"{KERNELS_PACKAGE}.{p}" for p in find_packages("kernels")]
-    return ours + kernels
+    found = find_packages(include=["step3vl", "step3vl.*"])
+    for name, folder in FOLDERS.items():
+        found += [name] + [f"{name}.{p}" for p in find_packages(folder)]
+    return found
 
 
 PACKAGES = _packages()
@@ -100,7 +105,7 @@ STEP3VL_DATA = ["*.jinja", "*.json", "*.png", "*.jpg", "shapes_demo/*"]
 
 setup(
     packages=PACKAGES,
-    package_dir={KERNELS_PACKAGE: "kernels"},
+    package_dir=FOLDERS,
     package_data={p: STEP3VL_DATA for p in PACKAGES if p.split(".")[0] == "step3vl"},
     ext_modules=[CMakeExtension("step3vl_native")],
     cmdclass={"build_ext": CMakeBuild},

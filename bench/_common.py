@@ -86,7 +86,7 @@ WORDS = ("the triangle circle square area angle side length sum of a and b is eq
 
 def make_problems(tokenizer, n: int, prompt_tokens: int, seed: int) -> list:
     """n distinct questions whose chat prompts are about `prompt_tokens` tokens long."""
-    from pacore import Problem
+    from step3vl_pacore import Problem
     from step3vl.processor.chat import render_chat
 
     problems = []

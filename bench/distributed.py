@@ -26,7 +26,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 def _data(d: Path, n: int) -> Path:
     from step3vl.tasks.shapes import generate
-    from pacore.recipes.shapes_data import answered_record
+    from step3vl_pacore.recipes.shapes_data import answered_record
 
     (d / "images").mkdir()
     records = [answered_record(generate(1_000_000 + i), d / "images") for i in range(n)]

@@ -29,7 +29,7 @@ from PIL import Image
 
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # `pacore` is the package, not a bench
-from pacore import PaCoRe, PaCoReConfig, Problem  # noqa: E402
+from step3vl_pacore import PaCoRe, PaCoReConfig, Problem  # noqa: E402
 from step3vl import LLM, SamplingParams  # noqa: E402
 from step3vl.cli import RandomWeightsProcessor  # noqa: E402
 from step3vl.engine.image_inputs import image_hash  # noqa: E402

@@ -30,10 +30,10 @@ import torch
 # This file is named like the package it measures: take its folder off the path before importing `pacore`.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-from pacore import PaCoRe, PaCoReConfig, Problem  # noqa: E402
-from pacore.compaction import compact_round, order_trajectories, passed_on  # noqa: E402
-from pacore.seeds import round_seed, think_end_marker  # noqa: E402
-from pacore.template import synthesis_messages  # noqa: E402
+from step3vl_pacore import PaCoRe, PaCoReConfig, Problem  # noqa: E402
+from step3vl_pacore.compaction import compact_round, order_trajectories, passed_on  # noqa: E402
+from step3vl_pacore.seeds import round_seed, think_end_marker  # noqa: E402
+from step3vl_pacore.template import synthesis_messages  # noqa: E402
 from step3vl import LLM, SamplingParams  # noqa: E402
 from step3vl.cli import RandomWeightsProcessor  # noqa: E402
 

@@ -20,7 +20,7 @@ import torch
 # This folder has a pacore.py: take it off the path before importing the `pacore` package (_common needs it).
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-import pacore  # noqa: E402,F401 - the package, before bench/ (which has a pacore.py) joins the path
+import step3vl_pacore  # noqa: E402,F401 - the package, before bench/ (which has a pacore.py) joins the path
 from step3vl import LLM, SamplingParams  # noqa: E402
 
 sys.path.append(str(_HERE))

@@ -32,10 +32,10 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
-from pacore import PaCoReConfig  # noqa: E402
-from pacore.seeds import round_seed  # noqa: E402
-from pacore.serve import PaCoReService  # noqa: E402
-from pacore.template import synthesis_messages  # noqa: E402
+from step3vl_pacore import PaCoReConfig  # noqa: E402
+from step3vl_pacore.seeds import round_seed  # noqa: E402
+from step3vl_pacore.serve import PaCoReService  # noqa: E402
+from step3vl_pacore.template import synthesis_messages  # noqa: E402
 from step3vl import LLM, SamplingParams  # noqa: E402
 from step3vl.cli import RandomWeightsProcessor  # noqa: E402
 from step3vl.engine import AsyncLLM  # noqa: E402

@@ -34,7 +34,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 import httpx  # noqa: E402
 import openai  # noqa: E402
-import pacore  # noqa: E402,F401
+import step3vl_pacore  # noqa: E402,F401
 import torch  # noqa: E402
 
 sys.path.append(str(_HERE))

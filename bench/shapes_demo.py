@@ -22,8 +22,8 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 
 def main() -> None:
-    from pacore import PaCoRe, PaCoReConfig, Problem
-    from pacore.recipes.evaluate import majority
+    from step3vl_pacore import PaCoRe, PaCoReConfig, Problem
+    from step3vl_pacore.recipes.evaluate import majority
     from step3vl import LLM, SamplingParams
     from step3vl.tasks.shapes import final_answer, shapes_reward
 

@@ -103,8 +103,8 @@ def _one(client: httpx.Client, url: str, kind: str, rng: random.Random) -> tuple
 def _serve(tmp: Path):
     import torch
 
-    from pacore import PaCoReConfig
-    from pacore.serve import PaCoReService
+    from step3vl_pacore import PaCoReConfig
+    from step3vl_pacore.serve import PaCoReService
     from step3vl.engine import LLM, AsyncLLM
     from step3vl.serve import OpenAIServer, ServerConfig
     from step3vl.tools.make_tiny_checkpoint import make_tiny_checkpoint

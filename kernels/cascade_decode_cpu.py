@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .paged_decode_ref import check_cache, check_cascade, group_rows
+from .native import native
 
 _KV_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -44,7 +45,7 @@ def cascade_decode_cpu(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_block
                        scale: float, *, plan: CpuCascadePlan | None = None, simd: bool = True) -> Tensor:
     """-> out [B, Hq, D] in q's dtype (computed in fp32). simd=False forces the portable path (tests compare
     both)."""
-    import step3vl_native
+    step3vl_native = native()
 
     check_cascade(q, k_cache, prefix_block_tables, prefix_lens, seq_group, suffix_block_tables, suffix_lens)
     check_cache(k_cache, v_cache, q.shape[1], q.shape[2], "cascade_decode_cpu")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from .native import native
 
 
 def _check(name: str, t: Tensor) -> None:
@@ -23,7 +24,7 @@ def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last dim of x [..., H] with weight [H] -> new tensor."""
-    import step3vl_native
+    step3vl_native = native()
 
     _check("rms_norm x", x)
     _check("rms_norm weight", weight)
@@ -42,7 +43,7 @@ def rope_rotate_half_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def rope_rotate_half_(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """In place on x [T, heads, D] (contiguous); cos/sin [T, D] -> x."""
-    import step3vl_native
+    step3vl_native = native()
 
     _check("rope x", x)
     _check("rope cos", cos)
@@ -60,7 +61,7 @@ def silu_mul_ref(gate: Tensor, up: Tensor) -> Tensor:
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up for [..., I] tensors -> new tensor."""
-    import step3vl_native
+    step3vl_native = native()
 
     _check("silu_mul gate", gate)
     _check("silu_mul up", up)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from .native import native
 
 COLUMNS = 16
 AMX_K = 32  # k per AMX tile row: AMX packs pad K to a multiple of it
@@ -69,7 +70,7 @@ def linear_packed_ref(x: Tensor, packed: Tensor, n: int, bias: Tensor | None = N
 
 def linear_packed(x: Tensor, packed: Tensor, n: int, bias: Tensor | None = None, *, simd: bool = True) -> Tensor:
     """x [..., K] -> [..., N] fp32. simd=False forces the portable path (tests compare both)."""
-    import step3vl_native
+    step3vl_native = native()
 
     layout = weight_layout(packed)
     amx_shape_ok = layout != 2 or (packed.shape[3] == 2 and packed.shape[1] % (AMX_K // 2) == 0)

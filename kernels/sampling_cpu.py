@@ -11,11 +11,12 @@ import torch
 from torch import Tensor
 
 from . import sampling_ref
+from .native import native
 
 
 def uniforms(key: Tensor, vocab: int) -> Tensor:
     """[B] stream keys (int64 in [0, 2**32)) -> [B, vocab] float64, as sampling_ref.uniforms."""
-    import step3vl_native
+    step3vl_native = native()
 
     if key.device.type != "cpu" or key.dim() != 1:
         raise ValueError(f"sampling_cpu.uniforms: keys must be a 1-D CPU tensor, got {tuple(key.shape)} on {key.device}")
@@ -28,7 +29,7 @@ def uniforms(key: Tensor, vocab: int) -> Tensor:
 
 def stream_key(seeds: Tensor, sample_index: Tensor, step: Tensor) -> Tensor:
     """As sampling_ref.stream_key for [B] tensors (scalars broadcast)."""
-    import step3vl_native
+    step3vl_native = native()
 
     seeds, sample_index, step = (t.to(torch.int64) for t in torch.broadcast_tensors(
         torch.as_tensor(seeds), torch.as_tensor(sample_index), torch.as_tensor(step)))

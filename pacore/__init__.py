@@ -1,40 +1,61 @@
-"""PaCoRe: parallel coordinated reasoning on the step3vl engine.
+"""PaCoRe: parallel coordinated reasoning on the step3vl engine, installed as `step3vl_pacore`.
 
 The names below are imported on first use: every `step3vl` invocation loads the `pacore` plugin (pacore/cli.py),
 which should not pull in torch and the engine just to list its commands.
+
+Run from the repository root, this folder would also be importable as the top-level `pacore`, the import name of
+the official PaCoRe package; imported under that name, it hands the import on to that package (or fails as if
+`pacore` were absent), as kernels/__init__.py does for `kernels`.
 """
 
 from __future__ import annotations
 
 import importlib
+
+if __name__ == "pacore":
+    import importlib.machinery
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    _repo = Path(__file__).resolve().parents[1]
+    _spec = importlib.machinery.PathFinder.find_spec(
+        "pacore", [p for p in sys.path if Path(p or ".").resolve() != _repo])
+    if _spec is None or _spec.loader is None:
+        del sys.modules["pacore"]
+        raise ImportError("No module named 'pacore' (the repository's pacore/ folder is step3vl_pacore's source, "
+                          "not the official PaCoRe package)", name="pacore")
+    _real = importlib.util.module_from_spec(_spec)
+    sys.modules["pacore"] = _real
+    _spec.loader.exec_module(_real)
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "PRESETS": "pacore.config", "PaCoReConfig": "pacore.config",
-    "EpisodeConfig": "pacore.episodes", "SynthesisEpisode": "pacore.episodes", "make_episodes": "pacore.episodes",
-    "pool_from_result": "pacore.episodes",
-    "Problem": "pacore.problem",
-    "PaCoReResult": "pacore.result", "RoundStats": "pacore.result",
-    "PaCoRe": "pacore.runner",
-    "SYNTHESIS_TEMPLATE": "pacore.template", "render_synthesis": "pacore.template",
+    "PRESETS": "step3vl_pacore.config", "PaCoReConfig": "step3vl_pacore.config",
+    "EpisodeConfig": "step3vl_pacore.episodes", "SynthesisEpisode": "step3vl_pacore.episodes", "make_episodes": "step3vl_pacore.episodes",
+    "pool_from_result": "step3vl_pacore.episodes",
+    "Problem": "step3vl_pacore.problem",
+    "PaCoReResult": "step3vl_pacore.result", "RoundStats": "step3vl_pacore.result",
+    "PaCoRe": "step3vl_pacore.runner",
+    "SYNTHESIS_TEMPLATE": "step3vl_pacore.template", "render_synthesis": "step3vl_pacore.template",
 }
 
 __all__ = ["PRESETS", "EpisodeConfig", "PaCoRe", "PaCoReConfig", "PaCoReResult", "Problem", "RoundStats",
            "SYNTHESIS_TEMPLATE", "SynthesisEpisode", "make_episodes", "pool_from_result", "render_synthesis"]
 
 if TYPE_CHECKING:
-    from pacore.config import PRESETS, PaCoReConfig
-    from pacore.episodes import EpisodeConfig, SynthesisEpisode, make_episodes, pool_from_result
-    from pacore.problem import Problem
-    from pacore.result import PaCoReResult, RoundStats
-    from pacore.runner import PaCoRe
-    from pacore.template import SYNTHESIS_TEMPLATE, render_synthesis
+    from step3vl_pacore.config import PRESETS, PaCoReConfig
+    from step3vl_pacore.episodes import EpisodeConfig, SynthesisEpisode, make_episodes, pool_from_result
+    from step3vl_pacore.problem import Problem
+    from step3vl_pacore.result import PaCoReResult, RoundStats
+    from step3vl_pacore.runner import PaCoRe
+    from step3vl_pacore.template import SYNTHESIS_TEMPLATE, render_synthesis
 
 
 def __getattr__(name: str):
     module = _EXPORTS.get(name)
     if module is None:
-        raise AttributeError(f"module 'pacore' has no attribute {name!r}")
+        raise AttributeError(f"module 'step3vl_pacore' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Iterator
 
 from step3vl.durable import append_json_line
 
-from pacore.journal import RoundJournal, journal_path, remove_journals
-from pacore.problem import Problem
-from pacore.result import PaCoReResult
-from pacore.runner import PaCoRe
+from step3vl_pacore.journal import RoundJournal, journal_path, remove_journals
+from step3vl_pacore.problem import Problem
+from step3vl_pacore.result import PaCoReResult
+from step3vl_pacore.runner import PaCoRe
 
 if TYPE_CHECKING:
     from step3vl.distributed import DistEnv

@@ -164,7 +164,7 @@ def _cmd_demo(args) -> int:
 
 
 def _demo_trained(args) -> int:
-    from pacore import PaCoRe, PaCoReConfig, Problem
+    from step3vl_pacore import PaCoRe, PaCoReConfig, Problem
     from step3vl.tasks.shapes import shapes_reward
 
     problem = json.loads((ASSETS / "demo_problem.json").read_text())
@@ -190,7 +190,7 @@ def _demo_trained(args) -> int:
 
 
 def _demo_random(args) -> int:
-    from pacore import PaCoRe, PaCoReConfig, Problem
+    from step3vl_pacore import PaCoRe, PaCoReConfig, Problem
 
     args.max_tokens = args.max_tokens or 64
     path, made = demo_checkpoint(args.dir)
@@ -229,7 +229,7 @@ def _demo_random(args) -> int:
 # -- pacore -----------------------------------------------------------------------------------------
 
 def _pacore_config(args):
-    from pacore import PaCoReConfig
+    from step3vl_pacore import PaCoReConfig
 
     kwargs = dict(max_tokens=args.max_tokens, message_max_tokens=args.message_max_tokens,
                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, unclosed_policy=args.unclosed,
@@ -258,8 +258,8 @@ def _pacore_dist(args):
 
 
 def _cmd_pacore(args) -> int:
-    from pacore import PaCoRe, Problem
-    from pacore.batch import run_batch
+    from step3vl_pacore import PaCoRe, Problem
+    from step3vl_pacore.batch import run_batch
 
     batch = args.input is not None or args.output is not None
     if batch and (args.input is None or args.output is None):
@@ -349,7 +349,7 @@ def _short(text: str, n: int = 120) -> str:
 
 
 def _cmd_recipe(args) -> int:
-    from pacore.recipes.shapes import STAGES, ShapesRecipe, export_model, run_recipe
+    from step3vl_pacore.recipes.shapes import STAGES, ShapesRecipe, export_model, run_recipe
 
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip()) if args.stages is not None else STAGES
     make = ShapesRecipe.toy if args.toy else ShapesRecipe
@@ -363,7 +363,7 @@ def _cmd_recipe(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from pacore.recipes.evaluate import evaluate_shapes, plot_evaluation, table
+    from step3vl_pacore.recipes.evaluate import evaluate_shapes, plot_evaluation, table
 
     if not 1 <= args.problems <= 500:
         raise ValueError(f"--problems {args.problems}: the held-out set is seeds 0-499 (1..500 problems)")
@@ -385,8 +385,8 @@ def _cmd_eval(args) -> int:
 
 def _serve_pacore(server, args) -> None:
     """The server extension: one chat model per preset and `POST /v1/pacore` (none with --pacore-presets '')."""
-    from pacore import PaCoReConfig
-    from pacore.serve import PaCoReService
+    from step3vl_pacore import PaCoReConfig
+    from step3vl_pacore.serve import PaCoReService
 
     presets = [p for p in args.pacore_presets.split(",") if p]
     if presets:
@@ -401,8 +401,8 @@ def _synthesis_batches(args, prompts):
     afresh each step; None without --pacore-results (`step3vl rl` draws the plain problems then)."""
     if args.pacore_results is None:
         return None
-    from pacore import EpisodeConfig, Problem, pool_from_result
-    from pacore.episodes import EpisodeBatches
+    from step3vl_pacore import EpisodeConfig, Problem, pool_from_result
+    from step3vl_pacore.episodes import EpisodeBatches
     from step3vl.train.data import read_jsonl
 
     pools = {str(rec.get("request_id")): pool_from_result(rec) for _, rec in read_jsonl(args.pacore_results)}

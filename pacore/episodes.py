@@ -22,9 +22,9 @@ from typing import Any, Iterable
 from step3vl.train.rewards import RewardFn, math_reward
 from step3vl.train.rl import RLPrompt
 
-from pacore.problem import Problem
-from pacore.result import PaCoReResult
-from pacore.template import synthesis_messages
+from step3vl_pacore.problem import Problem
+from step3vl_pacore.result import PaCoReResult
+from step3vl_pacore.template import synthesis_messages
 
 
 @dataclass

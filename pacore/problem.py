@@ -7,7 +7,7 @@ from typing import Any
 
 from step3vl.processor import load_image
 
-from pacore.template import last_user_index, user_text
+from step3vl_pacore.template import last_user_index, user_text
 
 
 @dataclass

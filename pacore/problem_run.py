@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass
 
 from step3vl.engine.sampling_params import SamplingParams
 
-from pacore.compaction import compact_round, order_trajectories, passed_on
-from pacore.config import PaCoReConfig
-from pacore.problem import PreparedProblem, Problem, prepare
-from pacore.result import PaCoReResult, RoundStats
-from pacore.seeds import round_seed
-from pacore.template import synthesis_messages
+from step3vl_pacore.compaction import compact_round, order_trajectories, passed_on
+from step3vl_pacore.config import PaCoReConfig
+from step3vl_pacore.problem import PreparedProblem, Problem, prepare
+from step3vl_pacore.result import PaCoReResult, RoundStats
+from step3vl_pacore.seeds import round_seed
+from step3vl_pacore.template import synthesis_messages
 
 
 @dataclass(slots=True)

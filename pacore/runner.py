@@ -15,12 +15,12 @@ import itertools
 from collections import Counter, deque
 from typing import Iterable, Iterator
 
-from pacore.config import PaCoReConfig
-from pacore.problem import Problem
-from pacore.problem_run import ProblemRun, RoundRequest
-from pacore.progress import RoundProgress
-from pacore.result import PaCoReResult
-from pacore.seeds import THINK_END, round_seed, think_end_marker  # noqa: F401 - re-exported
+from step3vl_pacore.config import PaCoReConfig
+from step3vl_pacore.problem import Problem
+from step3vl_pacore.problem_run import ProblemRun, RoundRequest
+from step3vl_pacore.progress import RoundProgress
+from step3vl_pacore.result import PaCoReResult
+from step3vl_pacore.seeds import THINK_END, round_seed, think_end_marker  # noqa: F401 - re-exported
 
 __all__ = ["PaCoRe", "as_problem", "round_seed", "think_end_marker", "THINK_END"]
 

@@ -33,12 +33,12 @@ from step3vl.serve.responses import sse
 from step3vl.serve.server import OpenAIServer
 from step3vl.serve.streams import gather_or_cancel, until_disconnected
 
-from pacore.config import PRESETS, PaCoReConfig
-from pacore.problem import Problem
-from pacore.problem_run import ProblemRun
-from pacore.result import PaCoReResult
-from pacore.runner import as_problem, check_unique_ids
-from pacore.seeds import think_end_marker
+from step3vl_pacore.config import PRESETS, PaCoReConfig
+from step3vl_pacore.problem import Problem
+from step3vl_pacore.problem_run import ProblemRun
+from step3vl_pacore.result import PaCoReResult
+from step3vl_pacore.runner import as_problem, check_unique_ids
+from step3vl_pacore.seeds import think_end_marker
 
 FinalRoundHook = Callable[[RequestOutput], None]
 CHAT_PROBLEM_ID = "chat"  # a chat request's problem id: `PaCoRe.run` on Problem("chat", messages) reproduces it

@@ -2,8 +2,9 @@
 
 Library modules only log (`logger = logging.getLogger(__name__)`) and never configure anything: an application
 that embeds step3vl keeps its own logging setup. The `step3vl` command (step3vl/cli.py) calls
-`configure_logging()`, which gives the `step3vl` and `pacore` loggers one handler on stderr and one level: the
-global `--log-level`, else the environment variable STEP3VL_LOGGING_LEVEL (like VLLM_LOGGING_LEVEL), else INFO.
+`configure_logging()`, which gives the `step3vl`, `step3vl_pacore` and `step3vl_kernels` loggers one handler on
+stderr and one level: the global `--log-level`, else the environment variable STEP3VL_LOGGING_LEVEL (like
+VLLM_LOGGING_LEVEL), else INFO.
 `step3vl serve` passes the same level to uvicorn. Lines look like vLLM's:
 
     INFO 12-06 21:10:00 [llm.py:85] message
@@ -18,7 +19,7 @@ import sys
 LOGGING_LEVEL_ENV = "STEP3VL_LOGGING_LEVEL"
 LEVELS = ("debug", "info", "warning", "error", "critical")  # the names --log-level takes (uvicorn's too)
 DEFAULT_LEVEL = "info"
-LOGGERS = ("step3vl", "pacore")  # the hierarchies configured (pacore: the plugin shipped beside step3vl)
+LOGGERS = ("step3vl", "step3vl_pacore", "step3vl_kernels")  # the hierarchies configured (our three packages)
 FORMAT = "%(levelname)s %(asctime)s [%(filename)s:%(lineno)d] %(message)s"
 DATE_FORMAT = "%m-%d %H:%M:%S"
 

@@ -2,9 +2,11 @@
 
 - step3vl → pacore (PaCoRe sits on the engine; the CLI gets it through the plugin interface, step3vl/plugins.py);
 - step3vl/model → step3vl/engine (the model knows nothing about scheduling or paging);
-- kernels (imported as step3vl_kernels) → step3vl or pacore (kernels are leaves: tensors in, tensors out; the
-  native module step3vl_native is theirs to use);
-- anything → bench or tests.
+- kernels (imported as step3vl_kernels) → step3vl or pacore (kernels are leaves: tensors in, tensors out);
+- anything → bench or tests;
+- the package code → step3vl_native anywhere but step3vl_kernels.native (the one entry into the native module);
+- anything → the bare names `pacore` and `kernels` (other distributions own them: pacore/ is imported as
+  step3vl_pacore, kernels/ as step3vl_kernels).
 
 Every import counts: module level or inside a function, relative ones resolved, and `importlib.import_module(...)`
 / `__import__(...)` with a string literal.
@@ -16,19 +18,26 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# import name -> folder (pyproject/setup.py: kernels/ is installed as step3vl_kernels)
-PACKAGES = {"step3vl": "step3vl", "pacore": "pacore", "step3vl_kernels": "kernels"}
+# import name -> folder (setup.py's FOLDERS: pacore/ is installed as step3vl_pacore, kernels/ as step3vl_kernels)
+PACKAGES = {"step3vl": "step3vl", "step3vl_pacore": "pacore", "step3vl_kernels": "kernels"}
+NATIVE_GATE = "step3vl_kernels.native"
 SCRIPT_DIRS = ("bench", "tests")  # not packages, but their imports count too (nothing may import them)
 
 # (importing module prefix, imported module prefix, the arrow's name)
 FORBIDDEN = [
-    ("step3vl", "pacore", "step3vl → pacore"),
+    ("step3vl", "step3vl_pacore", "step3vl → pacore"),
     ("step3vl.model", "step3vl.engine", "step3vl/model → step3vl/engine"),
     ("step3vl_kernels", "step3vl", "kernels → step3vl"),
-    ("step3vl_kernels", "pacore", "kernels → pacore"),
+    ("step3vl_kernels", "step3vl_pacore", "kernels → pacore"),
     ("", "bench", "→ bench"),
     ("", "tests", "→ tests"),
+    ("step3vl", "step3vl_native", f"→ step3vl_native outside {NATIVE_GATE}"),
+    ("step3vl_pacore", "step3vl_native", f"→ step3vl_native outside {NATIVE_GATE}"),
+    ("step3vl_kernels", "step3vl_native", f"→ step3vl_native outside {NATIVE_GATE}"),
+    ("", "pacore", "→ bare pacore (import step3vl_pacore)"),
+    ("", "kernels", "→ bare kernels (import step3vl_kernels)"),
 ]
+ALLOWED = {(NATIVE_GATE, "step3vl_native")}
 
 
 def _within(name: str, prefix: str) -> bool:
@@ -99,7 +108,8 @@ def violations(root: Path, packages: dict[str, str] = PACKAGES,
             current, is_package = named if named else (".".join(path.relative_to(root).with_suffix("").parts), False)
             for line, target in imports_of(path.read_text(encoding="utf-8"), current, is_package):
                 for src, dst, arrow in FORBIDDEN:
-                    if _within(current, src) and _within(target, dst) and not _within(current, dst):
+                    if (_within(current, src) and _within(target, dst) and not _within(current, dst)
+                            and (current, dst) not in ALLOWED):
                         out.append(f"{path.relative_to(root)}:{line}: {arrow} (imports {target})")
     return out
 
@@ -109,25 +119,29 @@ def test_no_forbidden_arrow_in_the_repository():
     assert not found, "forbidden imports (docs/ARCHITECTURE.md):\n" + "\n".join(found)
 
 
-def test_the_kernels_folder_is_the_step3vl_kernels_package():
-    # the rule for kernels/ only holds if its import name is the one the build gives it
-    setup = (ROOT / "setup.py").read_text()
-    assert 'KERNELS_PACKAGE = "step3vl_kernels"' in setup and 'package_dir={KERNELS_PACKAGE: "kernels"}' in setup
+def test_the_folders_have_the_import_names_the_build_gives_them():
+    # the rules above only hold if each folder's import name is the one the build installs it under
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    folders = next(ast.literal_eval(n.value) for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                   and any(isinstance(t, ast.Name) and t.id == "FOLDERS" for t in n.targets))
+    assert folders == {name: folder for name, folder in PACKAGES.items() if name != folder}
 
 
 def test_the_checker_finds_every_kind_of_import(tmp_path):
     files = {
         "step3vl/__init__.py": "",
-        "step3vl/cli.py": "import os\n\ndef f():\n    from pacore.cli import register\n",
-        "step3vl/serve.py": "import importlib\nx = importlib.import_module('pacore.serve')\n",
+        "step3vl/cli.py": "import os\n\ndef f():\n    from step3vl_pacore.cli import register\n",
+        "step3vl/serve.py": "import importlib\nx = importlib.import_module('step3vl_pacore.serve')\n",
         "step3vl/model/__init__.py": "from .. import engine\n",
         "step3vl/model/decoder.py": "from ..engine.llm import LLM\nimport step3vl.config\n",
-        "step3vl/engine/__init__.py": "import pacore\n",
+        "step3vl/engine/__init__.py": "import step3vl_pacore\n",
         "step3vl/engine/llm.py": "__import__('bench.serving')\n",
         "pacore/__init__.py": "from step3vl.engine import LLM\nimport tests.conftest\n",
         "kernels/__init__.py": "from . import ops\nimport step3vl_native\n",
-        "kernels/ops.py": "from step3vl.engine import x\nfrom pacore import y\n",
-        "bench/run.py": "import pacore\nfrom tests.x import y\n",
+        "kernels/native.py": "import step3vl_native\n",
+        "step3vl/engine/cpu.py": "from step3vl_native import BlockManager\nfrom step3vl_kernels.native import x\n",
+        "kernels/ops.py": "from step3vl.engine import x\nfrom pacore import y\nimport step3vl_pacore.z\n",
+        "bench/run.py": "import step3vl_pacore\nfrom tests.x import y\n",
         "tests/test_x.py": "import step3vl\nimport tests.helpers\n",
     }
     for name, text in files.items():
@@ -135,19 +149,23 @@ def test_the_checker_finds_every_kind_of_import(tmp_path):
         (tmp_path / name).write_text(text)
     got = violations(tmp_path)
     assert sorted(got) == sorted([
-        "step3vl/cli.py:4: step3vl → pacore (imports pacore.cli)",
-        "step3vl/cli.py:4: step3vl → pacore (imports pacore.cli.register)",
-        "step3vl/serve.py:2: step3vl → pacore (imports pacore.serve)",
+        "step3vl/cli.py:4: step3vl → pacore (imports step3vl_pacore.cli)",
+        "step3vl/cli.py:4: step3vl → pacore (imports step3vl_pacore.cli.register)",
+        "step3vl/serve.py:2: step3vl → pacore (imports step3vl_pacore.serve)",
         "step3vl/model/__init__.py:1: step3vl/model → step3vl/engine (imports step3vl.engine)",
         "step3vl/model/decoder.py:1: step3vl/model → step3vl/engine (imports step3vl.engine.llm)",
         "step3vl/model/decoder.py:1: step3vl/model → step3vl/engine (imports step3vl.engine.llm.LLM)",
-        "step3vl/engine/__init__.py:1: step3vl → pacore (imports pacore)",
+        "step3vl/engine/__init__.py:1: step3vl → pacore (imports step3vl_pacore)",
         "step3vl/engine/llm.py:1: → bench (imports bench.serving)",
+        "step3vl/engine/cpu.py:1: → step3vl_native outside step3vl_kernels.native (imports step3vl_native)",
+        "step3vl/engine/cpu.py:1: → step3vl_native outside step3vl_kernels.native (imports step3vl_native.BlockManager)",
         "pacore/__init__.py:2: → tests (imports tests.conftest)",
+        "kernels/__init__.py:2: → step3vl_native outside step3vl_kernels.native (imports step3vl_native)",
         "kernels/ops.py:1: kernels → step3vl (imports step3vl.engine)",
         "kernels/ops.py:1: kernels → step3vl (imports step3vl.engine.x)",
-        "kernels/ops.py:2: kernels → pacore (imports pacore)",
-        "kernels/ops.py:2: kernels → pacore (imports pacore.y)",
+        "kernels/ops.py:2: → bare pacore (import step3vl_pacore) (imports pacore)",
+        "kernels/ops.py:2: → bare pacore (import step3vl_pacore) (imports pacore.y)",
+        "kernels/ops.py:3: kernels → pacore (imports step3vl_pacore.z)",
         "bench/run.py:2: → tests (imports tests.x)",
         "bench/run.py:2: → tests (imports tests.x.y)",
     ])

@@ -95,8 +95,8 @@ def test_an_unknown_level_is_an_error_naming_its_source(ckpt):
 
 
 def test_importing_step3vl_configures_no_logging():
-    code = ("import logging, step3vl, step3vl.cli, step3vl.engine.llm, step3vl.serve.server, pacore.cli\n"
-            "names = ['', 'step3vl', 'pacore', 'step3vl.engine.llm', 'step3vl.cli']\n"
+    code = ("import logging, step3vl, step3vl.cli, step3vl.engine.llm, step3vl.serve.server, step3vl_pacore.cli\n"
+            "names = ['', 'step3vl', 'step3vl_pacore', 'step3vl.engine.llm', 'step3vl.cli']\n"
             "bad = [(n, logging.getLogger(n).handlers) for n in names if logging.getLogger(n).handlers]\n"
             "assert not bad, bad\n"
             "assert logging.getLogger('step3vl').level == logging.NOTSET\n"
@@ -111,10 +111,10 @@ def test_configuring_twice_adds_no_second_handler_and_follows_sys_stderr(monkeyp
     monkeypatch.delenv(LOGGING_LEVEL_ENV, raising=False)
     assert configure_logging() == "info"
     assert configure_logging("DEBUG") == "debug"
-    for name in ("step3vl", "pacore"):
+    for name in ("step3vl", "step3vl_pacore"):
         lg = logging.getLogger(name)
         assert lg.level == logging.DEBUG and len(_ours(lg)) == 1 and not lg.propagate
-    logging.getLogger("pacore.runner").debug("a debug line")
+    logging.getLogger("step3vl_pacore.runner").debug("a debug line")
     err = capsys.readouterr().err  # written to the sys.stderr of now (pytest's capture), not of configuration
     assert re.fullmatch(r"DEBUG \d\d-\d\d \d\d:\d\d:\d\d \[test_logging\.py:\d+\] a debug line\n", err), err
     monkeypatch.setenv(LOGGING_LEVEL_ENV, "error")

@@ -51,7 +51,7 @@ def _commands(help_text: str) -> list[str]:
 
 def test_pacore_is_an_installed_plugin_and_the_help_lists_every_command_in_order(monkeypatch, capsys):
     monkeypatch.delenv(plugins.PLUGINS_ENV, raising=False)
-    assert [(ep.name, ep.value) for ep in plugins.installed_plugins()] == [("pacore", "pacore.cli:register")]
+    assert [(ep.name, ep.value) for ep in plugins.installed_plugins()] == [("pacore", "step3vl_pacore.cli:register")]
     registry = load_plugins()
     assert registry.plugins == ["pacore"] and list(registry.commands) == PACORE_COMMANDS
     assert [e.plugin for e in registry.server_extensions] == ["pacore"]

@@ -19,8 +19,8 @@ from typing import Any
 
 from step3vl.tasks.shapes import TEMPLATE_NAMES, ShapesProblem, final_answer, generate, perception, shapes_reward
 
-from pacore.config import PaCoReConfig
-from pacore.runner import PaCoRe
+from step3vl_pacore.config import PaCoReConfig
+from step3vl_pacore.runner import PaCoRe
 
 Z95 = 1.959964
 

@@ -39,7 +39,7 @@ from step3vl.train.pretrain import PretrainConfig
 from step3vl.train.rl import RLConfig
 from step3vl.train.run import PromptBatches, pretrain, reinforce, step_checkpoints
 
-from pacore.recipes import shapes_data as data
+from step3vl_pacore.recipes import shapes_data as data
 
 STAGES = ("init", "pretrain", "rl", "pools", "synthesis_sft", "synthesis", "eval")
 EVAL_LOSS_SEEDS = 500  # held-out-loss problems start here: neither training (>= 1e6) nor evaluation (0-499) seeds
@@ -204,9 +204,9 @@ def stage_rl(recipe: ShapesRecipe) -> None:
 def stage_pools(recipe: ShapesRecipe) -> None:
     """The RL model's own PaCoRe rollouts on training problems, cached as a batch-run output (resumable)."""
     from step3vl.engine import LLM
-    from pacore.batch import run_batch
-    from pacore.config import PaCoReConfig
-    from pacore.runner import PaCoRe
+    from step3vl_pacore.batch import run_batch
+    from step3vl_pacore.config import PaCoReConfig
+    from step3vl_pacore.runner import PaCoRe
 
     done = recipe.path("pools.done")
     if done.is_file():
@@ -226,8 +226,8 @@ def stage_pools(recipe: ShapesRecipe) -> None:
 
 def _pools(recipe: ShapesRecipe) -> tuple[list, dict[str, list[str]]]:
     from step3vl.train.data import read_jsonl
-    from pacore.episodes import pool_from_result
-    from pacore.problem import Problem
+    from step3vl_pacore.episodes import pool_from_result
+    from step3vl_pacore.problem import Problem
 
     pools = {rec["request_id"]: pool_from_result(rec) for _, rec in read_jsonl(recipe.path("pools.jsonl"))}
     problems = [Problem.from_record(rec, rec["id"]) for _, rec in read_jsonl(recipe.path("pool_problems.jsonl"))]
@@ -254,7 +254,7 @@ def stage_synthesis_sft(recipe: ShapesRecipe) -> None:
 
 
 def stage_synthesis(recipe: ShapesRecipe) -> None:
-    from pacore.episodes import EpisodeBatches, EpisodeConfig
+    from step3vl_pacore.episodes import EpisodeBatches, EpisodeConfig
 
     out = recipe.path("synthesis")
     if _done(out):
@@ -272,7 +272,7 @@ def stage_synthesis(recipe: ShapesRecipe) -> None:
 
 
 def stage_eval(recipe: ShapesRecipe) -> None:
-    from pacore.recipes.evaluate import evaluate_shapes, plot_evaluation
+    from step3vl_pacore.recipes.evaluate import evaluate_shapes, plot_evaluation
 
     seeds = list(HELD_OUT_SEEDS)[:recipe.eval_problems]
     results = {}
@@ -324,7 +324,7 @@ def run_recipe(recipe: ShapesRecipe, stages: tuple[str, ...] = STAGES) -> None:
         if stage in stages:
             _timed(recipe, stage, lambda: STAGE_FNS[stage](recipe))
     if {"pretrain", "rl", "synthesis_sft", "synthesis"} & set(stages):
-        from pacore.recipes.evaluate import plot_training
+        from step3vl_pacore.recipes.evaluate import plot_training
         plot_training(recipe.out, recipe.path("training.png"))
 
 
@@ -335,7 +335,7 @@ def export_model(recipe: ShapesRecipe, dest: Path, checkpoint: str = "synthesis"
     """The trained checkpoint (bf16 safetensors, config, tokenizer) copied to `dest` with a model card
     (README.md: architecture, data, recipe command and seed, the evaluation table) and the plots; `dest` is
     replaced atomically (a complete new copy is swapped with the old one, step3vl/durable.py)."""
-    from pacore.recipes.evaluate import table
+    from step3vl_pacore.recipes.evaluate import table
 
     src = recipe.path(checkpoint)
     if not _done(src):
@@ -374,7 +374,7 @@ def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str 
                checkpoint: str = "synthesis") -> str:
     from step3vl.model.vision import tokens_per_view
 
-    from pacore.recipes.evaluate import breakdown_table, perception_line
+    from step3vl_pacore.recipes.evaluate import breakdown_table, perception_line
 
     cfg = json.loads((path / "config.json").read_text())
     v, t = cfg["vision_config"], cfg["text_config"]
@@ -414,7 +414,7 @@ def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str 
         f"4. synthesis fine-tuning: {recipe.synthesis_sft_draws} synthesis prompts per pool problem over 16-24 of its "
         "own messages, answered with a trace that tallies the references and then reads the picture again, mixed "
         "with as many plain questions;",
-        f"5. PaCoRe synthesis-episode RL (`pacore.episodes`): 16-24 references per episode from the pools, episodes "
+        f"5. PaCoRe synthesis-episode RL (`step3vl_pacore.episodes`): 16-24 references per episode from the pools, episodes "
         f"whose references are > 75% right filtered out; {recipe.synthesis_steps} iterations x "
         f"{recipe.synthesis_problems} episodes x {recipe.synthesis_group} samples.",
         "",

@@ -14,7 +14,7 @@ from pathlib import Path
 from step3vl.tasks.shapes import (COLOURS, KINDS, TEMPLATES, TRAIN_SEED_START, ShapesProblem, generate, near_miss)
 from step3vl.train.rl import RLPrompt
 
-from pacore.template import synthesis_messages
+from step3vl_pacore.template import synthesis_messages
 
 # Disjoint training seed ranges per use (all >= TRAIN_SEED_START, so never a held-out problem).
 PRETRAIN_SEEDS = TRAIN_SEED_START

@@ -14,6 +14,7 @@ import torch
 from step3vl.engine.cpu_modules import NativeRMSNorm, PackedLinear
 from step3vl.engine.kv_cache import KVCache
 from step3vl_kernels.linear_cpu import weight_layout
+from step3vl_kernels.native import native
 
 
 def _linears(layer) -> list:
@@ -24,9 +25,7 @@ def _linears(layer) -> list:
 
 class CpuDecodeStack:
     def __init__(self, model, kv: KVCache):
-        import step3vl_native
-
-        self._native = step3vl_native
+        self._native = step3vl_native = native()
         text = model.model
         cfg = text.cfg
         self.dims = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,

@@ -17,6 +17,7 @@ from torch import nn
 from step3vl.model.decoder import Qwen3Attention, Qwen3MLP, RMSNorm
 from step3vl_kernels.decoder_ops_cpu import rms_norm, rope_rotate_half_, silu_mul
 from step3vl_kernels.linear_cpu import bf16_exact, linear_packed, pack_weight
+from step3vl_kernels.native import cpu_has_amx, cpu_has_avx512
 
 
 class PackedLinear(nn.Module):
@@ -55,18 +56,14 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def should_use_native(model: nn.Module, dtype: torch.dtype) -> bool:
     """fp32 on a CPU with AVX-512 (elsewhere MKL / oneDNN's own paths are the better choice)."""
-    import step3vl_native
-
     device = next(model.parameters()).device
-    return device.type == "cpu" and dtype == torch.float32 and step3vl_native.cpu_has_avx512()
+    return device.type == "cpu" and dtype == torch.float32 and cpu_has_avx512()
 
 
 def use_native_decoder(model: nn.Module, amx: bool | None = None) -> int:
     """Swap the text decoder's layers in place (see the module doc); returns how many modules changed.
     amx: use the AMX tile kernel for bf16 weights (default: where the CPU has it)."""
-    import step3vl_native
-
-    amx = step3vl_native.cpu_has_amx() if amx is None else amx
+    amx = cpu_has_amx() if amx is None else amx
     count = 0
     for parent in list(model.model.modules()) + [model]:
         for name, child in list(parent.named_children()):

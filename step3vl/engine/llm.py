@@ -128,9 +128,9 @@ class LLM:
 
     def _new_engine(self, model: torch.nn.Module, kv: KVCache, rng: Any = None) -> EngineCore:
         """The engine over these weights and this pool; its stats count from zero."""
-        from step3vl_native import BlockManager
+        from step3vl_kernels.native import block_manager
 
-        core = EngineCore(model=model, block_manager=BlockManager(kv.num_blocks, kv.block_size), kv=kv,
+        core = EngineCore(model=model, block_manager=block_manager(kv.num_blocks, kv.block_size), kv=kv,
                           **self._engine_args)
         if rng is not None:
             core._rng = rng  # requests without a seed keep drawing fresh seeds across weight updates

@@ -118,10 +118,10 @@ class ModelRunner:
 def _native_cpu_attention(kv: KVCache) -> bool:
     """The C++ cascade kernel: fp32 / bf16 caches, and only where its AVX-512 path runs (head_dim a multiple of 16
     on an AVX-512 CPU; its portable loop is a correctness fallback, slower than the PyTorch path)."""
-    import step3vl_native
+    from step3vl_kernels.native import cpu_has_avx512
 
     return (kv.k[0].dtype in (torch.float32, torch.bfloat16) and kv.k[0].shape[3] % 16 == 0
-            and step3vl_native.cpu_has_avx512())
+            and cpu_has_avx512())
 
 
 def sample_rows_for(step: ScheduledStep) -> tuple[list[int], list[Sequence]]:

@@ -2,8 +2,8 @@
 
 import json
 
-from pacore import PaCoRe, PaCoReConfig
-from pacore.batch import finished_ids, read_problems, run_batch
+from step3vl_pacore import PaCoRe, PaCoReConfig
+from step3vl_pacore.batch import finished_ids, read_problems, run_batch
 
 
 def write_input(path, n=4):
@@ -104,8 +104,8 @@ def _comparable(rec):
 
 def test_a_problem_interrupted_between_rounds_resumes_at_its_next_round(tmp_path, make_llm, script, hook,
                                                                           monkeypatch):
-    from pacore import journal as J
-    from pacore.problem_run import ProblemRun
+    from step3vl_pacore import journal as J
+    from step3vl_pacore.problem_run import ProblemRun
 
     inp = tmp_path / "problems.jsonl"
     inp.write_text("".join(json.dumps({"id": f"p{i}", "messages": [{"role": "user", "content": f"Q{i}?"}]}) + "\n"

@@ -105,7 +105,7 @@ FAILING_RANK = """
 import os, sys
 
 if os.environ.get("RANK") == "1":  # rank 1 writes two records, then fails
-    import pacore.batch as batch
+    import step3vl_pacore.batch as batch
 
     real, calls = batch.append_record, []
 
@@ -181,7 +181,7 @@ def test_one_question_is_refused_under_torchrun(tiny_dir, monkeypatch, capsys):
 
 
 def test_merge_keeps_a_finished_record_over_a_later_error(tmp_path):
-    from pacore.batch import merge_parts, part_files, part_path, read_problems
+    from step3vl_pacore.batch import merge_parts, part_files, part_path, read_problems
 
     inp = write_input(tmp_path / "in.jsonl")
     out = tmp_path / "out.jsonl"

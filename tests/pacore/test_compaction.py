@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pacore.compaction import compact_round, order_trajectories, passed_on
+from step3vl_pacore.compaction import compact_round, order_trajectories, passed_on
 
 
 @dataclass

@@ -13,11 +13,11 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from pacore.episodes import (EpisodeConfig, SynthesisEpisode, make_episode, make_episodes,
+from step3vl_pacore.episodes import (EpisodeConfig, SynthesisEpisode, make_episode, make_episodes,
                              pool_from_result)
-from pacore.problem import Problem
-from pacore.result import PaCoReResult
-from pacore.template import SYNTHESIS_TEMPLATE
+from step3vl_pacore.problem import Problem
+from step3vl_pacore.result import PaCoReResult
+from step3vl_pacore.template import SYNTHESIS_TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -172,7 +172,7 @@ def test_make_episodes_accepts_official_records():
 
 
 def test_seeds_do_not_depend_on_the_hash_seed(tmp_path):
-    code = ("import json; from pacore.episodes import *; from pacore.problem import Problem\n"
+    code = ("import json; from step3vl_pacore.episodes import *; from step3vl_pacore.problem import Problem\n"
             "msgs = [{'role': 'user', 'content': 'q'}]\n"
             "ps = [Problem(id=f'p{k}', messages=msgs, ground_truth=1) for k in range(4)]\n"
             "pools = {p.id: [f'r{i}' for i in range(40)] for p in ps}\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pacore import EpisodeConfig, Problem, make_episodes, render_synthesis
+from step3vl_pacore import EpisodeConfig, Problem, make_episodes, render_synthesis
 from step3vl.engine import LLM
 from step3vl.loader import load_model
 from step3vl.train.optim import OptimConfig
@@ -38,7 +38,7 @@ def test_synthesis_episodes_train_on_the_template_prompt(tiny_dir):
 
 
 def test_episode_batches_draw_fresh_references_each_step_and_resume():
-    from pacore.episodes import EpisodeBatches
+    from step3vl_pacore.episodes import EpisodeBatches
 
     problems = [Problem(f"q{i}", [{"role": "user", "content": f"{i}+{i}?"}], ground_truth=str(2 * i))
                 for i in range(4)]

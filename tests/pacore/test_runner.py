@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pacore import PaCoRe, PaCoReConfig, Problem
-from pacore.template import synthesis_messages
+from step3vl_pacore import PaCoRe, PaCoReConfig, Problem
+from step3vl_pacore.template import synthesis_messages
 
 ASSET = Path(__file__).resolve().parents[2] / "step3vl" / "assets" / "demo_shapes.png"
 

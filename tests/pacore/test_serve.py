@@ -15,8 +15,8 @@ from step3vl.engine import AsyncLLM
 from step3vl.serve import OpenAIServer, ServerConfig
 from step3vl.serve.background import BackgroundServer
 
-from pacore import PaCoRe, PaCoReConfig, Problem
-from pacore.serve import CHAT_PROBLEM_ID, PaCoReService
+from step3vl_pacore import PaCoRe, PaCoReConfig, Problem
+from step3vl_pacore.serve import CHAT_PROBLEM_ID, PaCoReService
 
 QUESTION = [{"role": "user", "content": "Which letter?"}]
 
@@ -215,7 +215,7 @@ def test_a_batch_client_that_leaves_aborts_its_rounds(served_with, script, hook)
 def test_run_problem_from_plain_asyncio_equals_the_runner(make_llm, base_config):
     import asyncio
 
-    from pacore.serve import run_problem
+    from step3vl_pacore.serve import run_problem
 
     problem = Problem("q", QUESTION)
     engine = AsyncLLM(make_llm(max_model_len=1024))

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from pacore.recipes.evaluate import majority, mean_interval, report, wilson
-from pacore.recipes.shapes import STAGES, ShapesRecipe, run_recipe
+from step3vl_pacore.recipes.evaluate import majority, mean_interval, report, wilson
+from step3vl_pacore.recipes.shapes import STAGES, ShapesRecipe, run_recipe
 from step3vl.tasks.shapes import HELD_OUT_SEEDS
 
 
@@ -49,7 +49,7 @@ def test_toy_recipe_runs_every_stage(toy_run):
 def test_interrupted_stage_resumes_to_the_same_run(toy_run, tmp_path, monkeypatch):
     """Pre-training killed after a saved step, run again, continues from that step: every step logged once, and
     it ends with the uninterrupted run's weights and losses (toy_run, same seed)."""
-    import pacore.recipes.shapes as recipe_mod
+    import step3vl_pacore.recipes.shapes as recipe_mod
     from safetensors.torch import load_file
 
     out = tmp_path / "again"
@@ -128,7 +128,7 @@ def test_report_aggregates_rows():
 
 
 def test_export_ships_a_loadable_checkpoint_with_its_card(toy_run, tmp_path):
-    from pacore.recipes.shapes import export_model
+    from step3vl_pacore.recipes.shapes import export_model
     from step3vl import LLM, SamplingParams
     from step3vl.tasks.shapes import generate
 

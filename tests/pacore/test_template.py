@@ -2,7 +2,7 @@
 
 import pytest
 
-from pacore.template import render_synthesis, synthesis_messages, user_text
+from step3vl_pacore.template import render_synthesis, synthesis_messages, user_text
 
 EXPECTED_TWO_REFS = (
     "You are given a problem and a list of reference responses. Your job is to analyze these references and "

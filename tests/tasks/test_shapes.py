@@ -767,8 +767,8 @@ def test_demo_triangle_outline_is_2_to_3_px():
 
 
 def test_seed_splits():
-    from pacore.recipes import shapes as recipe
-    from pacore.recipes import shapes_data as data
+    from step3vl_pacore.recipes import shapes as recipe
+    from step3vl_pacore.recipes import shapes_data as data
 
     assert S.HELD_OUT_SEEDS == range(0, 500)
     assert S.TRAIN_SEED_START >= 500
@@ -835,7 +835,7 @@ def test_perception_reads_the_listing_against_the_picture():
 
 
 def test_perception_summary_counts_by_hand():
-    from pacore.recipes.evaluate import perception_summary, wilson
+    from step3vl_pacore.recipes.evaluate import perception_summary, wilson
 
     seen = [{"listed": 2, "actual": 2, "compared": 2, "kinds_right": 1, "colours_right": 2,
              "kind_pairs": [("circle", "circle"), ("square", "rectangle")]},

@@ -129,8 +129,8 @@ RL_WORKER = textwrap.dedent('''
 
     batches = PromptBatches(prompts, 3, seed=0)
     if episodes:
-        from pacore import EpisodeConfig, Problem, pool_from_result
-        from pacore.episodes import EpisodeBatches
+        from step3vl_pacore import EpisodeConfig, Problem, pool_from_result
+        from step3vl_pacore.episodes import EpisodeBatches
 
         pools = {r["request_id"]: pool_from_result(r) for r in map(json.loads, open(episodes))}
         batches = EpisodeBatches([Problem(p.id, p.messages, ground_truth=p.answer) for p in prompts], pools,
