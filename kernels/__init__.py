@@ -21,3 +21,10 @@ if __name__ == "kernels":
     _real = importlib.util.module_from_spec(_spec)
     sys.modules["kernels"] = _real
     _spec.loader.exec_module(_real)
+
+
+def triton_available() -> bool:
+    """Whether Triton is installed (the `cuda` extra): the GPU kernels need it, the CPU paths never import it."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None

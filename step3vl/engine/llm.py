@@ -102,7 +102,7 @@ class LLM:
             detokenizer_factory=lambda skip: tok.stream_decoder(skip),
             max_num_batched_tokens=config.max_num_batched_tokens or max(2048, block_size),
             max_num_seqs=config.max_num_seqs,
-            use_kernels=dev.type == "cuda" if config.use_kernels is None else config.use_kernels,
+            use_kernels=_use_kernels(config.use_kernels, dev),
             # On CUDA the last measured cascade kernel (eager, 3 launches) lost to plain paged decode
             # (bench/RESULTS.md); the CPU path always reads a shared prefix once per group.
             cascade_attention=dev.type != "cuda" if config.cascade_attention is None else config.cascade_attention,
@@ -351,3 +351,19 @@ class LLM:
 
     def is_sleeping(self) -> bool:
         return self._lifecycle.is_sleeping()
+
+
+def _use_kernels(asked: bool | None, device: torch.device) -> bool:
+    """The Triton/CUDA kernels: by default on CUDA where Triton is installed (the `cuda` extra); without it the
+    PyTorch attention path runs, with a warning. Asked for explicitly without Triton: an error naming the fix."""
+    from step3vl_kernels import triton_available
+
+    if asked is None:
+        if device.type == "cuda" and not triton_available():
+            logger.warning("Triton is not installed: the engine runs its PyTorch attention path on %s "
+                           "(pip install 'step3vl[cuda]' for the kernels)", device)
+            return False
+        return device.type == "cuda"
+    if asked and not triton_available():
+        raise ValueError("use_kernels=True needs Triton, which is not installed: pip install 'step3vl[cuda]'")
+    return asked

@@ -112,7 +112,11 @@ class StructuredOutputBackend:
 
     def _get_compiler(self):
         if self._compiler is None:
-            import xgrammar as xgr
+            try:
+                import xgrammar as xgr
+            except ImportError:
+                raise ValueError("structured outputs need xgrammar, which is not installed: "
+                                 "pip install 'step3vl[structured]'") from None
             from transformers import PreTrainedTokenizerFast
 
             hf = PreTrainedTokenizerFast(tokenizer_object=self._tokenizer.tok)
