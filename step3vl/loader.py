@@ -1,5 +1,6 @@
-"""Checkpoint directory → model. Reads safetensors through mmap, one tensor at a time, straight into the
-target dtype and device on a module built on the meta device, so peak RAM stays near the model's own size.
+"""Checkpoint directory → model. safetensors' parser (`safe_open`) reads and validates each file's header; the
+tensors are then copied one at a time from a read-only mmap, straight into the target dtype and device on a module
+built on the meta device, so peak RAM stays near the model's own size.
 
 Both key spellings are accepted: the official flat names (`vision_model.*`, `vit_large_projector.*`,
 `model.*`, `lm_head.*`) and the remote-code module tree (`model.vision_model.*`, `model.language_model.*`,
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import mmap
 import struct
 import warnings
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from step3vl.config import Step3VLConfig
@@ -50,48 +53,70 @@ def canonical_key(name: str) -> str:
 @dataclass(slots=True)
 class TensorEntry:
     key: str
-    dtype: str
+    dtype: str  # safetensors' name: "BF16", "F32", ...
     shape: tuple[int, ...]
     begin: int  # absolute byte offsets in the file
     end: int
 
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
 
-def read_safetensors_header(path: Path) -> list[TensorEntry]:
-    """Parse and validate a safetensors header; every error names the file (and the key)."""
+
+def tensor_entries(path: Path) -> list[TensorEntry]:
+    """The tensors of a safetensors file in file order. safetensors' own parser reads and validates the header
+    (dtypes, shapes, and byte ranges that tile the data section exactly), so each tensor's bytes start where the
+    previous one's end; a file it refuses raises CheckpointError naming the file and, where one is to blame, the
+    key."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            slices = [(key, f.get_slice(key)) for key in f.offset_keys()]
+    except SafetensorError as e:
+        raise CheckpointError(_why_unreadable(path, e)) from None
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+    entries, begin = [], 8 + header_len
+    for key, sl in slices:
+        dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: key {key!r} has unsupported dtype {dtype}")
+        end = begin + math.prod(shape) * _DTYPES[dtype].itemsize
+        entries.append(TensorEntry(key, dtype, shape, begin, end))
+        begin = end
+    return entries
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """What is wrong with a file safetensors refused, as precisely as its header says: safetensors' own message
+    names neither the file nor the tensor ("invalid shape, data type, or offset for tensor")."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated file ({size} bytes, no safetensors header)")
+            return f"{path}: truncated file ({size} bytes, no safetensors header)"
         (n,) = struct.unpack("<Q", head)
         if 8 + n > size:
-            raise CheckpointError(f"{path}: corrupt or truncated header (header says {n} bytes, file has {size})")
+            return f"{path}: corrupt or truncated header (header says {n} bytes, file has {size})"
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+            return f"{path}: corrupt safetensors header ({e})"
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not an object)")
-    entries = []
+        return f"{path}: corrupt safetensors header (not an object)"
     for key, info in header.items():
         if key == "__metadata__":
             continue
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            dtype, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: key {key!r} has a malformed header entry ({e})") from e
+            return f"{path}: key {key!r} has a malformed header entry ({e})"
         if dtype not in _DTYPES:
-            raise CheckpointError(f"{path}: key {key!r} has unsupported dtype {dtype}")
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - begin != numel * _DTYPES[dtype].itemsize or begin < 0:
-            raise CheckpointError(f"{path}: key {key!r} byte range {begin}..{end} does not match {dtype}{list(shape)}")
+            return f"{path}: key {key!r} has unsupported dtype {dtype}"
+        if end - begin != math.prod(shape) * _DTYPES[dtype].itemsize or begin < 0:
+            return f"{path}: key {key!r} byte range {begin}..{end} does not match {dtype}{shape}"
         if 8 + n + end > size:
-            raise CheckpointError(f"{path}: truncated file: key {key!r} needs bytes up to {8 + n + end}, "
-                                  f"file has {size}")
-        entries.append(TensorEntry(key, dtype, shape, 8 + n + begin, 8 + n + end))
-    return entries
+            return f"{path}: truncated file: key {key!r} needs bytes up to {8 + n + end}, file has {size}"
+    return f"{path}: not a readable safetensors file ({error})"
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
@@ -129,7 +154,9 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, requires_grad:
 def _load_file(model: nn.Module, path: Path, expected: dict[str, torch.Tensor], seen: dict[str, Path],
                skip: set[str], dtype: torch.dtype, device: torch.device, requires_grad: bool) -> list[str]:
     unexpected = []
-    entries = read_safetensors_header(path)
+    entries = tensor_entries(path)
+    # Read through our own read-only mmap rather than safe_open's tensors: pages copied from are dropped from the
+    # resident set right away (MADV_DONTNEED), so peak RSS is the model + one tensor, not the model + the file.
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         for e in entries:
             name = canonical_key(e.key)
@@ -146,10 +173,9 @@ def _load_file(model: nn.Module, path: Path, expected: dict[str, torch.Tensor], 
                                       f"{list(want.shape)}")
             if e.dtype not in _FLOAT_DTYPES:
                 raise CheckpointError(f"{path}: key {e.key!r} has dtype {e.dtype}, expected a float tensor")
-            numel = (e.end - e.begin) // _DTYPES[e.dtype].itemsize
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # read-only mmap: we copy right away, nothing writes it
-                src = torch.frombuffer(mm, dtype=_DTYPES[e.dtype], count=numel, offset=e.begin)
+                src = torch.frombuffer(mm, dtype=_DTYPES[e.dtype], count=math.prod(e.shape), offset=e.begin)
             value = src.view(e.shape).to(device=device, dtype=dtype, copy=True)
             del src
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
@@ -158,7 +184,6 @@ def _load_file(model: nn.Module, path: Path, expected: dict[str, torch.Tensor], 
                 raise CheckpointError(f"{path}: key {e.key!r} holds {bad} non-finite value(s) (NaN or inf)")
             _set_tensor(model, name, value, requires_grad)
             seen[name] = path
-            # Drop the file pages we just copied from our resident set: peak RSS ≈ model + one tensor.
             page = mmap.PAGESIZE
             start = e.begin // page * page
             if e.end > start:

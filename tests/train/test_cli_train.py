@@ -68,6 +68,6 @@ def test_rl_command_on_pacore_synthesis_episodes(tiny_ckpt, tmp_path, capsys):
     final = load_model(out, dtype=torch.float32)  # complete checkpoints, in fp32 as asked
     step2 = load_model(tmp_path / "policy-step2", dtype=torch.float32)
     assert (tmp_path / "policy-step1" / "config.json").is_file()
-    from step3vl.loader import checkpoint_files, read_safetensors_header
-    assert {e.dtype for f in checkpoint_files(out) for e in read_safetensors_header(f)} == {"F32"}
+    from step3vl.loader import checkpoint_files, tensor_entries
+    assert {e.dtype for f in checkpoint_files(out) for e in tensor_entries(f)} == {"F32"}
     assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), step2.state_dict().values()))

@@ -12,7 +12,7 @@ import torch
 from step3vl import saver
 from step3vl.config import Step3VLConfig
 from step3vl.loader import (INDEX_FILE, CheckpointError, check_state, checkpoint_files, load_model, model_from_state,
-                            read_safetensors_header)
+                            tensor_entries)
 from step3vl.saver import export_state, save_checkpoint
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
@@ -32,7 +32,7 @@ def trained(tiny_ckpt):
 
 def _stored(path) -> dict[str, str]:
     """key → safetensors dtype string, over every shard of a checkpoint directory."""
-    return {e.key: e.dtype for f in checkpoint_files(path) for e in read_safetensors_header(f)}
+    return {e.key: e.dtype for f in checkpoint_files(path) for e in tensor_entries(f)}
 
 
 def test_fp32_round_trip_is_exact(trained, tiny_ckpt, tmp_path):
@@ -62,7 +62,7 @@ def test_official_key_names_and_index(trained, tiny_ckpt, tmp_path):
     assert set(index["weight_map"]) == set(source_index["weight_map"]) == set(_stored(out))
     shards = sorted(set(index["weight_map"].values()))
     assert shards == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
-    sizes = sum((e.end - e.begin) for f in checkpoint_files(out) for e in read_safetensors_header(f))
+    sizes = sum(e.nbytes for f in checkpoint_files(out) for e in tensor_entries(f))
     assert index["metadata"]["total_size"] == sizes
     assert set(export_state(trained)) == set(source_index["weight_map"])
 
