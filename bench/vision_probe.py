@@ -3,7 +3,7 @@
 square, rectangle, triangle; chance 25%) from its max-pooled features, from two initialisations: 0.02 everywhere
 (what `make_tiny_checkpoint(for_training=True)` used before) and open_clip's (what it uses now).
 
-    python bench/vision_probe.py [--steps 500] [--lr 1e-3] [--init open_clip|0.02]
+    python bench/vision_probe.py [--steps 500] [--lr 1e-3] [--init open_clip|0.02] [--pool max|mean]
 
 Prints the accuracy of the last 25 steps every 25 steps (batch 32, one thread).
 """
@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--init", choices=["open_clip", "0.02"], default="open_clip")
+    # max: the head sees the strongest token; mean: every token weighs the same, as an untrained decoder's uniform
+    # attention reads the image (does the kind signal survive being averaged with the background?)
+    ap.add_argument("--pool", choices=["max", "mean"], default="max")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -70,7 +73,8 @@ def main() -> None:
     t0, acc = time.time(), []
     for step in range(args.steps):
         x, y = batch(step * 32)
-        logits = head(enc(x).amax(1))
+        feats = enc(x)
+        logits = head(feats.amax(1) if args.pool == "max" else feats.mean(1))
         loss = torch.nn.functional.cross_entropy(logits, y)
         opt.zero_grad()
         loss.backward()

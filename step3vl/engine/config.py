@@ -57,6 +57,10 @@ class EngineConfig:
         "on the CPU, the native decoder (packed linears, C++ paged attention); off: the plain PyTorch path",
         cli_bool=True))
     max_logprobs: int = field(default=20, metadata=_help("the most alternatives per token a request may ask for"))
+    generation_config: str = field(default="auto", metadata=_help(
+        "default sampling parameters for requests that leave them unset (temperature, top_p, top_k, min_p, "
+        "repetition_penalty, max_new_tokens): 'auto' reads the model's generation_config.json, 'vllm' uses none "
+        "(the OpenAI defaults), or a folder holding a generation_config.json (vLLM's flag)"))
     encoder_cache_memory: str = field(default="256MiB", metadata=_help(
         "image features kept by image digest, so a recurring image (PaCoRe rounds, chat turns) is encoded once"))
     speculative_config: dict | None = field(default=None, metadata=_help(

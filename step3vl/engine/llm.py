@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from step3vl.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, run_beam_search
 from step3vl.engine.config import EngineConfig
 from step3vl.engine.core import EngineCore, EngineCounters
+from step3vl.engine.generation_config import sampling_defaults
 from step3vl.engine.kv_cache import KVCache, block_bytes
 from step3vl.engine.outputs import RequestOutput, request_output
 from step3vl.engine.prompts import PreparedPrompt, PromptPreparer, prompt_list  # PreparedPrompt's home was here
@@ -81,6 +82,11 @@ class LLM:
         self.device = dev
         self.model_path = Path(config.model)
         self.processor = Step3VLProcessor.from_pretrained(config.model, max_image_pixels=config.max_image_pixels)
+        # what requests that leave a sampling field unset get (generation_config.py)
+        self.sampling_defaults = sampling_defaults(config.generation_config, config.model)
+        if self.sampling_defaults:
+            logger.info("default sampling parameters from generation_config=%r: %s (--generation-config vllm "
+                        "turns them off)", config.generation_config, self.sampling_defaults)
         loaded = load_model(config.model, dtype=self.dtype, device=dev)
         cfg = loaded.cfg.text
         per_block = block_bytes(cfg, block_size, self.dtype)
@@ -206,9 +212,14 @@ class LLM:
             self._engine_args["structured"].compile(params.structured_outputs)
         return params
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The sampling parameters a prompt given none runs with (vLLM's name): the generation config's values
+        over SamplingParams' defaults."""
+        return SamplingParams(**self.sampling_defaults)
+
     def add_request(self, prompt: Any, params: SamplingParams | None = None, request_id: str | None = None,
                     priority: int = 0) -> str:
-        params = params or SamplingParams()
+        params = params or self.get_default_sampling_params()
         self.engine.check_priority(priority)  # before the prompt's images are loaded
         p = self.prepare(prompt)
         rid = request_id if request_id is not None else str(next(self._ids))
@@ -240,7 +251,7 @@ class LLM:
                  use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
         """priority: one per prompt (scheduling_policy='priority'; lower first)."""
         prompts = prompt_list(prompts)
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * len(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or self.get_default_sampling_params()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         priority = [0] * len(prompts) if priority is None else list(priority)

@@ -139,16 +139,22 @@ class _Request(BaseModel):
         return bool((self.stream_options or {}).get("include_usage"))
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        logits_processors: list | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
-        """OpenAI defaults (temperature 1, top_p 1); ValueError from SamplingParams names the field."""
+                        logits_processors: list | None = None, prompt_logprobs: int | None = None,
+                        defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """A field the request leaves unset takes `defaults` (the engine's generation config), else OpenAI's
+        (temperature 1, top_p 1); ValueError from SamplingParams names the field."""
         structured, bias = self.structured(), self.token_bias()
+        defaults = defaults or {}
+
+        def given(name: str, fallback: Any) -> Any:
+            value = getattr(self, name)
+            return defaults.get(name, fallback) if value is None else value
+
         try:
             return SamplingParams(
-                n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
-                min_p=self.min_p or 0.0, presence_penalty=self.presence_penalty,
-                frequency_penalty=self.frequency_penalty,
-                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                n=self.n, temperature=given("temperature", 1.0), top_p=given("top_p", 1.0),
+                top_k=given("top_k", 0), min_p=given("min_p", 0.0), presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty, repetition_penalty=given("repetition_penalty", 1.0),
                 max_tokens=max_tokens, min_tokens=self.min_tokens, logit_bias=bias,
                 allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
                 truncate_prompt_tokens=self.truncate_prompt_tokens,

@@ -418,11 +418,17 @@ class OpenAIServer:
 
     # -- chat -----------------------------------------------------------------------------------------
 
+    def _max_tokens(self, requested: int | None) -> int | None:
+        """The request's budget, else the generation config's max_new_tokens, else what the context leaves."""
+        return requested if requested is not None else self.llm.sampling_defaults.get("max_tokens")
+
     async def _chat(self, body: ChatCompletionRequest, messages: list[dict]) -> Any:
-        prepared, max_tokens = await self.prepare(self.render_chat(body, messages), body.requested_max_tokens,
-                                                  "messages", body.truncate_prompt_tokens)
+        prepared, max_tokens = await self.prepare(self.render_chat(body, messages),
+                                                  self._max_tokens(body.requested_max_tokens), "messages",
+                                                  body.truncate_prompt_tokens)
         params = self._after_reasoning(body.sampling_params(max_tokens, body.requested_logprobs,
-                                                            self.config.logits_processors, body.prompt_logprobs))
+                                                            self.config.logits_processors, body.prompt_logprobs,
+                                                            self.llm.sampling_defaults))
         rid = new_id("chatcmpl")
         stream = self._generate(body, prepared, params, rid)
         if body.stream:
@@ -481,12 +487,13 @@ class OpenAIServer:
 
     async def _completion(self, body: CompletionRequest) -> Any:
         prompts = body.prompts()
-        prepared = [await self.prepare(p, body.max_tokens, "prompt", body.truncate_prompt_tokens) for p in prompts]
+        prepared = [await self.prepare(p, self._max_tokens(body.max_tokens), "prompt", body.truncate_prompt_tokens)
+                    for p in prompts]
         rid = new_id("cmpl")
         streams, echoes = [], []
         for i, (p, max_tokens) in enumerate(prepared):
             params = body.sampling_params(max_tokens, body.logprobs, self.config.logits_processors,
-                                          body.requested_prompt_logprobs)
+                                          body.requested_prompt_logprobs, self.llm.sampling_defaults)
             streams.append(self._generate(body, p, params, f"{rid}-{i}"))
             echoes.append(self._echo(body, p))
         model = body.model or self.config.served_model_name

@@ -75,3 +75,13 @@ def test_prefix_caching_off_shares_nothing_across_requests(tiny_ckpt):
     assert on.generate([prompt], greedy, use_tqdm=False)[0].num_cached_tokens > 0
     again = off.generate([prompt], SamplingParams(n=3, max_tokens=2), use_tqdm=False)[0]
     assert again.num_cached_tokens == 0 and len(again.outputs) == 3
+
+
+def test_generation_config_flag(serve, tiny_ckpt):
+    auto = serve()[0].llm  # the tiny checkpoint's generation_config.json: temperature 1, top_p 1, top_k 0
+    assert auto.config.generation_config == "auto" and auto.sampling_defaults == {"temperature": 1.0, "top_p": 1.0,
+                                                                                    "top_k": 0}
+    off = serve("--generation-config", "vllm")[0].llm
+    assert off.config.generation_config == "vllm" and off.sampling_defaults == {}
+    folder = serve("--generation-config", str(tiny_ckpt))[0].llm
+    assert folder.sampling_defaults == auto.sampling_defaults
