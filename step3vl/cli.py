@@ -193,6 +193,13 @@ def _parser(plugins: PluginRegistry) -> argparse.ArgumentParser:
                    help="also fetch image URLs on loopback / private addresses (off: the server's own network is "
                         "not reachable through it)")
     s.add_argument("--max-n", type=int, default=64, help="the most samples (n) one request may ask for")
+    from step3vl.serve.http_protocol import HEADER_TIMEOUT_S
+
+    s.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S, metavar="SECONDS",
+                   help="a connection that has not sent a complete request head this long after connecting (or "
+                        "after the first byte of a later request) gets a 408 and is closed")
+    s.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="SECONDS",
+                   help="how long an idle keep-alive connection stays open between requests (vLLM's flag)")
     s.add_argument("--enable-sleep-mode", action="store_true",
                    help="serve POST /sleep?level=1|2, POST /wake_up, GET /is_sleeping (a colocated trainer frees "
                         "the KV pool, and at level 2 the weights, between rollouts)")
@@ -419,6 +426,7 @@ def _cmd_serve(args, plugins: PluginRegistry) -> int:
 
     from step3vl.engine.async_llm import AsyncLLM
     from step3vl.serve import MediaPolicy, OpenAIServer, ServerConfig
+    from step3vl.serve.http_protocol import header_timeout_protocol
 
     if args.random and not args.demo:
         raise ValueError("--random goes with --demo")
@@ -455,7 +463,8 @@ def _cmd_serve(args, plugins: PluginRegistry) -> int:
     logger.info("step3vl serve: %s on http://%s:%d/v1 (max_model_len %d; models: %s)", config.served_model_name,
                 args.host, args.port, llm.max_model_len, ", ".join(m.id for m in _model_ids(server)))
     try:
-        uvicorn.run(server.app, **uvicorn_options(args.host, args.port, args.uvicorn_log_level or args.log_level))
+        uvicorn.run(server.app, **uvicorn_options(args.host, args.port, args.uvicorn_log_level or args.log_level),
+                    http=header_timeout_protocol(args.header_timeout), timeout_keep_alive=args.timeout_keep_alive)
     finally:
         engine.shutdown()
     return 0

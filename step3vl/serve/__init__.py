@@ -1,7 +1,30 @@
-"""The OpenAI-compatible HTTP server (`step3vl serve`): FastAPI over `AsyncLLM`."""
+"""The OpenAI-compatible HTTP server (`step3vl serve`): FastAPI over `AsyncLLM`.
 
-from step3vl.serve.media import MediaPolicy
-from step3vl.serve.protocol import ChatCompletionRequest, RequestError
-from step3vl.serve.server import OpenAIServer, ServerConfig
+The names below are imported on first use, so that a light submodule (http_protocol, whose timeout default the
+CLI reads while building `--help`) does not pull in FastAPI and the engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {"MediaPolicy": "step3vl.serve.media", "ChatCompletionRequest": "step3vl.serve.protocol",
+            "RequestError": "step3vl.serve.protocol", "OpenAIServer": "step3vl.serve.server",
+            "ServerConfig": "step3vl.serve.server"}
 
 __all__ = ["OpenAIServer", "ServerConfig", "MediaPolicy", "ChatCompletionRequest", "RequestError"]
+
+if TYPE_CHECKING:
+    from step3vl.serve.media import MediaPolicy
+    from step3vl.serve.protocol import ChatCompletionRequest, RequestError
+    from step3vl.serve.server import OpenAIServer, ServerConfig
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'step3vl.serve' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -85,3 +85,10 @@ def test_generation_config_flag(serve, tiny_ckpt):
     assert off.config.generation_config == "vllm" and off.sampling_defaults == {}
     folder = serve("--generation-config", str(tiny_ckpt))[0].llm
     assert folder.sampling_defaults == auto.sampling_defaults
+
+
+def test_connection_timeout_flags(serve):
+    _, options = serve("--header-timeout", "7", "--timeout-keep-alive", "3")
+    assert options["timeout_keep_alive"] == 3.0 and options["http"].header_timeout_s == 7.0
+    _, options = serve()
+    assert options["timeout_keep_alive"] == 5.0 and options["http"].header_timeout_s == 30.0
