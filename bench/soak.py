@@ -66,8 +66,10 @@ KINDS = {  # name: (path, body builder, statuses that are correct)
                                                      "seed": r.randint(0, 99)}, {200}),
     "dropped_stream": ("/v1/chat/completions", lambda r: _chat("A long answer please.", stream=True,
                                                                max_tokens=200), {200}),
+    # A random-weight final round sometimes says nothing after </think>: PaCoRe's documented 500 (type
+    # PaCoReError, the result record attached) is then the right answer; any other 500 is not.
     "pacore": ("/v1/chat/completions", lambda r: {**_chat("Which is it?"), "model": f"{MODEL}-pacore-low",
-                                                  "max_tokens": 16}, {200}),
+                                                  "max_tokens": 16}, {200, "500 PaCoReError"}),
     "image": ("/v1/chat/completions", lambda r: _image_chat(_png(r.randint(20, 300), r.randint(20, 300))), {200}),
     "bomb_image": ("/v1/chat/completions", lambda r: _image_chat(_png(20000, 1)), {400}),
     "bad_base64": ("/v1/chat/completions", lambda r: _image_chat("data:image/png;base64,@@@@"), {400}),
@@ -95,9 +97,12 @@ def _one(client: httpx.Client, url: str, kind: str, rng: random.Random) -> tuple
                     break  # the client goes away mid-stream: the server must abort and free the blocks
             return r.status_code, time.perf_counter() - t0
     r = client.post(url + path, json=payload)
-    if r.status_code not in expected and len(UNEXPECTED[kind]) < 3:
+    status = r.status_code
+    if status == 500 and '"type":"PaCoReError"' in r.text:
+        status = "500 PaCoReError"
+    if status not in expected and len(UNEXPECTED[kind]) < 3:
         UNEXPECTED[kind].append(f"{r.status_code}: {r.text[:400]}")
-    return r.status_code, time.perf_counter() - t0
+    return status, time.perf_counter() - t0
 
 
 def _serve(tmp: Path):
@@ -114,7 +119,9 @@ def _serve(tmp: Path):
     torch.set_num_threads(1)
     ckpt = make_tiny_checkpoint(tmp / "ckpt", "tiny", seed=0)
     # A small encoder cache, so its bound (not a leak) is reached within the soak.
-    llm = LLM(ckpt, kv_cache_memory="4MiB", max_model_len=1024, encoder_cache_memory="16MiB")
+    # 2048: a 20-300 px picture of extreme aspect becomes up to ~1,000 prompt tokens (its crops), which a 1024
+    # context refused (correctly, with vLLM's overflow 400) 2 times in 6,298 in the first 10-minute soak
+    llm = LLM(ckpt, kv_cache_memory="4MiB", max_model_len=2048, encoder_cache_memory="16MiB")
     engine = AsyncLLM(llm)
     # Random weights write </think> at position 6 (as `serve --think-at 6`), so PaCoRe's rounds have messages.
     think = RandomWeightsProcessor(llm.get_tokenizer(), llm.model.cfg.text.vocab_size, think_at=6)
@@ -171,7 +178,7 @@ def _report(results: dict, rss: list[tuple[float, float]], stats: dict) -> dict:
         statuses = defaultdict(int)
         for s, _ in rs:
             statuses[s] += 1
-        lat = sorted(t for s, t in rs if s > 0)
+        lat = sorted(t for s, t in rs if s != -1)  # -1: the request raised
         p = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan"))  # noqa: E731
         bad = sum(n for s, n in statuses.items() if s not in KINDS[kind][2])
         unexpected += bad

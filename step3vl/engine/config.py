@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 POLICIES = ("fcfs", "priority")
@@ -106,6 +109,25 @@ class EngineConfig:
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
 
+    def resolve(self, *, device: Any, max_model_len: int, eos_token_ids: set[int]) -> "CoreConfig":
+        """EngineCore's settings for this config on `device`, with the model's context limit and end-of-sequence
+        ids: every default that depends on the device or the model is decided here, once."""
+        from step3vl.engine.speculative import SpeculativeConfig
+
+        return CoreConfig(
+            max_model_len=max_model_len, eos_token_ids=frozenset(eos_token_ids), seed=self.seed,
+            max_logprobs=self.max_logprobs, speculative=SpeculativeConfig.of(self.speculative_config),
+            scheduler=SchedulerConfig(max_num_batched_tokens=self.max_num_batched_tokens or max(2048, self.block_size),
+                                      max_num_seqs=self.max_num_seqs, policy=self.scheduling_policy),
+            runner=RunnerConfig(
+                use_kernels=use_kernels(self.use_kernels, device),
+                # On CUDA the last measured cascade kernel (eager, 3 launches) lost to plain paged decode
+                # (bench/RESULTS.md); the CPU path always reads a shared prefix once per group.
+                cascade_attention=(device.type != "cuda" if self.cascade_attention is None
+                                   else self.cascade_attention),
+                cpu_kernels=self.cpu_kernels,
+                encoder_cache_bytes=parse_bytes(self.encoder_cache_memory, "encoder_cache_memory")))
+
     # -- command line ------------------------------------------------------------------------------
 
     @classmethod
@@ -133,6 +155,72 @@ class EngineConfig:
         """The config of the parsed engine flags (`add_cli_args`), with `overrides` on top."""
         given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
         return cls(**{**given, **overrides})
+
+
+# -- what the engine's parts own, resolved (EngineConfig.resolve) ----------------------------------------
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler's part: how much one engine step may take, and in which order requests are admitted."""
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    policy: str = "fcfs"
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"scheduling_policy {self.policy!r}: choose 'fcfs' or 'priority'")
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """The model runner's part: which attention and decoder paths run, and the image-feature cache's budget."""
+    use_kernels: bool = False
+    cascade_attention: bool = True
+    cpu_kernels: bool = True
+    encoder_cache_bytes: int = 256 << 20
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """EngineCore's settings, derived from an EngineConfig for one model on one device."""
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    scheduler: SchedulerConfig
+    runner: RunnerConfig = RunnerConfig()
+    seed: int = 0
+    max_logprobs: int = 20  # the most alternatives per token a request may ask for (vLLM's default)
+    speculative: Any = None  # SpeculativeConfig (engine/speculative.py), or None
+
+
+_SIZE_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1}
+
+
+def parse_bytes(value: int | str, name: str = "kv_cache_memory") -> int:
+    if isinstance(value, int):
+        return value
+    s = value.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):] or "b"
+    if unit not in _SIZE_UNITS or not num:
+        raise ValueError(f"{name} {value!r}: use bytes or a size like '2GiB' / '512MiB'")
+    return int(float(num) * _SIZE_UNITS[unit])
+
+
+def use_kernels(asked: bool | None, device: Any) -> bool:
+    """The Triton/CUDA kernels: by default on CUDA where Triton is installed (the `cuda` extra); without it the
+    PyTorch attention path runs, with a warning. Asked for explicitly without Triton: an error naming the fix."""
+    from step3vl_kernels import triton_available
+
+    if asked is None:
+        if device.type == "cuda" and not triton_available():
+            logger.warning("Triton is not installed: the engine runs its PyTorch attention path on %s "
+                           "(pip install 'step3vl[cuda]' for the kernels)", device)
+            return False
+        return device.type == "cuda"
+    if asked and not triton_available():
+        raise ValueError("use_kernels=True needs Triton, which is not installed: pip install 'step3vl[cuda]'")
+    return asked
 
 
 def _cli_type(annotation: str) -> Any:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from step3vl.engine.config import CoreConfig
 from step3vl.engine.image_inputs import cache_token_ids, image_layout
 from step3vl.engine.kv_cache import KVCache
 from step3vl.engine.model_runner import ModelRunner, sample_rows_for
@@ -21,7 +22,7 @@ from step3vl.engine.sampler import NO_TOKEN, SampledToken, Sampler
 from step3vl.engine.scheduler import PrefillWork, Scheduler, ScheduledStep
 from step3vl.engine.sequence import Request, Sequence, SeqStatus
 from step3vl.engine.sampling_params import SamplingParams
-from step3vl.engine.speculative import NgramProposer, SpeculativeConfig
+from step3vl.engine.speculative import NgramProposer
 from step3vl.engine.token_constraints import bad_words_token_ids
 
 
@@ -42,36 +43,23 @@ class EngineCore:
     model: object
     kv: KVCache
     block_manager: object
-    max_model_len: int
-    eos_token_ids: set[int]
-    detokenizer_factory: object  # () -> stream decoder with .step(ids) -> str, or None
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 256
-    use_kernels: bool = False
-    cascade_attention: bool = True
-    cpu_kernels: bool = True
-    seed: int = 0
+    config: CoreConfig  # resolved from the EngineConfig (EngineConfig.resolve); its parts go to scheduler and runner
+    detokenizer_factory: object = None  # (skip_special_tokens) -> stream decoder with .step(ids) -> str
     structured: object = None  # StructuredOutputBackend, for requests with structured_outputs
-    max_logprobs: int = 20  # the most alternatives per token a request may ask for (vLLM's default)
-    encoder_cache_bytes: int = 256 << 20  # image features kept by image digest (engine/image_inputs.py)
-    speculative: SpeculativeConfig | None = None  # n-gram speculative decoding (engine/speculative.py)
-    scheduling_policy: str = "fcfs"  # or "priority": requests' `priority` orders admission and preemption
     encode: Callable[[str], list[int]] | None = None  # the tokenizer, for SamplingParams.bad_words
     requests: dict[str, Request] = field(default_factory=dict)
     counters: EngineCounters = field(default_factory=EngineCounters)
 
     def __post_init__(self) -> None:
-        if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError(f"scheduling_policy {self.scheduling_policy!r}: choose 'fcfs' or 'priority'")
+        cfg = self.config
+        self.max_model_len, self.eos_token_ids, self.speculative = cfg.max_model_len, cfg.eos_token_ids, cfg.speculative
         self.block_size = self.kv.block_size
-        self.scheduler = Scheduler(self.block_manager, self.block_size, self.max_num_batched_tokens,
-                                   self.max_num_seqs)
-        self.runner = ModelRunner(self.model, self.kv, self.use_kernels, self.cascade_attention,
-                                  self.cpu_kernels, self.encoder_cache_bytes)
+        self.scheduler = Scheduler(self.block_manager, self.block_size, cfg.scheduler)
+        self.runner = ModelRunner(self.model, self.kv, cfg.runner)
         self.sampler = Sampler(self.model.device, self.eos_token_ids, self.structured)
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
-        self._rng = random.Random(self.seed)
+        self._rng = random.Random(cfg.seed)
         self._private_salts = itertools.count(1)  # prompt-cache salts no other request shares
         self._prefilling: dict[tuple, Request] = {}  # prompt key -> request whose sample 0 is prefilling
         self.proposer = NgramProposer(self.speculative, self.max_model_len) if self.speculative else None
@@ -135,9 +123,9 @@ class EngineCore:
     def check_priority(self, priority: int) -> None:
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
-        if priority != 0 and self.scheduling_policy != "priority":
+        if priority != 0 and self.config.scheduler.policy != "priority":
             raise ValueError(f"priority {priority} needs scheduling_policy='priority' (this engine schedules "
-                             f"'{self.scheduling_policy}')")
+                             f"'{self.config.scheduler.policy}')")
 
     def prefix_cache_ids(self, prompt_token_ids: list[int], images: list,
                          image_hashes: list[int] | None = None) -> list[int]:
@@ -150,7 +138,7 @@ class EngineCore:
         if not ids:
             raise ValueError(f"request {request_id!r}: the prompt is empty")
         vocab = self.model.cfg.text.vocab_size
-        limit = min(vocab, self.max_logprobs)
+        limit = min(vocab, self.config.max_logprobs)
         for name in ("logprobs", "prompt_logprobs"):
             if (getattr(params, name) or 0) > limit:
                 raise ValueError(f"SamplingParams.{name} = {getattr(params, name)}: more than max_logprobs "

@@ -18,14 +18,13 @@ import torch
 from tqdm.auto import tqdm
 
 from step3vl.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, run_beam_search
-from step3vl.engine.config import EngineConfig
+from step3vl.engine.config import EngineConfig, parse_bytes
 from step3vl.engine.core import EngineCore, EngineCounters
 from step3vl.engine.generation_config import sampling_defaults
 from step3vl.engine.kv_cache import KVCache, block_bytes
 from step3vl.engine.outputs import RequestOutput, request_output
 from step3vl.engine.prompts import PreparedPrompt, PromptPreparer, prompt_list  # PreparedPrompt's home was here
 from step3vl.engine.sampling_params import SamplingParams
-from step3vl.engine.speculative import SpeculativeConfig
 from step3vl.engine.structured_outputs import StructuredOutputBackend
 from step3vl.engine.weights import EngineSleepingError, WeightLifecycle  # noqa: F401 (its home was here)
 from step3vl.loader import load_model
@@ -34,20 +33,6 @@ from step3vl.processor import Step3VLProcessor
 logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-_SIZE_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30, "b": 1}
-
-
-def parse_bytes(value: int | str, name: str = "kv_cache_memory") -> int:
-    if isinstance(value, int):
-        return value
-    s = value.strip().lower().replace(" ", "")
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num):] or "b"
-    if unit not in _SIZE_UNITS or not num:
-        raise ValueError(f"{name} {value!r}: use bytes or a size like '2GiB' / '512MiB'")
-    return int(float(num) * _SIZE_UNITS[unit])
-
-
 def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -103,23 +88,10 @@ class LLM:
                              f"{cfg.max_position_embeddings}")
         eos = set(self.processor.tokenizer.eos_token_ids) | set(cfg.eos_token_id)
         tok = self.processor.tokenizer
-        self._engine_args = dict(  # EngineCore's arguments but the model and the pool (the lifecycle's)
-            max_model_len=min(max_model_len or limit, cfg.max_position_embeddings), eos_token_ids=eos,
-            detokenizer_factory=lambda skip: tok.stream_decoder(skip),
-            max_num_batched_tokens=config.max_num_batched_tokens or max(2048, block_size),
-            max_num_seqs=config.max_num_seqs,
-            use_kernels=_use_kernels(config.use_kernels, dev),
-            # On CUDA the last measured cascade kernel (eager, 3 launches) lost to plain paged decode
-            # (bench/RESULTS.md); the CPU path always reads a shared prefix once per group.
-            cascade_attention=dev.type != "cuda" if config.cascade_attention is None else config.cascade_attention,
-            cpu_kernels=config.cpu_kernels,
-            structured=StructuredOutputBackend(tok, cfg.vocab_size, eos),
-            max_logprobs=config.max_logprobs,
-            encoder_cache_bytes=parse_bytes(config.encoder_cache_memory, "encoder_cache_memory"),
-            speculative=SpeculativeConfig.of(config.speculative_config),
-            scheduling_policy=config.scheduling_policy,
-            encode=tok.encode,
-            seed=config.seed)
+        # EngineCore's settings, every device- and model-dependent default decided once (EngineConfig.resolve)
+        self.core_config = config.resolve(device=dev, eos_token_ids=eos,
+                                          max_model_len=min(max_model_len or limit, cfg.max_position_embeddings))
+        self._structured = StructuredOutputBackend(tok, cfg.vocab_size, eos)
         self._prompts = PromptPreparer(self.processor, cfg.vocab_size, share_prefixes=config.enable_prefix_caching)
         # Swaps in the CPU layers, allocates the pool and builds the engine (_new_engine).
         self._lifecycle = WeightLifecycle(loaded, path=self.model_path, dtype=self.dtype, device=dev,
@@ -136,8 +108,10 @@ class LLM:
         """The engine over these weights and this pool; its stats count from zero."""
         from step3vl_kernels.native import block_manager
 
-        core = EngineCore(model=model, block_manager=block_manager(kv.num_blocks, kv.block_size), kv=kv,
-                          **self._engine_args)
+        tok = self.processor.tokenizer
+        core = EngineCore(model=model, kv=kv, block_manager=block_manager(kv.num_blocks, kv.block_size),
+                          config=self.core_config, detokenizer_factory=tok.stream_decoder,
+                          structured=self._structured, encode=tok.encode)
         if rng is not None:
             core._rng = rng  # requests without a seed keep drawing fresh seeds across weight updates
         self._stats_base = (0, 0)  # (prefix_hit_tokens, preemptions) at the last reset_stats()
@@ -174,7 +148,7 @@ class LLM:
 
     @property
     def max_model_len(self) -> int:
-        return self._engine_args["max_model_len"]
+        return self.core_config.max_model_len
 
     def get_tokenizer(self):
         return self.processor.tokenizer
@@ -209,7 +183,7 @@ class LLM:
         """Compile the params' structured-output grammar into the engine's cache (thread-safe), so adding the
         request later costs the engine thread nothing. Raises ValueError naming the field for a bad spec."""
         if params.structured_outputs is not None:
-            self._engine_args["structured"].compile(params.structured_outputs)
+            self._structured.compile(params.structured_outputs)
         return params
 
     def get_default_sampling_params(self) -> SamplingParams:
@@ -273,7 +247,7 @@ class LLM:
 
     def new_beam_search(self, prepared: list[PreparedPrompt], params: BeamSearchParams) -> BeamSearch:
         """The beams of prepared prompts under this engine's EOS ids and limits, for a driver to step."""
-        return BeamSearch(prepared, params, self._engine_args["eos_token_ids"], self._engine_args["max_logprobs"],
+        return BeamSearch(prepared, params, self.core_config.eos_token_ids, self.core_config.max_logprobs,
                           self.max_model_len)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
@@ -362,19 +336,3 @@ class LLM:
 
     def is_sleeping(self) -> bool:
         return self._lifecycle.is_sleeping()
-
-
-def _use_kernels(asked: bool | None, device: torch.device) -> bool:
-    """The Triton/CUDA kernels: by default on CUDA where Triton is installed (the `cuda` extra); without it the
-    PyTorch attention path runs, with a warning. Asked for explicitly without Triton: an error naming the fix."""
-    from step3vl_kernels import triton_available
-
-    if asked is None:
-        if device.type == "cuda" and not triton_available():
-            logger.warning("Triton is not installed: the engine runs its PyTorch attention path on %s "
-                           "(pip install 'step3vl[cuda]' for the kernels)", device)
-            return False
-        return device.type == "cuda"
-    if asked and not triton_available():
-        raise ValueError("use_kernels=True needs Triton, which is not installed: pip install 'step3vl[cuda]'")
-    return asked

@@ -7,6 +7,7 @@ import torch
 
 from step3vl.engine.attention import (CpuPagedAttention, DecodeGroup, PrefillChunk, StepMetadata, TorchPagedAttention,
                                      TritonPagedAttention, cpu_cascade_tables)
+from step3vl.engine.config import RunnerConfig
 from step3vl.engine.cpu_decode import CpuDecodeStack
 from step3vl.engine.image_inputs import ImageInputs
 from step3vl.engine.kv_cache import KVCache
@@ -19,10 +20,10 @@ from step3vl.model.vlm import Step3VLForCausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: Step3VLForCausalLM, kv: KVCache, use_kernels: bool, cascade_attention: bool = True,
-                 cpu_kernels: bool = True, encoder_cache_bytes: int = 256 << 20):
-        self.model, self.kv = model, kv
-        self.cascade_attention = cascade_attention
+    def __init__(self, model: Step3VLForCausalLM, kv: KVCache, config: RunnerConfig = RunnerConfig()):
+        self.model, self.kv, self.config = model, kv, config
+        use_kernels, cpu_kernels = config.use_kernels, config.cpu_kernels
+        self.cascade_attention = config.cascade_attention
         self.block_size = kv.block_size
         self.device = model.device
         self.backend = TritonPagedAttention if use_kernels else TorchPagedAttention
@@ -34,7 +35,7 @@ class ModelRunner:
         vision_attention = sdpa_vision_attention
         if use_kernels:
             from step3vl_kernels.vision_attention import vision_attention
-        self.images = ImageInputs(model, vision_attention, encoder_cache_bytes)
+        self.images = ImageInputs(model, vision_attention, config.encoder_cache_bytes)
 
     @torch.inference_mode()
     def run(self, step: ScheduledStep, sample_rows: list[int]) -> torch.Tensor:

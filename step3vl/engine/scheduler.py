@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from step3vl.engine.config import SchedulerConfig
 from step3vl.engine.sequence import Sequence, SeqStatus
 
 
@@ -49,11 +50,12 @@ def _order(seq: Sequence) -> tuple[int, int, int]:
 
 
 class Scheduler:
-    def __init__(self, block_manager, block_size: int, max_num_batched_tokens: int, max_num_seqs: int):
+    def __init__(self, block_manager, block_size: int, config: SchedulerConfig):
         self.bm = block_manager
         self.block_size = block_size
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_num_seqs = max_num_seqs
+        self.config = config
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_num_seqs = config.max_num_seqs
         self.waiting: list[Sequence] = []  # sorted by (arrival, index): first come, first served
         self.running: list[Sequence] = []
         self.num_preemptions = 0

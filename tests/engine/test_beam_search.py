@@ -3,6 +3,7 @@ search over the dense model's log-softmax (EOS handling, length penalty), and at
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -60,7 +61,7 @@ def test_eos_finishes_beams_and_the_length_penalty_ranks_them(qwen3_llm, qwen3_d
     cum_logprob / len^length_penalty among the live ones, as the reference does."""
     first = torch.topk(qwen3_dense.logits([PROMPT])[0][-1], 5).indices.tolist()
     eos = {first[1], first[4]}
-    monkeypatch.setitem(qwen3_llm._engine_args, "eos_token_ids", eos)
+    monkeypatch.setattr(qwen3_llm, "core_config", dataclasses.replace(qwen3_llm.core_config, eos_token_ids=frozenset(eos)))
     got = qwen3_llm.beam_search([PROMPT], BeamSearchParams(beam_width=3, max_tokens=5,
                                                            length_penalty=length_penalty))[0].sequences
     want = _reference(qwen3_dense, PROMPT, 3, 5, eos, length_penalty)

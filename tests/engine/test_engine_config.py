@@ -30,7 +30,8 @@ def test_kwargs_config_and_flags_build_the_same_engine(tiny_ckpt):
     by_flags = LLM(config=EngineConfig.from_cli_args(flags, model=str(tiny_ckpt)))
     assert by_kwargs.config == by_config.config == by_flags.config
     for llm in (by_kwargs, by_flags):  # the settings reached the parts that use them
-        assert llm.engine.max_num_seqs == 8 and llm.kv_stats()["block_size"] == 8
+        assert llm.engine.scheduler.max_num_seqs == 8 and llm.kv_stats()["block_size"] == 8
+        assert llm.engine.config.scheduler.policy == "priority" and llm.engine.config.max_logprobs == 5
         assert llm.processor.spec.max_pixels == 1_000_000
     assert "max_num_seqs=8" in str(by_kwargs.config) and "scheduling_policy='priority'" in str(by_kwargs.config)
 
@@ -79,3 +80,21 @@ def test_the_image_limit_reaches_requests(tiny_ckpt):
     with pytest.raises(ImageError, match="exceeds the limit of 10,000 pixels"):
         llm.chat([[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what?"}]}]],
                  SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_the_parts_receive_the_resolved_config(tiny_ckpt):
+    """EngineCore, its scheduler and its runner get EngineConfig.resolve()'s parts, not loose arguments: the CPU
+    defaults (no kernels, cascade on) and the given settings arrive where they are used."""
+    from step3vl.engine.config import CoreConfig, RunnerConfig, SchedulerConfig
+
+    llm = LLM(tiny_ckpt, kv_cache_memory="8MiB", max_num_batched_tokens=64, max_num_seqs=3, cascade_attention=False,
+              encoder_cache_memory="1MiB", seed=5)
+    core = llm.engine
+    assert core.config is llm.core_config and isinstance(core.config, CoreConfig)
+    assert core.scheduler.config == SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=3, policy="fcfs")
+    assert core.runner.config == RunnerConfig(use_kernels=False, cascade_attention=False, cpu_kernels=True,
+                                              encoder_cache_bytes=1 << 20)
+    assert core.runner.cascade_attention is False and core.runner.images.cache.capacity == 1 << 20
+    assert core.config.seed == 5 and core.config.max_model_len == llm.max_model_len
+    with pytest.raises(ValueError, match="scheduling_policy 'lifo'"):
+        SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=1, policy="lifo")

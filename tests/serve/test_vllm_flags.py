@@ -41,7 +41,7 @@ def test_engine_flags(serve):
     cfg = srv.llm.config
     assert (cfg.seed, cfg.max_logprobs, cfg.gpu_memory_utilization, cfg.max_num_seqs) == (7, 3, 0.3, 5)
     assert cfg.enable_prefix_caching is False and srv.llm.max_model_len == 256
-    assert srv.llm.engine.max_num_seqs == 5
+    assert srv.llm.engine.config.scheduler.max_num_seqs == 5
 
 
 def test_reasoning_parser_and_tool_choice_flags(serve):
