@@ -6,21 +6,9 @@ to the real package (or fails as if `kernels` were absent).
 """
 
 if __name__ == "kernels":
-    import importlib.machinery
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from .bare_name import hand_on
 
-    _repo = Path(__file__).resolve().parents[1]
-    _path = [p for p in sys.path if Path(p or ".").resolve() != _repo]
-    _spec = importlib.machinery.PathFinder.find_spec("kernels", _path)
-    if _spec is None or _spec.loader is None:
-        del sys.modules["kernels"]
-        raise ImportError("No module named 'kernels' (the repository's kernels/ folder is step3vl_kernels' source, "
-                          "not the PyPI package)", name="kernels")
-    _real = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _real
-    _spec.loader.exec_module(_real)
+    hand_on("kernels", __file__, "step3vl_kernels", "the PyPI package")
 
 
 def triton_available() -> bool:

@@ -10,25 +10,14 @@ the official PaCoRe package; imported under that name, it hands the import on to
 
 from __future__ import annotations
 
-import importlib
+from typing import TYPE_CHECKING
+
+from step3vl.lazy import lazy_exports
 
 if __name__ == "pacore":
-    import importlib.machinery
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from step3vl_kernels.bare_name import hand_on
 
-    _repo = Path(__file__).resolve().parents[1]
-    _spec = importlib.machinery.PathFinder.find_spec(
-        "pacore", [p for p in sys.path if Path(p or ".").resolve() != _repo])
-    if _spec is None or _spec.loader is None:
-        del sys.modules["pacore"]
-        raise ImportError("No module named 'pacore' (the repository's pacore/ folder is step3vl_pacore's source, "
-                          "not the official PaCoRe package)", name="pacore")
-    _real = importlib.util.module_from_spec(_spec)
-    sys.modules["pacore"] = _real
-    _spec.loader.exec_module(_real)
-from typing import TYPE_CHECKING
+    hand_on("pacore", __file__, "step3vl_pacore", "the official PaCoRe package")
 
 _EXPORTS = {
     "PRESETS": "step3vl_pacore.config", "PaCoReConfig": "step3vl_pacore.config",
@@ -52,14 +41,4 @@ if TYPE_CHECKING:
     from step3vl_pacore.template import SYNTHESIS_TEMPLATE, render_synthesis
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'step3vl_pacore' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__ = lazy_exports(globals(), _EXPORTS)

@@ -6,8 +6,9 @@ CLI reads while building `--help`) does not pull in FastAPI and the engine.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from step3vl.lazy import lazy_exports
 
 _EXPORTS = {"MediaPolicy": "step3vl.serve.media", "ChatCompletionRequest": "step3vl.serve.protocol",
             "RequestError": "step3vl.serve.protocol", "OpenAIServer": "step3vl.serve.server",
@@ -21,10 +22,4 @@ if TYPE_CHECKING:
     from step3vl.serve.server import OpenAIServer, ServerConfig
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'step3vl.serve' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(globals(), _EXPORTS)
