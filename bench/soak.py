@@ -137,7 +137,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--clients", type=int, default=6)
+    # Python-heap growth between a third of the run and its end, by allocating line (tracemalloc slows every
+    # allocation: latencies of such a run are not comparable; memory that grows outside Python's heap, e.g. the
+    # allocator's arenas, does not show)
+    ap.add_argument("--tracemalloc", action="store_true")
     args = ap.parse_args()
+    if args.tracemalloc:
+        import tracemalloc
+
+        tracemalloc.start(8)
+    snapshots = []
     with tempfile.TemporaryDirectory() as tmp:
         engine, server = _serve(Path(tmp))
         results: dict[str, list[tuple[int, float]]] = defaultdict(list)
@@ -162,9 +171,18 @@ def main() -> None:
                 t.start()
             while any(t.is_alive() for t in threads):
                 rss.append((time.monotonic() - t0, _rss_mb()))
+                if args.tracemalloc and not snapshots and rss[-1][0] > 20 * args.minutes:
+                    snapshots.append(tracemalloc.take_snapshot())
                 time.sleep(1.0)
             time.sleep(1.0)  # the last aborted streams are reaped
             stats = httpx.get(url + "/stats").json()
+            if snapshots:
+                grown = tracemalloc.take_snapshot().compare_to(snapshots[0], "traceback")
+                print(f"Python heap: {tracemalloc.get_traced_memory()[0] / 2**20:.1f} MB traced at the end; the "
+                      f"largest growths since a third of the run:")
+                for stat in grown[:8]:
+                    print(f"  {stat.size_diff / 2**20:+.2f} MB in {stat.count_diff:+d} blocks at "
+                          + " <- ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in stat.traceback[:4]))
         engine.shutdown()
     report = _report(results, rss, stats)
     OUT.mkdir(exist_ok=True)
