@@ -83,7 +83,10 @@ def main() -> None:
     for step in range(args.steps):
         x, y = batch(step * 32)
         feats = enc(x)
-        logits = head(feats.amax(1) if args.pool == "max" else feats.mean(1))
+        pooled = feats.amax(1) if args.pool == "max" else feats.mean(1)
+        if args.frozen is not None:  # a trained tower's features are far from unit scale: standardise them
+            pooled = torch.nn.functional.layer_norm(pooled, pooled.shape[-1:])
+        logits = head(pooled)
         loss = torch.nn.functional.cross_entropy(logits, y)
         opt.zero_grad()
         loss.backward()
