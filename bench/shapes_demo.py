@@ -17,7 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).resolve().parent / "out"
-# bench/pacore.py would shadow the `pacore` package: take this folder off the path before importing it.
+# this folder's kernels.py and pacore.py would shadow the top-level `kernels` (transformers imports it) and an
+# installed `pacore`: take the folder off the path before importing anything.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 

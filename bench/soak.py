@@ -32,7 +32,9 @@ from collections import defaultdict
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # bench/pacore.py would shadow pacore
+# this folder's kernels.py and pacore.py would shadow the top-level `kernels` (transformers imports it) and an
+# installed `pacore`
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 import httpx  # noqa: E402
 from PIL import Image  # noqa: E402
 

@@ -193,12 +193,12 @@ def _parser(plugins: PluginRegistry) -> argparse.ArgumentParser:
                    help="also fetch image URLs on loopback / private addresses (off: the server's own network is "
                         "not reachable through it)")
     s.add_argument("--max-n", type=int, default=64, help="the most samples (n) one request may ask for")
-    from step3vl.serve.http_protocol import HEADER_TIMEOUT_S
+    from step3vl.serve.http_protocol import HEADER_TIMEOUT_S, KEEP_ALIVE_S
 
     s.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S, metavar="SECONDS",
                    help="a connection that has not sent a complete request head this long after connecting (or "
                         "after the first byte of a later request) gets a 408 and is closed")
-    s.add_argument("--timeout-keep-alive", type=float, default=5.0, metavar="SECONDS",
+    s.add_argument("--timeout-keep-alive", type=float, default=KEEP_ALIVE_S, metavar="SECONDS",
                    help="how long an idle keep-alive connection stays open between requests (vLLM's flag)")
     s.add_argument("--enable-sleep-mode", action="store_true",
                    help="serve POST /sleep?level=1|2, POST /wake_up, GET /is_sleeping (a colocated trainer frees "

@@ -113,7 +113,8 @@ class AsyncLLM:
         priority: for an engine with scheduling_policy='priority' (lower first)."""
         self._check_alive()
         prepared = await asyncio.to_thread(self.llm.prepare, prompt)
-        params = await asyncio.to_thread(self.llm.prepare_params, params or self.llm.get_default_sampling_params())  # grammar compile
+        params = params or self.llm.get_default_sampling_params()
+        params = await asyncio.to_thread(self.llm.prepare_params, params)  # grammar compile
         rid = request_id if request_id is not None else f"async-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop())
         self._submit(_Add(rid, prepared, params, stream, final_only, priority), stream.put)

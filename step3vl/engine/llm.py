@@ -225,7 +225,8 @@ class LLM:
                  use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
         """priority: one per prompt (scheduling_policy='priority'; lower first)."""
         prompts = prompt_list(prompts)
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or self.get_default_sampling_params()] * len(prompts)
+        params = (sampling_params if isinstance(sampling_params, list)
+                  else [sampling_params or self.get_default_sampling_params()] * len(prompts))
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         priority = [0] * len(prompts) if priority is None else list(priority)

@@ -7,7 +7,7 @@ import time
 
 import uvicorn
 
-from step3vl.serve.http_protocol import HEADER_TIMEOUT_S, header_timeout_protocol
+from step3vl.serve.http_protocol import HEADER_TIMEOUT_S, KEEP_ALIVE_S, header_timeout_protocol
 
 
 class BackgroundServer:
@@ -16,7 +16,7 @@ class BackgroundServer:
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
                  start_timeout_s: float = 30.0, header_timeout_s: float = HEADER_TIMEOUT_S,
-                 timeout_keep_alive_s: float = 5.0):
+                 timeout_keep_alive_s: float = KEEP_ALIVE_S):
         self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                                      http=header_timeout_protocol(header_timeout_s),
                                                      timeout_keep_alive=timeout_keep_alive_s))

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 
 HEADER_TIMEOUT_S = 30.0
-TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                    b"connection: close\r\ncontent-length: 37\r\n\r\nrequest headers not received in time\n")
+KEEP_ALIVE_S = 5.0  # uvicorn's and vLLM's default for --timeout-keep-alive
+_TIMEOUT_BODY = b"request headers not received in time\n"
+TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
 
 
 def header_timeout_protocol(seconds: float = HEADER_TIMEOUT_S) -> type:
