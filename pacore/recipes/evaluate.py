@@ -247,15 +247,25 @@ def _read_log(path: Path) -> list[dict]:
 
 
 def plot_training(out: str | Path, path: str | Path) -> None:
-    """The recipe's curves: pre-training loss (train and held-out), RL and synthesis-RL rewards."""
+    """The recipe's curves: the vision stage's accuracies, pre-training loss (train and held-out), RL and
+    synthesis-RL rewards."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    pre, rl, syn = (_read_log(out / f"{s}.log.jsonl") for s in ("pretrain", "rl", "synthesis"))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    vis, pre, rl, syn = (_read_log(out / f"{s}.log.jsonl") for s in ("vision", "pretrain", "rl", "synthesis"))
+    fig, all_axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    vax, axes = all_axes[0], all_axes[1:]
+    if vis:
+        window = 25  # each step's batch is fresh pictures: a running mean is a held-out accuracy
+        for name in vis[0]["accuracy"]:
+            acc = [r["accuracy"][name] for r in vis]
+            smooth = [sum(acc[max(0, i - window + 1):i + 1]) / len(acc[max(0, i - window + 1):i + 1])
+                      for i in range(len(acc))]
+            vax.plot([r["step"] for r in vis], smooth, lw=0.9, label=name)
+    vax.set(title="vision encoder (lone shapes)", xlabel="optimizer step", ylabel="accuracy", ylim=(0, 1))
     if pre:
         axes[0].plot([r["step"] for r in pre], [r["loss"] for r in pre], lw=0.8, label="train")
         ev = [r for r in pre if r.get("eval_loss") is not None]
@@ -269,7 +279,7 @@ def plot_training(out: str | Path, path: str | Path) -> None:
             if ev:
                 ax.plot([r["step"] for r in ev], [r["eval_reward"] for r in ev], "o-", label="held-out reward")
         ax.set(title=title, xlabel="iteration", ylabel="mean reward", ylim=(0, 1))
-    for ax in axes:
+    for ax in all_axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -5,6 +5,9 @@ task, by this project's own loops, then evaluated as the PaCoRe and STEP3-VL rep
 
 Stages (each a use of the public training API; each resumable, each skipped once its output exists):
   init       the `shapes` preset of make_tiny_checkpoint, with a tokenizer trained on the task's texts;
+  vision     vision-encoder pre-training (step3vl.train.run.pretrain_vision): the tower and projector learn to
+             name the kind and colour of a lone shape, as the real model's ViT arrives pre-trained; through an
+             untrained decoder shape kinds never reach the tower (bench/RESULTS.md);
   pretrain   image-text pre-training (step3vl.train.run.pretrain): captions, questions answered with
              reasoning traces, synthesis prompts over synthetic references; every parameter trains;
   rl         GRPO with outcome rewards (step3vl.train.run.reinforce / RLTrainer), rollouts through the engine,
@@ -37,11 +40,12 @@ from step3vl.tools.make_tiny_checkpoint import make_tiny_checkpoint
 from step3vl.train.optim import OptimConfig
 from step3vl.train.pretrain import PretrainConfig
 from step3vl.train.rl import RLConfig
-from step3vl.train.run import PromptBatches, pretrain, reinforce, step_checkpoints
+from step3vl.train.run import PromptBatches, pretrain, pretrain_vision, reinforce, step_checkpoints
+from step3vl.train.vision import VisionPretrainConfig
 
 from step3vl_pacore.recipes import shapes_data as data
 
-STAGES = ("init", "pretrain", "rl", "pools", "synthesis_sft", "synthesis", "eval")
+STAGES = ("init", "vision", "pretrain", "rl", "pools", "synthesis_sft", "synthesis", "eval")
 EVAL_LOSS_SEEDS = 500  # held-out-loss problems start here: neither training (>= 1e6) nor evaluation (0-499) seeds
 
 
@@ -51,6 +55,10 @@ class ShapesRecipe:
     seed: int = 0
     preset: str = "shapes"
     device: str | None = None
+    # vision-encoder pre-training (single-shape pictures, kind and colour heads on the max over image tokens)
+    vision_steps: int = 1000
+    vision_batch: int = 32
+    vision_lr: float = 1e-3
     # pre-training
     pretrain_examples: int = 60_000
     # Share of pre-training problems whose pictures have one or two shapes (data.pretrain_records): without them
@@ -83,7 +91,8 @@ class ShapesRecipe:
     @classmethod
     def toy(cls, out: Path, **kw) -> "ShapesRecipe":
         """Every stage at toy size: the recipe's smoke test (well under a minute)."""
-        sizes = dict(preset="shapes-tiny", pretrain_examples=24, pretrain_batch_tokens=512, pretrain_warmup=1,
+        sizes = dict(preset="shapes-tiny", vision_steps=3, vision_batch=4, pretrain_examples=24,
+                     pretrain_batch_tokens=512, pretrain_warmup=1,
                      rl_steps=2, rl_problems=2, rl_group=2, max_tokens=12, pool_problems=4, pool_rounds=[3],
                      synthesis_steps=2, synthesis_problems=2, synthesis_group=2, eval_problems=3, eval_samples=4,
                      save_every=1, progress=False)
@@ -158,6 +167,23 @@ def stage_init(recipe: ShapesRecipe) -> None:
     tmp.rename(recipe.path("init"))
 
 
+def stage_vision(recipe: ShapesRecipe) -> None:
+    from step3vl.processor import Step3VLProcessor
+
+    out = recipe.path("vision")
+    if _done(out):
+        return
+    spec = Step3VLProcessor.from_pretrained(recipe.path("init")).spec
+    cfg = VisionPretrainConfig(labels=dict(data.VISION_LABELS), steps=recipe.vision_steps, seed=recipe.seed,
+                               optim=OptimConfig(lr=recipe.vision_lr, weight_decay=0.0,
+                                                 warmup_steps=min(20, recipe.vision_steps)))
+    resume = _resume_point(recipe, "vision", out)
+    pretrain_vision(recipe.path("init"), lambda step: data.vision_batch(step, recipe.vision_batch, spec), out, cfg,
+                    device=recipe.device, log_path=_log_path(recipe, "vision"), progress=recipe.progress,
+                    save_every=recipe.save_every, resume=resume, keep_saves=1)
+    _prune_steps(out)
+
+
 def stage_pretrain(recipe: ShapesRecipe) -> None:
     out = recipe.path("pretrain")
     if _done(out):
@@ -174,7 +200,7 @@ def stage_pretrain(recipe: ShapesRecipe) -> None:
                          max_tokens_per_batch=recipe.pretrain_batch_tokens, seed=recipe.seed, train_vision=True,
                          eval_every=100)
     resume = _resume_point(recipe, "pretrain", out)
-    pretrain(recipe.path("init"), train, out, cfg, device=recipe.device, log_path=_log_path(recipe, "pretrain"),
+    pretrain(recipe.path("vision"), train, out, cfg, device=recipe.device, log_path=_log_path(recipe, "pretrain"),
              progress=recipe.progress, save_every=recipe.save_every, resume=resume, eval_data=held_out, keep_saves=1)
     _prune_steps(out)
 
@@ -291,7 +317,7 @@ def stage_eval(recipe: ShapesRecipe) -> None:
     plot_evaluation(results, recipe.path("eval.png"))
 
 
-STAGE_FNS = {"init": stage_init, "pretrain": stage_pretrain, "rl": stage_rl, "pools": stage_pools,
+STAGE_FNS = {"init": stage_init, "vision": stage_vision, "pretrain": stage_pretrain, "rl": stage_rl, "pools": stage_pools,
              "synthesis_sft": stage_synthesis_sft, "synthesis": stage_synthesis, "eval": stage_eval}
 
 
@@ -323,7 +349,7 @@ def run_recipe(recipe: ShapesRecipe, stages: tuple[str, ...] = STAGES) -> None:
     for stage in STAGES:
         if stage in stages:
             _timed(recipe, stage, lambda: STAGE_FNS[stage](recipe))
-    if {"pretrain", "rl", "synthesis_sft", "synthesis"} & set(stages):
+    if {"vision", "pretrain", "rl", "synthesis_sft", "synthesis"} & set(stages):
         from step3vl_pacore.recipes.evaluate import plot_training
         plot_training(recipe.out, recipe.path("training.png"))
 
@@ -402,6 +428,9 @@ def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str 
         f"decoder {counts.get('decoder', 0):,}; bf16 safetensors in the official key layout",
         "",
         "## Data and training (every parameter trained, vision tower included)",
+        f"0. vision-encoder pre-training: the tower and projector alone name the kind and colour of the one shape "
+        f"of {recipe.vision_steps * recipe.vision_batch:,} generated pictures (heads on the max over the image "
+        "tokens, then discarded), as STEP3-VL's ViT arrives pre-trained;",
         f"1. pre-training on {recipe.pretrain_examples:,} generated problems (seeds from "
         "1,000,000): captions, questions answered with their reasoning traces, and synthesis prompts (the",
         "   official PaCoRe template) over synthetic reference answers, answered with the same traces;"

@@ -11,6 +11,9 @@ import json
 import random
 from pathlib import Path
 
+import torch
+
+from step3vl.processor.image import ImageSpec, preprocess_image
 from step3vl.tasks.shapes import (COLOURS, KINDS, TEMPLATES, TRAIN_SEED_START, ShapesProblem, generate, near_miss)
 from step3vl.train.rl import RLPrompt
 
@@ -22,6 +25,8 @@ RL_SEEDS = TRAIN_SEED_START + 5_000_000
 POOL_SEEDS = TRAIN_SEED_START + 6_000_000
 SFT_SEEDS = TRAIN_SEED_START + 7_000_000
 FEW_SHAPES_SEEDS = TRAIN_SEED_START + 8_000_000  # the curriculum's pictures of one or two shapes
+VISION_SEEDS = TRAIN_SEED_START + 9_000_000  # the vision stage's single-shape pictures
+VISION_LABELS = {"kind": len(KINDS), "colour": len(COLOURS)}
 
 
 def seed_of(problem_id: str) -> int:
@@ -137,3 +142,15 @@ def synthesis_records(problem_ids: list[str], pools: dict[str, list[str]], image
             turn = synthesis_messages(user_turn(problem, images), refs)
             records.append({"messages": turn + [{"role": "assistant", "content": problem.synthesis_reasoning(refs)}]})
     return records
+
+
+def vision_batch(step: int, batch_size: int, spec: ImageSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Step `step` of the vision stage: `batch_size` pictures of one shape each (rendered in memory, a pure
+    function of the step), as the model's global views, labelled with the shape's kind and colour."""
+    pixels, kinds, colours = [], [], []
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        p = generate(VISION_SEEDS + i, num_shapes=1)
+        pixels.append(preprocess_image(p.image(), spec).global_view)
+        kinds.append(KINDS.index(p.shapes[0].kind))
+        colours.append(list(COLOURS).index(p.shapes[0].colour))
+    return torch.stack(pixels), {"kind": torch.tensor(kinds), "colour": torch.tensor(colours)}

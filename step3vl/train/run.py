@@ -22,6 +22,7 @@ from step3vl.train.data import load_examples, read_jsonl
 from step3vl.train.pretrain import Pretrainer, PretrainConfig
 from step3vl.train.rewards import math_reward
 from step3vl.train.rl import RLConfig, RLPrompt, RLTrainer
+from step3vl.train.vision import VisionBatches, VisionPretrainConfig, VisionPretrainer
 
 
 class _JsonlLog:
@@ -121,6 +122,38 @@ def pretrain(ckpt: str | Path, data: str | Path, out: str | Path, cfg: PretrainC
         log.close()
     save_checkpoint(model, out, ckpt, dtype=save_dtype)
     env.barrier()
+    return logs
+
+
+def pretrain_vision(ckpt: str | Path, batches: VisionBatches, out: str | Path, cfg: VisionPretrainConfig,
+                    device: str | None = None, log_path: str | Path | None = None, progress: bool = True,
+                    save_every: int | None = None, save_dtype: torch.dtype = torch.bfloat16,
+                    resume: str | Path | None = None, keep_saves: int | None = None) -> list:
+    """Vision-encoder pre-training (vision.py) of the checkpoint at `ckpt`: `batches(step)` gives each step's
+    global views and labels; the whole model is written to `out` (the label heads are not part of it). resume: a
+    `<out>-step<k>` checkpoint of an earlier run with the same batches and config. Returns the step logs."""
+    model = load_model(ckpt, dtype=torch.float32, device=device or "cpu")
+    trainer = VisionPretrainer(model, cfg)
+    resumed_at = None
+    if resume:
+        trainer.load_state(resume)
+        resumed_at = trainer.steps_done
+    log = _JsonlLog(log_path, resumed_at)
+    save = _saver(out, save_every, lambda p: trainer.save_state(p, ckpt), trainer.env, keep=keep_saves)
+    bar = tqdm(desc="vision", unit="step", total=cfg.steps, initial=trainer.steps_done, disable=not progress)
+
+    def on_step(s) -> None:
+        log(s)
+        save(s.step)
+        bar.update(1)
+        bar.set_postfix({"loss": f"{s.loss:.3f}", **{k: f"{v:.2f}" for k, v in s.accuracy.items()}})
+
+    try:
+        logs = trainer.fit(batches, on_step)
+    finally:
+        bar.close()
+        log.close()
+    save_checkpoint(model, out, ckpt, dtype=save_dtype)
     return logs
 
 

@@ -53,7 +53,7 @@ def test_interrupted_stage_resumes_to_the_same_run(toy_run, tmp_path, monkeypatc
     from safetensors.torch import load_file
 
     out = tmp_path / "again"
-    for name in ("init", "images"):
+    for name in ("init", "vision", "images"):
         shutil.copytree(toy_run / name, out / name)
     recipe = ShapesRecipe.toy(out)
     # Keep every step checkpoint this time, so the one before the kill is there.
