@@ -102,7 +102,7 @@ def _recipe_arguments(rc: argparse.ArgumentParser) -> None:
     rc.add_argument("--seed", type=int, default=0,
                     help="seed of every stage: the initial weights, the data order and the sampling (the problems are "
                          "fixed)")
-    rc.add_argument("--stages", default=None, help="comma-separated subset of init,pretrain,rl,pools,synthesis,eval")
+    rc.add_argument("--stages", default=None, help="comma-separated subset of init,vision,pretrain,rl,pools,synthesis_sft,synthesis,eval")
     rc.add_argument("--pretrain-examples", type=int, default=None,
                     help="pre-training problems (default: the recipe's 60,000; a resumed run needs the same value)")
     rc.add_argument("--toy", action="store_true", help="every stage at toy size (a smoke test, well under a minute)")

@@ -56,7 +56,7 @@ class ShapesRecipe:
     preset: str = "shapes"
     device: str | None = None
     # vision-encoder pre-training (single-shape pictures, kind and colour heads on the max over image tokens)
-    vision_steps: int = 1000
+    vision_steps: int = 1500
     vision_batch: int = 32
     vision_lr: float = 1e-3
     # pre-training

@@ -5,6 +5,7 @@ import math
 import shutil
 
 import pytest
+import torch
 
 from step3vl_pacore.recipes.evaluate import majority, mean_interval, report, wilson
 from step3vl_pacore.recipes.shapes import STAGES, ShapesRecipe, run_recipe
@@ -24,9 +25,12 @@ def toy_run(tmp_path_factory):
 
 def test_toy_recipe_runs_every_stage(toy_run):
     r = ShapesRecipe.toy(toy_run)
-    for ckpt in ("init", "pretrain", "rl", "synthesis_sft", "synthesis"):
+    for ckpt in ("init", "vision", "pretrain", "rl", "synthesis_sft", "synthesis"):
         assert (toy_run / ckpt / "config.json").is_file(), ckpt
         assert not list(toy_run.glob(f"{ckpt}-step*")), "step checkpoints are pruned once a stage is done"
+    vis = _lines(toy_run / "vision.log.jsonl")
+    assert [v["step"] for v in vis] == list(range(1, r.vision_steps + 1))
+    assert all(set(v["accuracy"]) == {"kind", "colour"} for v in vis)
     pre = _lines(toy_run / "pretrain.log.jsonl")
     assert [p["step"] for p in pre] == list(range(1, len(pre) + 1)) and pre
     assert all(math.isfinite(p["loss"]) for p in pre)
@@ -149,3 +153,24 @@ def test_a_run_directory_refuses_other_settings(toy_run):
     with pytest.raises(ValueError, match=r"rl_steps: 2 there, 3 now"):
         run_recipe(ShapesRecipe.toy(toy_run, rl_steps=3), ("rl",))
     run_recipe(ShapesRecipe.toy(toy_run, progress=True), ())  # run-only settings may change
+
+
+def test_vision_batches_label_the_one_drawn_shape():
+    """The vision stage's pictures: one shape each, labelled with the kind and colour the generator drew (read
+    back from the problem independently of the batch code), the same pictures for the same step."""
+    from step3vl.processor.image import ImageSpec, preprocess_image
+    from step3vl.tasks.shapes import COLOURS, KINDS, generate
+    from step3vl_pacore.recipes import shapes_data as data
+
+    spec = ImageSpec(global_size=64, crops=False)
+    pixels, labels = data.vision_batch(3, 4, spec)
+    assert pixels.shape == (4, 3, 64, 64)
+    for j, seed in enumerate(range(data.VISION_SEEDS + 12, data.VISION_SEEDS + 16)):
+        p = generate(seed, num_shapes=1)
+        (shape,) = p.shapes
+        assert KINDS[int(labels["kind"][j])] == shape.kind
+        assert list(COLOURS)[int(labels["colour"][j])] == shape.colour
+        assert torch.equal(pixels[j], preprocess_image(p.image(), spec).global_view)
+    again, labels2 = data.vision_batch(3, 4, spec)
+    assert torch.equal(again, pixels) and all(torch.equal(labels[k], labels2[k]) for k in labels)
+    assert set(data.VISION_LABELS) == set(labels) and data.VISION_LABELS == {"kind": 4, "colour": 6}
