@@ -14,7 +14,8 @@ Stages (each a use of the public training API; each resumable, each skipped once
              rewards from the task's checker;
   pools      PaCoRe runs of the RL model on training problems: its own cached messages (the reference pools);
   synthesis_sft  fine-tuning (the pre-training loop) on synthesis prompts over those pools, answered with a trace
-             that tallies the references before reading the picture again, mixed with as many plain questions;
+             that tallies the references, reads the picture with one of the model's own readings and closes with
+             the canonical answer, mixed with as many plain questions;
   synthesis  RL on PaCoRe synthesis episodes (pacore.episodes.EpisodeBatches over those pools, the official
              template, mostly-right instances filtered out);
   eval       greedy / single / self-consistency / PaCoRe on the held-out problems (pacore.recipes.evaluate)
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -78,6 +80,10 @@ class ShapesRecipe:
     pool_rounds: list[int] = field(default_factory=lambda: [24])
     synthesis_sft_draws: int = 2  # reference sets per pool problem in the synthesis fine-tuning
     synthesis_sft_lr: float = 3e-4
+    # "own": the synthesis traces read the picture with the model's own (fallible) readings from the pools and
+    # close with the canonical answer; "truth": with the true reading (which settles the answer alone, so the
+    # model learned to ignore the references: bench/RESULTS.md).
+    synthesis_sft_readings: str = "own"
     synthesis_steps: int = 60
     synthesis_problems: int = 16  # episodes per step
     synthesis_group: int = 8
@@ -244,7 +250,7 @@ def stage_pools(recipe: ShapesRecipe) -> None:
     llm = LLM(recipe.path("rl"), device=recipe.device, **recipe.engine_kwargs())
     # "keep": a trajectory that never closes its reasoning passes its whole text on, as the official client does.
     cfg = PaCoReConfig(rounds=list(recipe.pool_rounds), max_tokens=recipe.max_tokens, seed=recipe.seed,
-                       record_reasoning=False, max_concurrent_problems=64, unclosed_policy="keep")
+                       record_reasoning=True, max_concurrent_problems=64, unclosed_policy="keep")
     for _ in run_batch(PaCoRe(llm, cfg), source, recipe.path("pools.jsonl"), progress=recipe.progress):
         pass  # each record is appended as its problem completes (the batch runner's resume)
     done.write_text("ok\n")
@@ -260,13 +266,29 @@ def _pools(recipe: ShapesRecipe) -> tuple[list, dict[str, list[str]]]:
     return problems, pools
 
 
+def _readings(recipe: ShapesRecipe) -> dict[str, list[str]] | None:
+    from step3vl.train.data import read_jsonl
+
+    if recipe.synthesis_sft_readings == "truth":
+        return None
+    if recipe.synthesis_sft_readings != "own":
+        raise ValueError(f"synthesis_sft_readings = {recipe.synthesis_sft_readings!r}: 'own' or 'truth'")
+    readings = {rec["request_id"]: data.pool_readings(rec) for _, rec in read_jsonl(recipe.path("pools.jsonl"))}
+    if not any(readings.values()):
+        # pools recorded without reasoning (an older run), or a model that never closes its reasoning (toy sizes)
+        warnings.warn(f"{recipe.path('pools.jsonl')}: no trajectory has a reasoning to read with; the synthesis "
+                      "traces use the true reading (to use the model's own, remove pools.jsonl and pools.done and "
+                      "run the pools stage again)")
+    return readings
+
+
 def stage_synthesis_sft(recipe: ShapesRecipe) -> None:
     out = recipe.path("synthesis_sft")
     if _done(out):
         return
     problems, pools = _pools(recipe)
     synthesis = data.synthesis_records([p.id for p in problems], pools, recipe.images, recipe.synthesis_sft_draws,
-                                       recipe.seed)
+                                       recipe.seed, readings=_readings(recipe))
     plain = [data.answered_record(data.generate(s), recipe.images)
              for s in range(data.SFT_SEEDS, data.SFT_SEEDS + len(synthesis))]
     train = data.write_jsonl(recipe.path("synthesis_sft.jsonl"), synthesis + plain)
@@ -441,8 +463,9 @@ def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str 
         f"3. reference pools: the RL model's own PaCoRe runs (rounds {recipe.pool_rounds}) on "
         f"{recipe.pool_problems} training problems;",
         f"4. synthesis fine-tuning: {recipe.synthesis_sft_draws} synthesis prompts per pool problem over 16-24 of its "
-        "own messages, answered with a trace that tallies the references and then reads the picture again, mixed "
-        "with as many plain questions;",
+        "own messages, answered with a trace that tallies the references, reads the picture "
+        + ("with one of the model's own readings and closes with the canonical answer"
+           if recipe.synthesis_sft_readings == "own" else "again") + ", mixed with as many plain questions;",
         f"5. PaCoRe synthesis-episode RL (`step3vl_pacore.episodes`): 16-24 references per episode from the pools, episodes "
         f"whose references are > 75% right filtered out; {recipe.synthesis_steps} iterations x "
         f"{recipe.synthesis_problems} episodes x {recipe.synthesis_group} samples.",

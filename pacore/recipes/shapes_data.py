@@ -127,21 +127,37 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def synthesis_records(problem_ids: list[str], pools: dict[str, list[str]], images: Path, draws: int, seed: int,
-                      min_refs: int = 16, max_refs: int = 24) -> list[dict]:
+                      min_refs: int = 16, max_refs: int = 24,
+                      readings: dict[str, list[str]] | None = None) -> list[dict]:
     """Synthesis prompts over the model's own cached messages (`draws` reference sets per problem, 16-24 each,
-    as PaCoRe's episodes draw them), each answered with the tally-then-read trace of `synthesis_reasoning`."""
+    as PaCoRe's episodes draw them), each answered with the tally-then-read trace of `synthesis_reasoning`.
+    readings: per problem, the model's own readings of the picture (its trajectories' reasoning); each trace then
+    reads with one of them, drawn at random, and closes with the canonical answer (None, or a problem without
+    any: the true reading)."""
     records = []
     for pid in problem_ids:
         pool = pools.get(pid) or []
+        own = (readings or {}).get(pid) or []
         if not pool:
             continue
         problem = generate(seed_of(pid))
         for k in range(draws):
             rng = random.Random(f"synthesis-sft/{seed}/{pid}/{k}")
             refs = rng.sample(pool, min(len(pool), rng.randint(min_refs, max_refs)))
+            reading = rng.choice(own) if own else None
             turn = synthesis_messages(user_turn(problem, images), refs)
-            records.append({"messages": turn + [{"role": "assistant", "content": problem.synthesis_reasoning(refs)}]})
+            trace = problem.synthesis_reasoning(refs, reading)
+            records.append({"messages": turn + [{"role": "assistant", "content": trace}]})
     return records
+
+
+def pool_readings(record: dict) -> list[str]:
+    """The reasoning of a PaCoRe result record's first-round trajectories (recorded with record_reasoning):
+    the model's own readings of the picture, before any reference was shown to it. A trajectory that never
+    closed its reasoning has none (its whole text is its message) and is left out."""
+    rounds = record.get("round_responses") or [[]]
+    return [e["reasoning_content"] for e in rounds[0]
+            if isinstance(e, dict) and not e.get("dropped") and (e.get("reasoning_content") or "").strip()]
 
 
 def vision_batch(step: int, batch_size: int, spec: ImageSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

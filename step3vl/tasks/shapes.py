@@ -164,13 +164,20 @@ class ShapesProblem:
             lines.append(f"{a} - {b} = {a - b}")
         return "\n".join(lines) + f"\n{THINK_END}\n{self.answer}"
 
-    def synthesis_reasoning(self, references: list[str]) -> str:
+    def synthesis_reasoning(self, references: list[str], reading: str | None = None) -> str:
         """The trace for a PaCoRe synthesis prompt over `references` (earlier trajectories' conclusions): their
-        answers tallied, most frequent first, then the picture read again as in `reasoning()`; the reading is what
-        settles the answer, the tally is the prior it is read against."""
+        answers tallied, most frequent first, then the picture read again, then the answer.
+
+        reading: None, the true reading of `reasoning()` (which then settles the answer by itself); or a model's
+        own reading of the picture (a sampled trajectory's reasoning, right or wrong), closed with the *canonical*
+        answer — so what is learned is the answer given the tally and a fallible reading, i.e. when a reading
+        should outvote the references and when not."""
         tally = Counter(_strip_stop(r.strip()) for r in references if r and r.strip())
         listed = " | ".join(f"{a} ({n})" for a, n in sorted(tally.items(), key=lambda kv: (-kv[1], kv[0])))
-        return f"references: {listed or 'none'}\n" + self.reasoning()
+        head = f"references: {listed or 'none'}\n"
+        if reading is None:
+            return head + self.reasoning()
+        return head + reading.split(THINK_END)[0].strip() + f"\n{THINK_END}\n{self.answer}"
 
     def messages(self, image: Any = None) -> list[dict]:
         """The problem as a chat (the official PaCoRe input format's `messages`); `image` defaults to the

@@ -174,3 +174,29 @@ def test_vision_batches_label_the_one_drawn_shape():
     again, labels2 = data.vision_batch(3, 4, spec)
     assert torch.equal(again, pixels) and all(torch.equal(labels[k], labels2[k]) for k in labels)
     assert set(data.VISION_LABELS) == set(labels) and data.VISION_LABELS == {"kind": 4, "colour": 6}
+
+
+def test_synthesis_records_read_with_the_models_own_readings(tmp_path):
+    from step3vl.tasks.shapes import generate
+    from step3vl_pacore.recipes import shapes_data as data
+
+    p = generate(data.POOL_SEEDS + 3)
+    record = {"request_id": p.id, "round_responses": [[
+        {"content": "4", "reasoning_content": "1 red circle size 5\nshapes: 1"},
+        {"content": "2", "reasoning_content": "", "finish_reason": "length"},  # never closed: no reading
+        {"content": "3", "reasoning_content": "2 blue square size 3", "dropped": "empty"},
+        {"content": "5", "reasoning_content": "1 green triangle size 9\nshapes: 1"}]]}
+    own = data.pool_readings(record)
+    assert own == ["1 red circle size 5\nshapes: 1", "1 green triangle size 9\nshapes: 1"]
+    pools = {p.id: ["4", "2", "5", "4"]}
+    recs = data.synthesis_records([p.id], pools, tmp_path, draws=6, seed=0, min_refs=2, max_refs=4,
+                                  readings={p.id: own})
+    assert len(recs) == 6
+    for rec in recs:
+        trace = rec["messages"][-1]["content"]
+        head, reading, tail = trace.split("\n", 1)[0], trace.split("\n", 1)[1].split("\n</think>\n")[0], \
+            trace.rsplit("\n", 1)[1]
+        assert head.startswith("references: ") and reading in own and tail == p.answer
+    assert {r["messages"][-1]["content"].split("\n")[1] for r in recs} == {o.split("\n")[0] for o in own}
+    truth = data.synthesis_records([p.id], pools, tmp_path, draws=1, seed=0, min_refs=2, max_refs=4)
+    assert truth[0]["messages"][-1]["content"].endswith(p.reasoning())

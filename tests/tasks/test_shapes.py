@@ -845,3 +845,15 @@ def test_perception_summary_counts_by_hand():
     assert out["count_right"]["rate"] == 0.5 and out["kind_right"]["rate"] == pytest.approx(2 / 3)
     assert out["colour_right"]["rate"] == pytest.approx(2 / 3) and out["kind_right"]["ci95"] == list(wilson(2, 3))
     assert out["kind_confusion"]["square"] == {"rectangle": 1}
+
+
+def test_synthesis_trace_with_an_own_reading_closes_with_the_canonical_answer():
+    p = generate(6)  # template 7
+    refs = [p.answer, "3, 2, orange", p.answer]
+    wrong_reading = "1 red circle size 5\nshapes: 1\ncircles: #1 = 1\nlargest: #1 red circle\n</think>\n1, 1, red"
+    trace = p.synthesis_reasoning(refs, wrong_reading)
+    assert trace == (f"references: {p.answer} (2) | 3, 2, orange (1)\n"
+                     "1 red circle size 5\nshapes: 1\ncircles: #1 = 1\nlargest: #1 red circle\n</think>\n" + p.answer)
+    assert shapes_reward(trace, p.answer) == 1.0
+    # the true reading given as the reading: the same trace as without one
+    assert p.synthesis_reasoning(refs, p.reasoning()) == p.synthesis_reasoning(refs)
