@@ -67,6 +67,9 @@ class ShapesRecipe:
     # the vision tower never learned shape kinds (bench/RESULTS.md).
     few_shapes_fraction: float = 0.25
     pretrain_lr: float = 1e-3
+    # the vision tower's share of pretrain_lr: it arrives trained by the vision stage, and at the decoder's full
+    # rate the noise of an untrained reader's gradients would wash out what it learned (VLM recipes do the same)
+    pretrain_vision_lr_scale: float = 0.3
     pretrain_batch_tokens: int = 4096
     pretrain_warmup: int = 50
     # RL with outcome rewards
@@ -202,7 +205,8 @@ def stage_pretrain(recipe: ShapesRecipe) -> None:
                                 [data.answered_record(data.generate(s), recipe.images)
                                  for s in range(EVAL_LOSS_SEEDS, EVAL_LOSS_SEEDS + held)])
     cfg = PretrainConfig(optim=OptimConfig(lr=recipe.pretrain_lr, warmup_steps=recipe.pretrain_warmup,
-                                           weight_decay=0.1),
+                                           weight_decay=0.1,
+                                           lr_scales={"vision_model.": recipe.pretrain_vision_lr_scale}),
                          max_tokens_per_batch=recipe.pretrain_batch_tokens, seed=recipe.seed, train_vision=True,
                          eval_every=100)
     resume = _resume_point(recipe, "pretrain", out)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -18,6 +18,10 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     max_grad_norm: float | None = 1.0
+    # Parameter-name prefix -> multiplier of lr (and of the whole schedule) for the parameters under it, e.g.
+    # {"vision_model.": 0.3}: a pre-trained vision tower moves more slowly than the decoder that learns to read it,
+    # as VLM recipes train their ViT at a fraction of the LLM's rate. The longest matching prefix wins.
+    lr_scales: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps"):
@@ -29,6 +33,14 @@ class OptimConfig:
             raise ValueError("OptimConfig.warmup_steps and weight_decay must be >= 0")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"OptimConfig.max_grad_norm = {self.max_grad_norm!r}: must be > 0 or None")
+        bad = {k: v for k, v in self.lr_scales.items() if not (isinstance(v, (int, float)) and v > 0)}
+        if bad:
+            raise ValueError(f"OptimConfig.lr_scales: {bad!r}: each multiplier must be a number > 0")
+
+    def scale_of(self, name: str) -> float:
+        """The lr multiplier of the parameter called `name`."""
+        hits = [p for p in self.lr_scales if name.startswith(p)]
+        return float(self.lr_scales[max(hits, key=len)]) if hits else 1.0
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -44,12 +56,17 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int
                     ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """Weight decay on parameters of two or more dimensions (matrices, embeddings), none on norms and biases
-    (nanoGPT's rule); only parameters that require grad."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    (nanoGPT's rule); only parameters that require grad; cfg.lr_scales gives some of them their own rate (the
+    groups at the base rate come first, so param_groups[0]["lr"] is the run's lr)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("build_optimizer: the model has no trainable parameters")
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    scales = sorted({cfg.scale_of(n) for n, _ in named}, key=lambda s: (s != 1.0, s))
+    groups = []
+    for scale in scales:
+        mine = [p for n, p in named if cfg.scale_of(n) == scale]
+        groups += [{"params": [p for p in mine if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": cfg.lr * scale},
+                   {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0, "lr": cfg.lr * scale}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))

@@ -384,3 +384,22 @@ def test_evaluate_is_the_mean_loss_over_held_out_targets(tiny_model, processor):
     logs = trainer.fit([text_example(processor, "held out sentence one")], eval_examples=held)
     assert [l.eval_loss is not None for l in logs] == [False, True, False, True]
     assert logs[-1].eval_loss < want  # trained on one of the held-out sentences
+
+
+def test_lr_scales_give_a_prefix_its_own_rate(tiny_model):
+    model = tiny_model()
+    model.requires_grad_(True)
+    cfg = OptimConfig(lr=1e-2, warmup_steps=2, lr_scales={"vision_model.": 0.25, "vision_model.conv1": 0.5})
+    opt, sched = build_optimizer(model, cfg, total_steps=10)
+    rate = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    for n, p in model.named_parameters():
+        want = 1.0 if not n.startswith("vision_model.") else 0.5 if n.startswith("vision_model.conv1") else 0.25
+        assert rate[id(p)] == pytest.approx(1e-2 * want / 2), n  # warm-up step 0 of 2: half the rate
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 2)  # the base-rate groups come first
+    for _ in range(5):
+        sched.step()
+    by_scale = {round(g["initial_lr"] / 1e-2, 3): g["lr"] / g["initial_lr"] for g in opt.param_groups}
+    assert set(by_scale) == {1.0, 0.5, 0.25} and len(set(round(v, 9) for v in by_scale.values())) == 1
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="lr_scales"):
+        OptimConfig(lr_scales={"vision_model.": 0})
