@@ -81,7 +81,8 @@ class ShapesRecipe:
     # reference pools and synthesis RL
     pool_problems: int = 600
     pool_rounds: list[int] = field(default_factory=lambda: [24])
-    synthesis_sft_draws: int = 2  # reference sets per pool problem in the synthesis fine-tuning
+    synthesis_sft_draws: int = 2  # reference sets per pool problem in the synthesis fine-tuning (0: none; the
+    # synthesis RL then starts from the GRPO checkpoint, as PaCoRe's own training does)
     synthesis_sft_lr: float = 3e-4
     # "own": the synthesis traces read the picture with the model's own (fallible) readings from the pools and
     # close with the canonical answer; "truth": with the true reading (which settles the answer alone, so the
@@ -288,7 +289,7 @@ def _readings(recipe: ShapesRecipe) -> dict[str, list[str]] | None:
 
 def stage_synthesis_sft(recipe: ShapesRecipe) -> None:
     out = recipe.path("synthesis_sft")
-    if _done(out):
+    if _done(out) or not recipe.synthesis_sft_draws:
         return
     problems, pools = _pools(recipe)
     synthesis = data.synthesis_records([p.id for p in problems], pools, recipe.images, recipe.synthesis_sft_draws,
@@ -315,7 +316,8 @@ def stage_synthesis(recipe: ShapesRecipe) -> None:
     episodes = EpisodeBatches(problems, pools, EpisodeConfig(min_refs=16, max_refs=24, seed=recipe.seed),
                               recipe.synthesis_problems, reward_fn=shapes_reward)
     resume = _resume_point(recipe, "synthesis", out)
-    reinforce(recipe.path("synthesis_sft"), episodes, out, recipe.synthesis_steps,
+    start = recipe.path("synthesis_sft" if recipe.synthesis_sft_draws else "rl")
+    reinforce(start, episodes, out, recipe.synthesis_steps,
               _rl_config(recipe, recipe.synthesis_steps, recipe.synthesis_group, recipe.synthesis_lr),
               reward_fn=shapes_reward, device=recipe.device, engine_kwargs=recipe.engine_kwargs(),
               log_path=_log_path(recipe, "synthesis"), progress=recipe.progress, save_every=recipe.save_every,
@@ -466,10 +468,12 @@ def model_card(recipe: ShapesRecipe, path: Path, reports: dict, eval_table: str 
         f"problems x {recipe.rl_group} samples, rollouts through the engine;",
         f"3. reference pools: the RL model's own PaCoRe runs (rounds {recipe.pool_rounds}) on "
         f"{recipe.pool_problems} training problems;",
-        f"4. synthesis fine-tuning: {recipe.synthesis_sft_draws} synthesis prompts per pool problem over 16-24 of its "
-        "own messages, answered with a trace that tallies the references, reads the picture "
-        + ("with one of the model's own readings and closes with the canonical answer"
-           if recipe.synthesis_sft_readings == "own" else "again") + ", mixed with as many plain questions;",
+        (f"4. synthesis fine-tuning: {recipe.synthesis_sft_draws} synthesis prompts per pool problem over 16-24 of "
+         "its own messages, answered with a trace that tallies the references, reads the picture "
+         + ("with one of the model's own readings and closes with the canonical answer"
+            if recipe.synthesis_sft_readings == "own" else "again") + ", mixed with as many plain questions;"
+         if recipe.synthesis_sft_draws else "4. no synthesis fine-tuning: the synthesis RL starts from the GRPO "
+         "checkpoint;"),
         f"5. PaCoRe synthesis-episode RL (`step3vl_pacore.episodes`): 16-24 references per episode from the pools, episodes "
         f"whose references are > 75% right filtered out; {recipe.synthesis_steps} iterations x "
         f"{recipe.synthesis_problems} episodes x {recipe.synthesis_group} samples.",

@@ -200,3 +200,18 @@ def test_synthesis_records_read_with_the_models_own_readings(tmp_path):
     assert {r["messages"][-1]["content"].split("\n")[1] for r in recs} == {o.split("\n")[0] for o in own}
     truth = data.synthesis_records([p.id], pools, tmp_path, draws=1, seed=0, min_refs=2, max_refs=4)
     assert truth[0]["messages"][-1]["content"].endswith(p.reasoning())
+
+
+def test_synthesis_rl_without_fine_tuning_starts_from_the_rl_checkpoint(toy_run, tmp_path):
+    out = tmp_path / "nosft"
+    for name in ("init", "vision", "pretrain", "rl", "images"):
+        shutil.copytree(toy_run / name, out / name)
+    for name in ("pools.jsonl", "pools.done", "pool_problems.jsonl"):
+        shutil.copy(toy_run / name, out / name)
+    recipe = ShapesRecipe.toy(out, synthesis_sft_draws=0)
+    run_recipe(recipe, ("synthesis_sft", "synthesis"))
+    assert not (out / "synthesis_sft").exists()
+    assert (out / "synthesis" / "config.json").is_file()
+    assert [x["step"] for x in _lines(out / "synthesis.log.jsonl")] == list(range(1, recipe.synthesis_steps + 1))
+    from step3vl_pacore.recipes.shapes import model_card
+    assert "4. no synthesis fine-tuning" in model_card(recipe, out / "synthesis", {}, None)
