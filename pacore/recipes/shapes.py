@@ -81,8 +81,10 @@ class ShapesRecipe:
     # reference pools and synthesis RL
     pool_problems: int = 600
     pool_rounds: list[int] = field(default_factory=lambda: [24])
-    synthesis_sft_draws: int = 2  # reference sets per pool problem in the synthesis fine-tuning (0: none; the
-    # synthesis RL then starts from the GRPO checkpoint, as PaCoRe's own training does)
+    # Reference sets per pool problem in a synthesis fine-tuning before the synthesis RL; 0 (the default): none,
+    # the synthesis RL starts from the GRPO checkpoint, as PaCoRe's own training does. Both fine-tunings tried
+    # lowered PaCoRe's accuracy (bench/RESULTS.md).
+    synthesis_sft_draws: int = 0
     synthesis_sft_lr: float = 3e-4
     # "own": the synthesis traces read the picture with the model's own (fallible) readings from the pools and
     # close with the canonical answer; "truth": with the true reading (which settles the answer alone, so the

@@ -25,7 +25,7 @@ def toy_run(tmp_path_factory):
 
 def test_toy_recipe_runs_every_stage(toy_run):
     r = ShapesRecipe.toy(toy_run)
-    for ckpt in ("init", "vision", "pretrain", "rl", "synthesis_sft", "synthesis"):
+    for ckpt in ("init", "vision", "pretrain", "rl", "synthesis"):
         assert (toy_run / ckpt / "config.json").is_file(), ckpt
         assert not list(toy_run.glob(f"{ckpt}-step*")), "step checkpoints are pruned once a stage is done"
     vis = _lines(toy_run / "vision.log.jsonl")
@@ -35,6 +35,7 @@ def test_toy_recipe_runs_every_stage(toy_run):
     assert [p["step"] for p in pre] == list(range(1, len(pre) + 1)) and pre
     assert all(math.isfinite(p["loss"]) for p in pre)
     assert [x["step"] for x in _lines(toy_run / "rl.log.jsonl")] == list(range(1, r.rl_steps + 1))
+    assert not (toy_run / "synthesis_sft").exists()  # by default the synthesis RL starts from the GRPO checkpoint
     assert [x["step"] for x in _lines(toy_run / "synthesis.log.jsonl")] == list(range(1, r.synthesis_steps + 1))
     pools = _lines(toy_run / "pools.jsonl")
     assert len(pools) == r.pool_problems and all(len(p["round_responses"][0]) == r.pool_rounds[0] for p in pools)
@@ -202,16 +203,17 @@ def test_synthesis_records_read_with_the_models_own_readings(tmp_path):
     assert truth[0]["messages"][-1]["content"].endswith(p.reasoning())
 
 
-def test_synthesis_rl_without_fine_tuning_starts_from_the_rl_checkpoint(toy_run, tmp_path):
-    out = tmp_path / "nosft"
+def test_synthesis_fine_tuning_when_asked_comes_before_the_synthesis_rl(toy_run, tmp_path):
+    out = tmp_path / "sft"
     for name in ("init", "vision", "pretrain", "rl", "images"):
         shutil.copytree(toy_run / name, out / name)
     for name in ("pools.jsonl", "pools.done", "pool_problems.jsonl"):
         shutil.copy(toy_run / name, out / name)
-    recipe = ShapesRecipe.toy(out, synthesis_sft_draws=0)
+    recipe = ShapesRecipe.toy(out, synthesis_sft_draws=1)
     run_recipe(recipe, ("synthesis_sft", "synthesis"))
-    assert not (out / "synthesis_sft").exists()
+    assert (out / "synthesis_sft" / "config.json").is_file() and _lines(out / "synthesis_sft.log.jsonl")
     assert (out / "synthesis" / "config.json").is_file()
     assert [x["step"] for x in _lines(out / "synthesis.log.jsonl")] == list(range(1, recipe.synthesis_steps + 1))
     from step3vl_pacore.recipes.shapes import model_card
-    assert "4. no synthesis fine-tuning" in model_card(recipe, out / "synthesis", {}, None)
+    assert "4. synthesis fine-tuning: 1 synthesis prompts" in model_card(recipe, out / "synthesis", {}, None)
+    assert "4. no synthesis fine-tuning" in model_card(ShapesRecipe.toy(out), out / "synthesis", {}, None)
