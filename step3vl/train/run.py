@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from dataclasses import asdict
@@ -132,7 +133,11 @@ def pretrain_vision(ckpt: str | Path, batches: VisionBatches, out: str | Path, c
     """Vision-encoder pre-training (vision.py) of the checkpoint at `ckpt`: `batches(step)` gives each step's
     global views and labels; the whole model is written to `out` (the label heads are not part of it). resume: a
     `<out>-step<k>` checkpoint of an earlier run with the same batches and config. Returns the step logs."""
-    model = load_model(ckpt, dtype=torch.float32, device=device or "cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("pretrain_vision runs in one process (a tower of a few million parameters, minutes); "
+                         "run it without torchrun, then the next stages with it")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # as the other loops pick theirs
+    model = load_model(ckpt, dtype=torch.float32, device=device)
     trainer = VisionPretrainer(model, cfg)
     resumed_at = None
     if resume:

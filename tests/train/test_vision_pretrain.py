@@ -102,3 +102,10 @@ def test_errors_name_the_problem(tiny_ckpt):
     pixels, _ = _batches(model.cfg.vision.image_size)(0)
     with pytest.raises(ValueError, match=r"labels \['shade'\] have no head"):
         trainer.fit(lambda step: (pixels, {"shade": torch.zeros(8, dtype=torch.long)}))
+
+
+def test_refuses_to_run_under_torchrun(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="one process"):
+        pretrain_vision(tiny_ckpt, _batches(8), tmp_path / "out", _cfg(1), progress=False)
+    assert not (tmp_path / "out").exists()
