@@ -509,12 +509,12 @@ def _model_ids(server):
 def _on_ranks(command: str, out: Path, run) -> int:
     """run() in this process; under torchrun, a failure says which rank stopped and how to resume (torchrun then
     stops the other ranks), and the process group is closed at the end."""
-    from step3vl.distributed import close_distributed
+    from step3vl.distributed import close_distributed, launched_world_size
 
     try:
         return run()
     except Exception as e:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = launched_world_size()
         if world > 1:
             print(f"step3vl {command}: rank {os.environ.get('RANK', '?')} of {world} stopped: {type(e).__name__}: {e}\n"
                   f"step3vl {command}: the newest complete {out.name}-step<k> checkpoint resumes the run (--resume), "

@@ -95,10 +95,15 @@ def _default_device(local_rank: int, device: str | None) -> torch.device:
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def launched_world_size() -> int:
+    """The number of ranks torchrun launched this process among (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device: str | None = None, timeout_s: float | None = None) -> DistEnv:
     """This process's DistEnv; under torchrun (WORLD_SIZE > 1) the default process group is created if it does
     not exist yet. device: "cpu" or "cuda" (each rank then takes cuda:LOCAL_RANK); None picks CUDA when present."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     dev = _default_device(local, device)

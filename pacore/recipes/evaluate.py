@@ -253,6 +253,7 @@ def plot_training(out: str | Path, path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     out = Path(out)
     vis, pre, rl, syn = (_read_log(out / f"{s}.log.jsonl") for s in ("vision", "pretrain", "rl", "synthesis"))
@@ -261,9 +262,9 @@ def plot_training(out: str | Path, path: str | Path) -> None:
     if vis:
         window = 25  # each step's batch is fresh pictures: a running mean is a held-out accuracy
         for name in vis[0]["accuracy"]:
-            acc = [r["accuracy"][name] for r in vis]
-            smooth = [sum(acc[max(0, i - window + 1):i + 1]) / len(acc[max(0, i - window + 1):i + 1])
-                      for i in range(len(acc))]
+            sums = np.cumsum([0.0] + [r["accuracy"][name] for r in vis])
+            starts = np.maximum(np.arange(1, len(sums)) - window, 0)
+            smooth = (sums[1:] - sums[starts]) / (np.arange(1, len(sums)) - starts)
             vax.plot([r["step"] for r in vis], smooth, lw=0.9, label=name)
     vax.set(title="vision encoder (lone shapes)", xlabel="optimizer step", ylabel="accuracy", ylim=(0, 1))
     if pre:

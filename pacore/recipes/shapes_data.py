@@ -137,9 +137,9 @@ def synthesis_records(problem_ids: list[str], pools: dict[str, list[str]], image
     records = []
     for pid in problem_ids:
         pool = pools.get(pid) or []
-        own = (readings or {}).get(pid) or []
         if not pool:
             continue
+        own = (readings or {}).get(pid) or []
         problem = generate(seed_of(pid))
         for k in range(draws):
             rng = random.Random(f"synthesis-sft/{seed}/{pid}/{k}")

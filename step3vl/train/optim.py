@@ -61,10 +61,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("build_optimizer: the model has no trainable parameters")
-    scales = sorted({cfg.scale_of(n) for n, _ in named}, key=lambda s: (s != 1.0, s))
+    scale_of = {n: cfg.scale_of(n) for n, _ in named}
     groups = []
-    for scale in scales:
-        mine = [p for n, p in named if cfg.scale_of(n) == scale]
+    for scale in sorted(set(scale_of.values()), key=lambda s: (s != 1.0, s)):
+        mine = [p for n, p in named if scale_of[n] == scale]
         groups += [{"params": [p for p in mine if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": cfg.lr * scale},
                    {"params": [p for p in mine if p.dim() < 2], "weight_decay": 0.0, "lr": cfg.lr * scale}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)

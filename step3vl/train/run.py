@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import asdict
@@ -14,7 +13,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from step3vl.distributed import DistEnv, init_distributed
+from step3vl.distributed import DistEnv, init_distributed, launched_world_size
 from step3vl.loader import load_model
 from step3vl.processor import Step3VLProcessor
 from step3vl.saver import save_checkpoint
@@ -133,11 +132,10 @@ def pretrain_vision(ckpt: str | Path, batches: VisionBatches, out: str | Path, c
     """Vision-encoder pre-training (vision.py) of the checkpoint at `ckpt`: `batches(step)` gives each step's
     global views and labels; the whole model is written to `out` (the label heads are not part of it). resume: a
     `<out>-step<k>` checkpoint of an earlier run with the same batches and config. Returns the step logs."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         raise ValueError("pretrain_vision runs in one process (a tower of a few million parameters, minutes); "
                          "run it without torchrun, then the next stages with it")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # as the other loops pick theirs
-    model = load_model(ckpt, dtype=torch.float32, device=device)
+    model = load_model(ckpt, dtype=torch.float32, device=init_distributed(device).device)
     trainer = VisionPretrainer(model, cfg)
     resumed_at = None
     if resume:

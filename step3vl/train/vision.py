@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from step3vl.distributed import DistEnv
 from step3vl.model.vlm import Step3VLForCausalLM
 from step3vl.train.checkpoint import load_train_state, read_train_state, save_train_state
 from step3vl.train.optim import OptimConfig, build_optimizer, clip_and_step
+from step3vl.train.pretrain import single_process
 
 # step -> (pixels [B, 3, S, S] of global views, {label name: class indices [B]})
 VisionBatches = Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -82,7 +82,7 @@ class VisionPretrainer:
         model.vit_large_projector.requires_grad_(True)
         torch.manual_seed(cfg.seed)  # the heads' initialisation
         self.tower = _Tower(model, cfg.labels).to(model.device)
-        self.env = DistEnv(0, 1, 0, model.device)
+        self.env = single_process(model)
         self.opt, self.sched = build_optimizer(self.tower, cfg.optim, cfg.steps)
         self.steps_done = 0
 
